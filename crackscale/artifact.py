@@ -1,0 +1,106 @@
+"""Self-describing model artifacts: a directory with ``model.keras`` and ``model.json``.
+
+``model.json`` holds everything a scorer needs (classes, crack class, input size, preprocessing,
+threshold) and everything an auditor needs (metrics, resolved config, split manifest hash,
+versions, history), plus the SHA-256 of ``model.keras``: a tampered model is refused. Loading uses
+Keras safe mode (no Lambda layers / arbitrary code from the file).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import platform
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from crackscale import storage
+from crackscale.config import StorageConfig
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.keras"
+META_FILE = "model.json"
+FORMAT_VERSION = 1
+
+
+class ArtifactError(RuntimeError):
+    """A model artifact is missing, incomplete or tampered with."""
+
+
+def versions() -> dict[str, str]:
+    import ray
+    import tensorflow as tf
+
+    from crackscale import __version__
+
+    return {"crackscale": __version__, "tensorflow": tf.__version__, "ray": ray.__version__,
+            "python": platform.python_version()}
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save(model: Any, meta: dict[str, Any], uri: str, extra_dir: str | Path | None = None,
+         cfg: StorageConfig | None = None) -> str:
+    """Write model + model.json (+ files of ``extra_dir``) to ``uri``; model.json is written last."""
+    with tempfile.TemporaryDirectory(prefix="crackscale-art-") as tmp:
+        local = Path(tmp) / "artifact"
+        if extra_dir and Path(extra_dir).is_dir():
+            import shutil
+
+            shutil.copytree(extra_dir, local)
+        local.mkdir(exist_ok=True)
+        model.save(local / MODEL_FILE)
+        meta = dict(meta, format_version=FORMAT_VERSION, model_file=MODEL_FILE,
+                    model_sha256=sha256_file(local / MODEL_FILE))
+        meta_text = json.dumps(meta, indent=2, sort_keys=False, default=str)
+        storage.upload_dir(local, uri, cfg)
+        # model.json last: an artifact without it is incomplete and refused by load()
+        storage.write_text(storage.join(uri, META_FILE), meta_text, cfg)
+    log.info("model artifact written to %s", uri)
+    return uri
+
+
+def read_meta(uri: str, cfg: StorageConfig | None = None) -> dict[str, Any]:
+    meta_uri = storage.join(uri, META_FILE)
+    if not storage.exists(meta_uri, cfg):
+        raise ArtifactError(f"not a crackscale model artifact (no {META_FILE}): {uri}")
+    try:
+        return json.loads(storage.read_text(meta_uri, cfg))
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{meta_uri} is not valid JSON: {e}") from None
+
+
+@dataclass
+class Loaded:
+    model: Any
+    meta: dict[str, Any]
+    local_dir: Path
+
+
+def load(uri: str, cfg: StorageConfig | None = None, compile: bool = False) -> Loaded:
+    """Download (if remote), verify the checksum, and load the model in Keras safe mode."""
+    meta = read_meta(uri, cfg)
+    local = storage.download_dir(uri, cfg=cfg)
+    path = local / meta.get("model_file", MODEL_FILE)
+    if not path.is_file():
+        raise ArtifactError(f"model file missing from artifact {uri}: {path.name}")
+    digest = sha256_file(path)
+    if digest != meta.get("model_sha256"):
+        raise ArtifactError(
+            f"model file of {uri} does not match the checksum in {META_FILE} "
+            f"({digest[:12]}… != {str(meta.get('model_sha256'))[:12]}…): refusing a tampered artifact"
+        )
+    from crackscale.model import keras
+
+    model = keras().models.load_model(path, compile=compile, safe_mode=True)
+    return Loaded(model=model, meta=meta, local_dir=local)

@@ -1,0 +1,209 @@
+"""Labelled image tree → deduplicated, grouped, reproducible train/val/test split + tf.data input.
+
+Steps: list ``<data>/<class>/*`` (local or S3), read bytes, SHA-256, drop byte-identical
+duplicates (first by path wins; a hash seen under both classes is dropped as ambiguous), check each
+file decodes, derive a group key from the file name (source-photo proxy), then assign whole groups
+to splits by a seeded hash so near-duplicates never straddle splits. The manifest (one row per
+kept image) and its hash are recorded with every run and artifact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from crackscale import storage
+from crackscale.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+
+
+class DataError(ValueError):
+    """The training data is missing, empty or unusable; the message names the path."""
+
+
+@dataclass
+class Prepared:
+    """A split dataset ready for training: manifest rows and image bytes per split."""
+
+    manifest: list[dict[str, Any]]
+    images: dict[str, list[bytes]] = field(repr=False)
+    labels: dict[str, list[int]]
+    manifest_hash: str
+    stats: dict[str, Any]
+
+
+def group_key(name: str, pattern: str, group_size: int) -> str:
+    """Source-photo key of a file name: the regex's group 1, numeric keys bucketed by group_size."""
+    m = re.search(pattern, name)
+    if not m:
+        return name  # no key: the image is its own group
+    key = m.group(1) if m.groups() else m.group(0)
+    if key.isdigit():
+        return f"n{(int(key) - 1) // group_size}"
+    return key
+
+
+def split_of(group: str, seed: int, val_fraction: float, test_fraction: float) -> str:
+    """Deterministic split of a group: a seeded hash mapped to [0, 1)."""
+    h = hashlib.sha256(f"{seed}:{group}".encode()).digest()
+    u = int.from_bytes(h[:8], "big") / 2**64
+    if u < test_fraction:
+        return "test"
+    if u < test_fraction + val_fraction:
+        return "val"
+    return "train"
+
+
+def _check_image(data: bytes) -> str | None:
+    """None if ``data`` looks like a decodable image, else the reason."""
+    if not data:
+        return "empty file"
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        return f"not a decodable image: {e}"
+    return None
+
+
+def scan(cfg: TrainConfig, data_uri: str) -> Prepared:
+    """List, read, deduplicate, check and split the labelled tree at ``data_uri``."""
+    if not storage.exists(data_uri, cfg.storage):
+        raise DataError(f"data path not found: {data_uri}")
+    rows: list[dict[str, Any]] = []
+    blobs: list[bytes] = []
+    for cls in cfg.class_names:
+        cls_uri = storage.join(data_uri, cls)
+        if not storage.exists(cls_uri, cfg.storage):
+            raise DataError(f"class folder missing: {cls_uri} (class_names = {list(cfg.class_names)})")
+        files = list(storage.list_files(cls_uri, cfg.extensions, cfg.storage))
+        if cfg.limit_per_class:
+            files = files[: cfg.limit_per_class]
+        if not files:
+            raise DataError(
+                f"class folder is empty: {cls_uri} (no files ending in {', '.join(cfg.extensions)})"
+            )
+        uris = [storage.uri_of(data_uri, f.path) for f in files]
+        for uri, blob in zip(uris, storage.read_many(uris, cfg.storage)):
+            # label 1 = the crack class, so the model's sigmoid is P(crack) whatever the order
+            rows.append({"uri": uri, "class": cls, "label": int(cls == cfg.crack_class)})
+            blobs.append(blob)
+        log.info("class %s: %d files under %s", cls, len(files), cls_uri)
+
+    keep: list[int] = []
+    first_by_hash: dict[str, int] = {}
+    conflicts: set[str] = set()
+    dup = bad = 0
+    for i, (row, blob) in enumerate(zip(rows, blobs)):
+        digest = hashlib.sha256(blob).hexdigest()
+        row["sha256"] = digest
+        if digest in first_by_hash:
+            dup += 1
+            if rows[first_by_hash[digest]]["label"] != row["label"]:
+                conflicts.add(digest)
+            continue
+        reason = _check_image(blob)
+        if reason:
+            bad += 1
+            log.warning("skipping %s: %s", row["uri"], reason)
+            continue
+        first_by_hash[digest] = i
+        keep.append(i)
+    keep = [i for i in keep if rows[i]["sha256"] not in conflicts]
+
+    manifest: list[dict[str, Any]] = []
+    images: dict[str, list[bytes]] = {s: [] for s in SPLITS}
+    labels: dict[str, list[int]] = {s: [] for s in SPLITS}
+    for i in keep:
+        row = rows[i]
+        name = storage.basename(row["uri"])
+        g = f"{row['class']}/{group_key(name, cfg.group_pattern, cfg.group_size)}"
+        # the group key includes the class: photos are cropped into one class each
+        row["group"] = g
+        row["split"] = split_of(g, cfg.seed, cfg.val_fraction, cfg.test_fraction)
+        manifest.append(row)
+        images[row["split"]].append(blobs[i])
+        labels[row["split"]].append(row["label"])
+
+    counts = {s: {c: 0 for c in cfg.class_names} for s in SPLITS}
+    for row in manifest:
+        counts[row["split"]][row["class"]] += 1
+    for s in ("train", "val"):
+        for c in cfg.class_names:
+            if counts[s][c] == 0:
+                raise DataError(
+                    f"split '{s}' has no '{c}' images ({len(manifest)} usable images in {data_uri}); "
+                    "add data or change val_fraction/test_fraction/group_size"
+                )
+    h = manifest_hash(manifest)
+    stats = {
+        "files": len(rows), "duplicates_dropped": dup, "undecodable_dropped": bad,
+        "conflicting_labels_dropped": len(conflicts), "images": len(manifest), "per_split": counts,
+        "groups": len({r["group"] for r in manifest}),
+    }
+    log.info("data: %s", json.dumps(stats))
+    return Prepared(manifest=manifest, images=images, labels=labels, manifest_hash=h, stats=stats)
+
+
+def manifest_hash(manifest: list[dict[str, Any]]) -> str:
+    """SHA-256 over (split, label, content hash) rows: same data + same split ⇒ same hash."""
+    h = hashlib.sha256()
+    for r in sorted(manifest, key=lambda r: (r["split"], r["sha256"])):
+        h.update(f"{r['split']},{r['label']},{r['sha256']}\n".encode())
+    return h.hexdigest()
+
+
+def manifest_csv(manifest: list[dict[str, Any]]) -> str:
+    cols = ["uri", "class", "label", "sha256", "group", "split"]
+    lines = [",".join(cols)]
+    for r in manifest:
+        lines.append(",".join(json.dumps(r[c]) if c == "uri" else str(r[c]) for c in cols))
+    return "\n".join(lines) + "\n"
+
+
+# ---- tf.data (imported lazily: the driver need not load TensorFlow) -----------------------------
+
+def decode(data: Any, image_size: int) -> Any:
+    """JPEG/PNG/BMP/GIF bytes → float32 [size, size, 3] RGB in 0..255 (model does the scaling)."""
+    import tensorflow as tf
+
+    img = tf.io.decode_image(data, channels=3, expand_animations=False)
+    img = tf.image.resize(img, (image_size, image_size), antialias=True)
+    img.set_shape((image_size, image_size, 3))
+    return img
+
+
+def tf_dataset(images: list[bytes], labels: list[int], image_size: int, batch_size: int,
+               shuffle: bool, seed: int, repeat: bool, shard: tuple[int, int] = (1, 0)) -> Any:
+    """Batched (image, label) dataset; decoding is cached so epochs after the first are cheap."""
+    import tensorflow as tf
+
+    ds = tf.data.Dataset.from_tensor_slices((tf.constant(images, dtype=tf.string),
+                                             tf.constant(labels, dtype=tf.float32)))
+    num, index = shard
+    if num > 1:
+        ds = ds.shard(num, index)
+    ds = ds.map(lambda b, y: (tf.cast(tf.round(decode(b, image_size)), tf.uint8), y),
+                num_parallel_calls=tf.data.AUTOTUNE).cache()
+    if shuffle:
+        ds = ds.shuffle(min(len(images), 4096), seed=seed, reshuffle_each_iteration=True)
+    if repeat:
+        ds = ds.repeat()
+    ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), y))
+    return ds.batch(batch_size, drop_remainder=repeat).prefetch(tf.data.AUTOTUNE)
+
+
+def steps(n: int, global_batch: int) -> int:
+    return max(1, int(np.ceil(n / global_batch)))
+

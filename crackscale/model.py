@@ -1,0 +1,172 @@
+"""MobileNetV2 crack classifier (tf.keras, i.e. tf-keras under Ray Train) and its metrics.
+
+The model takes raw RGB pixels (0..255, float) of ``image_size``; augmentation (active only in
+training) and MobileNetV2's ``preprocess_input`` scaling (x / 127.5 - 1, as a Rescaling layer,
+so no Lambda/custom code is needed to load it) are inside it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import numpy as np
+
+from crackscale import storage
+from crackscale.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+def keras() -> Any:
+    """tf.keras from the tf-keras package (Keras 2), whatever TF_USE_LEGACY_KERAS says.
+
+    Ray 2.60 sets TF_USE_LEGACY_KERAS=1 on Train workers; setting it here too keeps the driver,
+    tests and scoring actors on the same Keras flavour that saved the model.
+    """
+    os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+    import tf_keras
+
+    return tf_keras
+
+
+def pretrained(cfg: TrainConfig) -> bool:
+    return cfg.weights.lower() != "none"
+
+
+def resolve_weights(cfg: TrainConfig) -> str | None:
+    """Keras' ``weights=`` argument: 'imagenet', None, or a local file (S3 URIs are downloaded)."""
+    w = cfg.weights
+    if w.lower() == "none":
+        return None
+    if w.lower() == "imagenet":
+        return "imagenet"
+    if storage.is_s3(w):
+        import tempfile
+
+        local = os.path.join(tempfile.mkdtemp(prefix="crackscale-w-"), storage.basename(w))
+        with open(local, "wb") as f:
+            f.write(storage.read_bytes(w, cfg.storage))
+        return local
+    if not os.path.isfile(w):
+        raise FileNotFoundError(f"config key 'weights': file not found: {w}")
+    return w
+
+
+def build(cfg: TrainConfig) -> tuple[Any, Any]:
+    """(model, base) — compiled separately per phase by ``compile_phase``."""
+    k = keras()
+    weights = resolve_weights(cfg)
+    try:
+        base = k.applications.MobileNetV2(
+            input_shape=(cfg.image_size, cfg.image_size, 3), alpha=cfg.alpha,
+            include_top=False, weights=weights,
+        )
+    except Exception as e:  # download failure, wrong file, shape mismatch
+        if weights == "imagenet":
+            raise RuntimeError(
+                "could not load MobileNetV2 ImageNet weights (downloaded by Keras on first use; "
+                f"needs internet): {e}. Use weights: none, or a local/S3 .h5 file."
+            ) from None
+        if weights:
+            raise RuntimeError(f"could not load weights from {cfg.weights}: {e}") from None
+        raise
+    momentum = cfg.bn_momentum or (0.999 if weights else 0.9)
+    for layer in base.layers:
+        if isinstance(layer, k.layers.BatchNormalization):
+            # from scratch, Keras' 0.999 leaves moving stats at their init for many epochs
+            layer.momentum = momentum
+
+    inputs = k.Input((cfg.image_size, cfg.image_size, 3), name="image")
+    x = inputs
+    if cfg.flip:
+        x = k.layers.RandomFlip("horizontal", name="flip")(x)
+    if cfg.rotation > 0:
+        x = k.layers.RandomRotation(cfg.rotation, name="rotation")(x)
+    x = k.layers.Rescaling(1.0 / 127.5, offset=-1.0, name="preprocess")(x)
+    # pretrained base: BatchNorm stays in inference mode even when unfrozen (Keras fine-tune guide)
+    x = base(x, training=False if weights else None)
+    x = k.layers.GlobalAveragePooling2D(name="gap")(x)
+    x = k.layers.Dropout(cfg.dropout, name="dropout")(x)
+    outputs = k.layers.Dense(1, activation="sigmoid", name="crack_probability")(x)
+    return k.Model(inputs, outputs, name="crackscale_mobilenetv2"), base
+
+
+def set_phase(cfg: TrainConfig, model: Any, base: Any, phase: str) -> None:
+    """Freeze/unfreeze the base for ``phase`` ('head' or 'fine_tune') and compile."""
+    k = keras()
+    if phase == "head":
+        freeze = cfg.freeze_base == "true" or (cfg.freeze_base == "auto" and pretrained(cfg))
+        base.trainable = not freeze
+        opt = k.optimizers.Adam(cfg.head_lr)
+    else:
+        base.trainable = True
+        for layer in base.layers[: cfg.fine_tune_at]:
+            layer.trainable = False
+        opt = k.optimizers.RMSprop(cfg.fine_tune_lr)
+    model.compile(
+        optimizer=opt,
+        loss=k.losses.BinaryCrossentropy(),
+        metrics=[k.metrics.BinaryAccuracy(name="accuracy"), k.metrics.Recall(name="recall"),
+                 k.metrics.AUC(name="auc")],
+    )
+
+
+def predict(model: Any, ds: Any) -> np.ndarray:
+    """Crack probabilities for a finite (image, label) dataset, no distribution collectives."""
+    import tensorflow as tf
+
+    fn = tf.function(lambda x: model(x, training=False))
+    return np.concatenate([fn(x).numpy().reshape(-1) for x, _ in ds]) if ds is not None else np.zeros(0)
+
+
+def threshold_for_recall(y: np.ndarray, p: np.ndarray, target: float) -> float:
+    """Largest threshold whose recall on (y, p) is ≥ target (missing a crack costs most)."""
+    pos = np.sort(p[y == 1])
+    if len(pos) == 0:
+        return 0.5
+    # keep at least ceil(target * n) positives at or above the threshold
+    k_ = int(np.ceil(target * len(pos)))
+    return float(pos[len(pos) - k_]) if k_ > 0 else 1.0
+
+
+def metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, Any]:
+    """Accuracy, precision, recall, ROC-AUC, confusion matrix at ``threshold``."""
+    y = y.astype(int)
+    pred = (p >= threshold).astype(int)
+    tp = int(((pred == 1) & (y == 1)).sum())
+    tn = int(((pred == 0) & (y == 0)).sum())
+    fp = int(((pred == 1) & (y == 0)).sum())
+    fn = int(((pred == 0) & (y == 1)).sum())
+    n = len(y)
+    return {
+        "n": n,
+        "threshold": float(threshold),
+        "accuracy": (tp + tn) / n if n else 0.0,
+        "precision": tp / (tp + fp) if tp + fp else 0.0,
+        "recall": tp / (tp + fn) if tp + fn else 0.0,
+        "roc_auc": roc_auc(y, p),
+        "loss": float(-np.mean(y * np.log(np.clip(p, 1e-7, 1)) + (1 - y) * np.log(np.clip(1 - p, 1e-7, 1)))) if n else 0.0,
+        "confusion_matrix": {"tn": tn, "fp": fp, "fn": fn, "tp": tp},
+    }
+
+
+def roc_auc(y: np.ndarray, p: np.ndarray) -> float:
+    """Mann–Whitney ROC-AUC with ties counted half."""
+    pos, neg = p[y == 1], p[y == 0]
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    order = np.argsort(np.concatenate([pos, neg]), kind="mergesort")
+    allv = np.concatenate([pos, neg])[order]
+    ranks = np.empty(len(allv))
+    i = 0
+    while i < len(allv):
+        j = i
+        while j + 1 < len(allv) and allv[j + 1] == allv[i]:
+            j += 1
+        ranks[i: j + 1] = (i + j) / 2 + 1
+        i = j + 1
+    r = np.empty(len(allv))
+    r[order] = ranks
+    return float((r[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))

@@ -1,0 +1,229 @@
+"""One storage API for local paths and S3-compatible object stores (AWS S3, MinIO, Ceph).
+
+Everything goes through ``pyarrow.fs`` so Ray Data, pyarrow datasets and DuckDB see the same
+filesystem. The endpoint comes from config, else ``AWS_ENDPOINT_URL``; credentials always come from
+the standard AWS chain (env, ~/.aws, instance role) and are never stored or logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import posixpath
+import shutil
+import tempfile
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+from crackscale.config import StorageConfig
+
+log = logging.getLogger(__name__)
+
+
+class StorageError(RuntimeError):
+    """A storage location is missing, unreachable or denied; the message names it."""
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def join(base: str, *parts: str) -> str:
+    """Join URI/path segments with '/' (local paths stay local)."""
+    if is_s3(base):
+        return "/".join([base.rstrip("/")] + [p.strip("/") for p in parts if p])
+    return str(Path(base, *parts))
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    endpoint: str
+    region: str
+
+    @classmethod
+    def resolve(cls, cfg: StorageConfig | None = None) -> "S3Settings":
+        cfg = cfg or StorageConfig()
+        endpoint = cfg.s3_endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL", "")
+        region = cfg.s3_region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+        return cls(endpoint=endpoint, region=region)
+
+    def describe(self) -> str:
+        return self.endpoint or "AWS S3"
+
+
+def s3_filesystem(cfg: StorageConfig | None = None) -> pafs.S3FileSystem:
+    """A pyarrow S3 filesystem for the configured endpoint, with bounded retries and timeouts."""
+    s = S3Settings.resolve(cfg)
+    kwargs: dict = dict(
+        region=s.region,
+        connect_timeout=5,
+        request_timeout=30,
+        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=5),
+    )
+    if s.endpoint:
+        u = urlparse(s.endpoint)
+        if not u.scheme or not u.netloc:
+            raise StorageError(f"S3 endpoint {s.endpoint!r} must look like http(s)://host:port")
+        kwargs.update(endpoint_override=u.netloc, scheme=u.scheme, force_virtual_addressing=False)
+    return pafs.S3FileSystem(**kwargs)
+
+
+def resolve(uri: str, cfg: StorageConfig | None = None) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it) for a local path or an ``s3://bucket/key`` URI."""
+    if is_s3(uri):
+        rest = uri[len("s3://"):].strip("/")
+        if not rest:
+            raise StorageError(f"S3 URI {uri!r} names no bucket")
+        return s3_filesystem(cfg), rest
+    if "://" in uri:
+        raise StorageError(f"unsupported storage URI {uri!r}: use a local path or s3://bucket/prefix")
+    return pafs.LocalFileSystem(), str(Path(uri).expanduser().absolute())
+
+
+def _wrap(uri: str, cfg: StorageConfig | None, e: Exception) -> StorageError:
+    where = f" (endpoint {S3Settings.resolve(cfg).describe()})" if is_s3(uri) else ""
+    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return StorageError(f"cannot access {uri}{where}: {msg}")
+
+
+def info(uri: str, cfg: StorageConfig | None = None) -> pafs.FileInfo:
+    fs, path = resolve(uri, cfg)
+    try:
+        return fs.get_file_info(path)
+    except OSError as e:
+        raise _wrap(uri, cfg, e) from None
+
+
+def exists(uri: str, cfg: StorageConfig | None = None) -> bool:
+    return info(uri, cfg).type != pafs.FileType.NotFound
+
+
+def list_files(
+    uri: str, extensions: tuple[str, ...] | None = None, cfg: StorageConfig | None = None
+) -> Iterator[pafs.FileInfo]:
+    """Files under ``uri`` (recursive), filtered by lower-cased extension, sorted by path."""
+    fs, path = resolve(uri, cfg)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=False))
+    except FileNotFoundError:
+        raise StorageError(f"data path not found: {uri}") from None
+    except OSError as e:
+        raise _wrap(uri, cfg, e) from None
+    exts = tuple(e.lower() for e in extensions) if extensions else None
+    for fi in sorted(infos, key=lambda f: f.path):
+        if fi.type != pafs.FileType.File:
+            continue
+        if exts and not fi.path.lower().endswith(exts):
+            continue
+        yield fi
+
+
+def uri_of(base_uri: str, fs_path: str) -> str:
+    """The user-facing URI of ``fs_path`` as returned by the filesystem of ``base_uri``."""
+    return "s3://" + fs_path.lstrip("/") if is_s3(base_uri) else fs_path
+
+
+def read_bytes(uri: str, cfg: StorageConfig | None = None) -> bytes:
+    fs, path = resolve(uri, cfg)
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        raise StorageError(f"not found: {uri}") from None
+    except OSError as e:
+        raise _wrap(uri, cfg, e) from None
+
+
+def read_many(uris: list[str], cfg: StorageConfig | None = None, threads: int = 16) -> list[bytes]:
+    """Read many small objects concurrently (S3 latency dominates, not bandwidth)."""
+    if not uris:
+        return []
+    fs, _ = resolve(uris[0], cfg)
+
+    def one(u: str) -> bytes:
+        _, path = resolve(u, cfg) if is_s3(u) else (fs, str(Path(u).absolute()))
+        try:
+            with fs.open_input_stream(path) as f:
+                return f.read()
+        except OSError as e:
+            raise _wrap(u, cfg, e) from None
+
+    with ThreadPoolExecutor(max_workers=threads if is_s3(uris[0]) else 4) as pool:
+        return list(pool.map(one, uris))
+
+
+def write_bytes(uri: str, data: bytes, cfg: StorageConfig | None = None) -> None:
+    """Write a whole object. Local writes are atomic (temp file + rename); S3 PUTs are atomic."""
+    fs, path = resolve(uri, cfg)
+    try:
+        if is_s3(uri):
+            with fs.open_output_stream(path) as f:
+                f.write(data)
+            return
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        raise _wrap(uri, cfg, e) from None
+
+
+def write_text(uri: str, text: str, cfg: StorageConfig | None = None) -> None:
+    write_bytes(uri, text.encode(), cfg)
+
+
+def read_text(uri: str, cfg: StorageConfig | None = None) -> str:
+    return read_bytes(uri, cfg).decode()
+
+
+def upload_dir(local_dir: str | Path, uri: str, cfg: StorageConfig | None = None) -> None:
+    """Copy a local directory tree to ``uri`` (local or S3)."""
+    fs, path = resolve(uri, cfg)
+    try:
+        if not is_s3(uri):
+            shutil.copytree(local_dir, path, dirs_exist_ok=True)
+            return
+        pafs.copy_files(str(Path(local_dir).absolute()), path, destination_filesystem=fs)
+    except OSError as e:
+        raise _wrap(uri, cfg, e) from None
+
+
+def download_dir(uri: str, local_dir: str | Path | None = None, cfg: StorageConfig | None = None) -> Path:
+    """A local copy of directory ``uri``; a local directory is returned as it is."""
+    if not is_s3(uri):
+        p = Path(uri).expanduser()
+        if not p.is_dir():
+            raise StorageError(f"directory not found: {uri}")
+        return p
+    fs, path = resolve(uri, cfg)
+    dest = Path(local_dir or tempfile.mkdtemp(prefix="crackscale-"))
+    try:
+        if fs.get_file_info(path).type == pafs.FileType.NotFound:
+            raise StorageError(f"directory not found: {uri}")
+        pafs.copy_files(path, str(dest), source_filesystem=fs)
+    except OSError as e:
+        raise _wrap(uri, cfg, e) from None
+    return dest
+
+
+def check_bucket(uri: str, cfg: StorageConfig | None = None) -> None:
+    """Fail fast, with the endpoint named, if the bucket of ``uri`` is unreachable or missing."""
+    if not is_s3(uri):
+        return
+    bucket = uri[len("s3://"):].split("/", 1)[0]
+    fi = info(f"s3://{bucket}", cfg)
+    if fi.type == pafs.FileType.NotFound:
+        raise StorageError(f"bucket not found: s3://{bucket} (endpoint {S3Settings.resolve(cfg).describe()})")
+
+
+def basename(uri: str) -> str:
+    return posixpath.basename(uri.rstrip("/"))
