@@ -82,18 +82,44 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ScoreConfig:
-    """Batch scoring config (see crackscale.score)."""
+    """Batch scoring config (see crackscale.score and README "Scoring")."""
 
-    model: str = ""  # model artifact URI
-    input: str = ""  # image prefix (local or s3://) or a manifest file (.txt/.csv/.parquet)
-    output: str = ""  # Parquet output root (local or s3://)
-    extensions: tuple[str, ...] = (".jpg", ".jpeg", ".png")
-    runtime: str = "auto"  # auto | litert | tf
-    batch_size: int = 64
-    num_actors: int = 0  # 0 = one per GPU, or per spare CPU slot
-    use_gpu: bool = False
-    decode_cpus: float = 1.0
+    model: str = ""  # model artifact URI (local dir or s3://…), as written by training
+    input: str = ""  # image prefix (local dir or s3://bucket/prefix/) or a manifest (.txt/.csv/.parquet)
+    output: str = ""  # Parquet output root (local dir or s3://bucket/prefix/)
+    extensions: tuple[str, ...] = (".jpg", ".jpeg", ".png")  # listed files kept (case-insensitive)
+    runtime: str = "auto"  # auto (GPU: tf, CPU: litert if parity holds, else tf) | litert | tf
+    parity_tolerance: float = 1e-4  # max |Δp| LiteRT vs tf.keras on sample images, else not used
+    batch_size: int = 64  # images per model call (and per decode batch)
+    chunk_size: int = 2000  # images per committed Parquet file (the unit of exactly-once commit)
+    num_actors: int = 0  # model actors; 0 = one per GPU (use_gpu) or one per CPU node
+    use_gpu: bool = False  # one actor per GPU (num_gpus=1), tf.keras with memory growth
+    actor_cpus: float = 1.0  # Ray CPUs reserved per model actor
+    threads: int = 0  # inference threads per actor; 0 = all cores of the actor's node
+    decode_cpus: float = 1.0  # Ray CPUs per read+decode task
+    read_threads: int = 16  # concurrent object reads per decode task (S3 latency, not bandwidth)
+    max_pixels: int = 50_000_000  # larger images are refused (decompression-bomb guard)
+    run_date: str = ""  # YYYY-MM-DD output partition; "" = today (UTC)
+    cache_dir: str = ""  # LiteRT export cache (keyed by model SHA-256); "" = <tmp>/crackscale-cache
     storage: StorageConfig = StorageConfig()
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first invalid key (required keys are checked by run())."""
+        import re
+
+        _check(self.runtime in ("auto", "litert", "tf"), "config key 'runtime' must be auto, litert or tf")
+        _check(self.batch_size > 0, "config key 'batch_size' must be positive")
+        _check(self.chunk_size > 0, "config key 'chunk_size' must be positive")
+        _check(self.num_actors >= 0, "config key 'num_actors' must be >= 0")
+        _check(self.actor_cpus >= 0 and self.decode_cpus > 0, "actor_cpus must be >= 0 and decode_cpus > 0")
+        _check(self.threads >= 0, "config key 'threads' must be >= 0")
+        _check(self.read_threads >= 1, "config key 'read_threads' must be >= 1")
+        _check(self.max_pixels > 0, "config key 'max_pixels' must be positive")
+        _check(self.parity_tolerance > 0, "config key 'parity_tolerance' must be positive")
+        _check(all(e.startswith(".") for e in self.extensions),
+               "config key 'extensions' must list suffixes starting with '.', e.g. .jpg")
+        _check(not self.run_date or bool(re.fullmatch(r"\d{4}-\d{2}-\d{2}", self.run_date)),
+               "config key 'run_date' must look like YYYY-MM-DD")
 
 
 T = TypeVar("T")

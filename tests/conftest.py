@@ -161,3 +161,41 @@ def last_json(stdout: str) -> dict:
         if line.startswith("{"):
             return json.loads(line)
     raise AssertionError(f"no JSON summary in output:\n{stdout[-3000:]}")
+
+
+# ---- scoring fixtures (crackscale.score / query / runtime tests) ---------------------------------
+
+def make_artifact(uri: str, name: str = "test-model", seed: int = 0, image_size: int = 64,
+                  threshold: float = 0.5) -> dict:
+    """Save an untrained MobileNetV2 (α 0.35) artifact to ``uri``; returns its model.json."""
+    import json as _json
+
+    import tensorflow as tf
+
+    from crackscale import artifact, storage
+    from crackscale import model as M
+    from crackscale.config import TrainConfig
+
+    tf.keras.utils.set_random_seed(seed)
+    m, _ = M.build(TrainConfig(weights="none", image_size=image_size, alpha=0.35))
+    artifact.save(m, {
+        "name": name, "class_names": ["Negative", "Positive"], "crack_class": "Positive",
+        "image_size": image_size, "threshold": threshold,
+        "preprocessing": f"RGB float32 0..255, {image_size}x{image_size}, tf.image.resize antialias bilinear",
+        "metrics": {}, "config": {}, "versions": {},
+    }, uri)
+    return _json.loads(storage.read_text(storage.join(uri, "model.json")))
+
+
+@pytest.fixture(scope="session")
+def model_artifact(tmp_path_factory) -> dict:
+    """A local model artifact (64 px, α 0.35, untrained); dict with uri and meta."""
+    uri = str(tmp_path_factory.mktemp("artifact") / "model")
+    return {"uri": uri, "meta": make_artifact(uri)}
+
+
+@pytest.fixture(scope="session")
+def model_artifact_v2(tmp_path_factory) -> dict:
+    """A second model version (different weights, so a different model_sha256)."""
+    uri = str(tmp_path_factory.mktemp("artifact2") / "model")
+    return {"uri": uri, "meta": make_artifact(uri, name="test-model", seed=1)}

@@ -1,0 +1,383 @@
+"""Nightly batch scoring with Ray Data: images in storage → exactly-once Parquet, one row per (image, model).
+
+Driver: list the input page by page (or read a manifest), drop keys already committed for this
+model (a sorted array of 128-bit key hashes read from the committed Parquet's ``uri`` column), cut
+the rest into deterministic chunks and put them in the object store. Ray Data: read + decode on
+CPU tasks (an error row per bad file, never a failed block), predict in actors that load the model
+once. Driver again: gather each chunk's result rows and commit the chunk as ONE Parquet file,
+written atomically (local: staging file + rename; S3: one PUT), named by a hash of its keys.
+A killed run leaves only whole files; the re-run skips what they hold. See README "Scoring".
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import io
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any, Callable
+
+import numpy as np
+import pyarrow as pa
+
+from crackscale import artifact, storage
+from crackscale.config import ConfigError, ScoreConfig, StorageConfig, dump, load, to_dict
+
+log = logging.getLogger(__name__)
+
+MANIFEST_SUFFIXES = (".txt", ".csv", ".parquet")
+PARTITIONING = pa.schema([("model_id", pa.string()), ("run_date", pa.string())])
+SCHEMA = pa.schema([
+    ("uri", pa.string()), ("size", pa.int64()), ("etag", pa.string()),
+    ("mtime", pa.timestamp("us", tz="UTC")), ("crack_probability", pa.float32()),
+    ("crack", pa.bool_()), ("threshold", pa.float32()), ("model_name", pa.string()),
+    ("runtime", pa.string()), ("run_id", pa.string()), ("scored_at", pa.timestamp("us", tz="UTC")),
+    ("error", pa.string()),
+])
+
+
+def model_id(meta: dict[str, Any]) -> str:
+    """Identity of "scored by that model": the first 16 hex digits of the model file's SHA-256."""
+    sha = str(meta.get("model_sha256") or "")
+    if len(sha) < 16:
+        raise artifact.ArtifactError("model.json has no model_sha256: cannot tell which images it scored")
+    return sha[:16]
+
+
+def key_hash(uri: str) -> bytes:
+    return hashlib.blake2b(uri.encode(), digest_size=16).digest()
+
+
+# ---- listing --------------------------------------------------------------------------------------
+
+def is_manifest(uri: str) -> bool:
+    return uri.lower().endswith(MANIFEST_SUFFIXES)
+
+
+def list_input(cfg: ScoreConfig) -> Iterator[dict[str, Any]]:
+    """Input objects as {uri, size, etag, mtime_ns} (-1/"" when unknown), one page at a time."""
+    if is_manifest(cfg.input):
+        yield from _read_manifest(cfg)
+        return
+    exts = tuple(e.lower() for e in cfg.extensions)
+    if storage.is_s3(cfg.input):
+        yield from (o for o in _list_s3(cfg.input, cfg.storage) if o["uri"].lower().endswith(exts))
+        return
+    root = storage.resolve(cfg.input)[1]
+    if not os.path.isdir(root):
+        raise storage.StorageError(f"input not found: {cfg.input}")
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(filenames):
+            if name.lower().endswith(exts) and not name.startswith("."):
+                path = os.path.join(dirpath, name)
+                st = os.stat(path)
+                yield {"uri": path, "size": st.st_size, "etag": "", "mtime_ns": st.st_mtime_ns}
+
+
+def _list_s3(uri: str, cfg: StorageConfig) -> Iterator[dict[str, Any]]:
+    import boto3
+    import botocore.exceptions
+
+    s = storage.S3Settings.resolve(cfg)
+    bucket, _, prefix = uri[len("s3://"):].partition("/")
+    client = boto3.client("s3", endpoint_url=s.endpoint or None, region_name=s.region)
+    try:
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            for o in page.get("Contents", []):
+                if o["Key"].endswith("/"):
+                    continue
+                yield {"uri": f"s3://{bucket}/{o['Key']}", "size": int(o["Size"]),
+                       "etag": str(o.get("ETag", "")).strip('"'),
+                       "mtime_ns": int(o["LastModified"].timestamp() * 1e9)}
+    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
+        raise storage.StorageError(f"cannot list {uri} (endpoint {s.describe()}): {e}") from None
+
+
+def _read_manifest(cfg: ScoreConfig) -> Iterator[dict[str, Any]]:
+    """A .txt (one URI per line), or .csv/.parquet with a ``uri`` column (+ optional size/etag)."""
+    import pyarrow.csv as pcsv
+    import pyarrow.parquet as pq
+
+    data = storage.read_bytes(cfg.input, cfg.storage)
+    if cfg.input.lower().endswith(".txt"):
+        lines = (ln.strip() for ln in data.decode().splitlines())
+        batches: Iterator[list[dict]] = iter([[{"uri": u} for u in lines if u and not u.startswith("#")]])
+    else:
+        table = (pq.read_table(io.BytesIO(data)) if cfg.input.lower().endswith(".parquet")
+                 else pcsv.read_csv(io.BytesIO(data)))
+        if "uri" not in table.column_names:
+            raise ConfigError(f"manifest {cfg.input} has no 'uri' column (columns: {table.column_names})")
+        batches = (b.to_pylist() for b in table.to_batches(max_chunksize=10_000))
+    seen: set[bytes] = set()  # a manifest may repeat a key; listings never do
+    for rows in batches:
+        for r in rows:
+            uri = str(r["uri"]).strip()
+            if not uri or key_hash(uri) in seen:
+                continue
+            seen.add(key_hash(uri))
+            yield {"uri": uri, "size": int(r.get("size") or -1), "etag": str(r.get("etag") or ""),
+                   "mtime_ns": -1}
+
+
+# ---- commit protocol ---------------------------------------------------------------------------
+
+def committed(output: str, mid: str, cfg: StorageConfig) -> np.ndarray:
+    """Sorted 128-bit hashes of every URI already committed under ``output`` for model ``mid``."""
+    import pyarrow.dataset as ds
+
+    fs, root = storage.resolve(storage.join(output, f"model_id={mid}"), cfg)
+    try:
+        data = ds.dataset(root, filesystem=fs, format="parquet", partitioning="hive")
+    except (FileNotFoundError, pa.ArrowInvalid):
+        return np.zeros(0, dtype="S16")
+    except OSError as e:
+        raise storage.StorageError(f"cannot read committed scores under {output}: {e}") from None
+    hashes = [key_hash(u) for b in data.to_batches(columns=["uri"]) for u in b.column(0).to_pylist()]
+    return np.sort(np.array(hashes, dtype="S16")) if hashes else np.zeros(0, dtype="S16")
+
+
+def _is_in(sorted_keys: np.ndarray, h: bytes) -> bool:
+    i = int(np.searchsorted(sorted_keys, h))
+    return i < len(sorted_keys) and sorted_keys[i] == h
+
+
+def commit_chunk(table: pa.Table, output: str, mid: str, run_date: str, cfg: StorageConfig) -> str:
+    """Write one chunk's rows as one Parquet file, atomically; the name is a hash of its keys."""
+    import pyarrow.parquet as pq
+
+    keys = sorted(table.column("uri").to_pylist())
+    name = "part-" + hashlib.sha256("\n".join(keys).encode()).hexdigest()[:24] + ".parquet"
+    uri = storage.join(output, f"model_id={mid}", f"run_date={run_date}", name)
+    buf = pa.BufferOutputStream()
+    pq.write_table(table, buf, compression="zstd")
+    data = buf.getvalue().to_pybytes()
+    if storage.is_s3(output):
+        storage.write_bytes(uri, data, cfg)  # a single PUT: the object appears whole or not at all
+        return uri
+    staging = storage.join(output, "_staging")  # '_' dirs are invisible to pyarrow/DuckDB readers
+    os.makedirs(staging, exist_ok=True)
+    os.makedirs(os.path.dirname(uri), exist_ok=True)
+    tmp = os.path.join(staging, f"{name}.{uuid.uuid4().hex}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, uri)
+    return uri
+
+
+def _rows_table(t: pa.Table, meta: dict[str, Any], run_id: str) -> pa.Table:
+    """Result rows from the actors → the output schema (decision at the artifact's threshold)."""
+    import pyarrow.compute as pc
+
+    err = pc.if_else(pc.equal(t["error"], ""), pa.scalar(None, pa.string()), t["error"])
+    ok = pc.is_null(err)
+    p = pc.if_else(ok, t["crack_probability"].cast(pa.float32()), pa.scalar(None, pa.float32()))
+    thr = float(meta.get("threshold", 0.5))
+    n = t.num_rows
+
+    def null_if(col: str, bad: Any, typ: pa.DataType) -> pa.Array:
+        return pc.if_else(pc.equal(t[col], bad), pa.scalar(None, typ), t[col]).cast(typ)
+
+    mtime = pc.if_else(pc.less(t["mtime_ns"], 0), pa.scalar(None, pa.int64()), pc.divide(t["mtime_ns"], 1000))
+    return pa.table({
+        "uri": t["uri"].cast(pa.string()), "size": null_if("size", -1, pa.int64()),
+        "etag": null_if("etag", "", pa.string()), "mtime": mtime.cast(pa.timestamp("us", tz="UTC")),
+        "crack_probability": p, "crack": pc.greater_equal(p, pa.scalar(thr, pa.float32())),
+        "threshold": pa.array([thr] * n, pa.float32()),
+        "model_name": pa.array([str(meta.get("name", ""))] * n, pa.string()),
+        "runtime": t["runtime"].cast(pa.string()), "run_id": pa.array([run_id] * n, pa.string()),
+        "scored_at": t["scored_at_us"].cast(pa.timestamp("us", tz="UTC")), "error": err,
+    }, schema=SCHEMA)
+
+
+# ---- Ray Data stages -------------------------------------------------------------------------------
+
+def _plan(cfg: ScoreConfig, done: np.ndarray) -> tuple[list[Any], dict[str, int], dict[str, int]]:
+    """Pending keys → object-store blocks tagged with a chunk id; (refs, chunk sizes, counts)."""
+    import ray
+
+    refs: list[Any] = []
+    sizes: dict[str, int] = {}
+    counts = {"listed": 0, "already_scored": 0}
+    block_rows = max(cfg.batch_size * 4, 256)
+    pending: list[dict[str, Any]] = []
+
+    def flush(rows: list[dict[str, Any]]) -> None:
+        cid = hashlib.sha256("\n".join(r["uri"] for r in rows).encode()).hexdigest()[:16]
+        sizes[cid] = len(rows)
+        for i in range(0, len(rows), block_rows):
+            part = rows[i: i + block_rows]
+            refs.append(ray.put(pa.table({
+                "uri": [r["uri"] for r in part], "chunk": [cid] * len(part),
+                "size": pa.array([r["size"] for r in part], pa.int64()),
+                "etag": [r["etag"] for r in part],
+                "mtime_ns": pa.array([r["mtime_ns"] for r in part], pa.int64())})))
+
+    for obj in list_input(cfg):
+        counts["listed"] += 1
+        if len(done) and _is_in(done, key_hash(obj["uri"])):
+            counts["already_scored"] += 1
+            continue
+        pending.append(obj)
+        if len(pending) == cfg.chunk_size:
+            flush(pending)
+            pending = []
+        if counts["listed"] % 100_000 == 0:
+            log.info("listed %d objects (%d already scored)", counts["listed"], counts["already_scored"])
+    if pending:
+        flush(pending)
+    return refs, sizes, counts
+
+
+def _default_actors(cfg: ScoreConfig) -> int:
+    import ray
+
+    if cfg.num_actors:
+        return cfg.num_actors
+    if cfg.use_gpu:
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        if gpus < 1:
+            raise ConfigError("config key 'use_gpu' is true but the Ray cluster has no GPUs")
+        return gpus
+    return max(1, sum(1 for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) > 0))
+
+
+def run(cfg: ScoreConfig) -> dict[str, Any]:
+    """Score every not-yet-scored image of ``cfg.input`` with ``cfg.model``; returns the summary."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    from crackscale.runtime import Predictor, decode_batch
+
+    for key in ("model", "input", "output"):
+        if not getattr(cfg, key):
+            raise ConfigError(f"config key '{key}' is required (--set {key}=URI)")
+    t0 = time.time()
+    meta = artifact.read_meta(cfg.model, cfg.storage)
+    mid = model_id(meta)
+    storage.check_bucket(cfg.output, cfg.storage)
+    now = dt.datetime.now(dt.timezone.utc)
+    run_id = now.strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:6]
+    run_date = cfg.run_date or now.strftime("%Y-%m-%d")
+    done = committed(cfg.output, mid, cfg.storage)
+    refs, sizes, counts = _plan(cfg, done)
+    del done
+    log.info("run %s: model %s (%s), %d listed, %d already scored, %d to score in %d chunks",
+             run_id, mid, meta.get("name"), counts["listed"], counts["already_scored"],
+             sum(sizes.values()), len(sizes))
+    summary: dict[str, Any] = {
+        "run_id": run_id, "model_id": mid, "model_name": meta.get("name"), "model": cfg.model,
+        "input": cfg.input, "output": cfg.output, "run_date": run_date, **counts,
+        "scored": 0, "failed": 0, "chunks": 0, "runtime": None,
+    }
+    if refs:
+        n_actors = _default_actors(cfg)
+        ds = (ray.data.from_arrow_refs(refs)
+              .map_batches(decode_batch, batch_size=cfg.batch_size, num_cpus=cfg.decode_cpus,
+                           fn_kwargs={"image_size": int(meta["image_size"]), "cfg": cfg})
+              .map_batches(Predictor, batch_size=cfg.batch_size, fn_constructor_kwargs={"cfg": cfg},
+                           compute=ActorPoolStrategy(size=n_actors), num_cpus=cfg.actor_cpus,
+                           num_gpus=1 if cfg.use_gpu else 0))
+        _gather_and_commit(ds, sizes, cfg, meta, mid, run_id, run_date, summary, t0)
+    elapsed = time.time() - t0
+    summary.update(duration_s=round(elapsed, 2),
+                   throughput_img_s=round((summary["scored"] + summary["failed"]) / elapsed, 1))
+    base = storage.join(cfg.output, "_runs", run_id)
+    summary["summary_uri"] = base + ".json"
+    storage.write_text(base + ".yaml", dump(cfg), cfg.storage)
+    storage.write_text(base + ".json", json.dumps(summary, indent=2), cfg.storage)
+    log.info("run %s done: %s", run_id, json.dumps(summary))
+    return summary
+
+
+def _gather_and_commit(ds: Any, sizes: dict[str, int], cfg: ScoreConfig, meta: dict[str, Any],
+                       mid: str, run_id: str, run_date: str, summary: dict[str, Any], t0: float) -> None:
+    """Buffer result rows per chunk (de-duplicated by URI: retried tasks may repeat rows) and
+    commit each chunk as soon as all its keys are in."""
+    import pyarrow.compute as pc
+
+    parts: dict[str, list[pa.Table]] = {}
+    seen: dict[str, set[str]] = {}
+    finished: set[str] = set()
+    total = sum(sizes.values())
+    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        for cid in pc.unique(batch["chunk"]).to_pylist():
+            if cid in finished:  # a late duplicate from a retried task
+                continue
+            sub = batch.filter(pc.equal(batch["chunk"], cid))
+            keys = seen.setdefault(cid, set())
+            mask = [u not in keys for u in sub["uri"].to_pylist()]
+            sub = sub.filter(pa.array(mask, pa.bool_()))
+            if not sub.num_rows:
+                continue
+            keys.update(sub["uri"].to_pylist())
+            parts.setdefault(cid, []).append(sub)
+            if len(keys) < sizes[cid]:
+                continue
+            rows = _rows_table(pa.concat_tables(parts.pop(cid)), meta, run_id)
+            uri = commit_chunk(rows, cfg.output, mid, run_date, cfg.storage)
+            del seen[cid]
+            finished.add(cid)
+            ok = rows["error"].null_count
+            summary["scored"] += ok
+            summary["failed"] += rows.num_rows - ok
+            summary["chunks"] += 1
+            summary["runtime"] = rows["runtime"][0].as_py()
+            done = summary["scored"] + summary["failed"]
+            log.info("committed %s (%d rows): %d/%d images, %.1f img/s", uri, rows.num_rows,
+                     done, total, done / max(time.time() - t0, 1e-9))
+    if parts:
+        raise RuntimeError(f"{len(parts)} chunks came back incomplete; nothing of them was committed "
+                           "(re-run to score them)")
+
+
+# ---- command line ---------------------------------------------------------------------------------
+
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--config", help="YAML config file (keys of ScoreConfig)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key (repeatable), e.g. --set batch_size=128")
+    p.add_argument("--model", help="model artifact URI (= --set model=…)")
+    p.add_argument("--input", help="image prefix or manifest URI (= --set input=…)")
+    p.add_argument("--output", help="Parquet output root (= --set output=…)")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> ScoreConfig:
+    overrides = list(args.set)
+    for key in ("model", "input", "output"):
+        if getattr(args, key, None):
+            overrides.append(f"{key}={getattr(args, key)}")
+    return load(ScoreConfig, args.config, overrides)
+
+
+def cmd_score(args: argparse.Namespace) -> dict[str, Any]:
+    """Load the config, attach to (or start) Ray, score; returns the JSON summary."""
+    import ray
+
+    cfg = config_from_args(args)
+    if not ray.is_initialized():
+        ray.init()  # under `ray job submit` this attaches to the cluster
+    return run(cfg)
+
+
+def add_cli(subparsers: Any, func: Callable[[argparse.Namespace], Any] | None = None) -> None:
+    """Register ``crackscale score``."""
+    p = subparsers.add_parser(
+        "score", help="score images with a model artifact into Parquet (same as jobs/score.py)",
+        epilog="example: crackscale score --model runs/demo/model --input s3://bucket/images/ "
+               "--output s3://bucket/scores/")
+    add_arguments(p)
+    p.set_defaults(func=func or cmd_score)
+
+
+__all__ = ["run", "add_cli", "committed", "commit_chunk", "list_input", "model_id", "SCHEMA",
+           "PARTITIONING", "to_dict"]
