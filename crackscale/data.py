@@ -54,15 +54,31 @@ def group_key(name: str, pattern: str, group_size: int) -> str:
     return key
 
 
-def split_of(group: str, seed: int, val_fraction: float, test_fraction: float) -> str:
-    """Deterministic split of a group: a seeded hash mapped to [0, 1)."""
-    h = hashlib.sha256(f"{seed}:{group}".encode()).digest()
-    u = int.from_bytes(h[:8], "big") / 2**64
-    if u < test_fraction:
-        return "test"
-    if u < test_fraction + val_fraction:
-        return "val"
-    return "train"
+def assign_splits(groups: dict[str, int], seed: int, val_fraction: float,
+                  test_fraction: float) -> dict[str, str]:
+    """Group → split for one class: groups in seeded-hash order fill test, then val, then train.
+
+    Whole groups move together (near-duplicates never straddle splits); filling by image count
+    keeps each class's split sizes close to the fractions, with at least one group in each of
+    test (when test_fraction > 0), val and train whenever there are enough groups.
+    """
+    order = sorted(groups, key=lambda g: hashlib.sha256(f"{seed}:{g}".encode()).hexdigest())
+    total = sum(groups.values())
+    out: dict[str, str] = {}
+    cum = 0
+    targets = [("test", test_fraction * total), ("val", (test_fraction + val_fraction) * total)]
+    for i, g in enumerate(order):
+        split = "train"
+        for name, limit in targets:
+            if (name == "test" and test_fraction <= 0) or cum >= limit:
+                continue
+            split = name
+            break
+        if i == len(order) - 1 and "train" not in out.values():
+            split = "train"
+        out[g] = split
+        cum += groups[g]
+    return out
 
 
 def _check_image(data: bytes) -> str | None:
@@ -127,11 +143,19 @@ def scan(cfg: TrainConfig, data_uri: str) -> Prepared:
     labels: dict[str, list[int]] = {s: [] for s in SPLITS}
     for i in keep:
         row = rows[i]
-        name = storage.basename(row["uri"])
-        g = f"{row['class']}/{group_key(name, cfg.group_pattern, cfg.group_size)}"
-        # the group key includes the class: photos are cropped into one class each
-        row["group"] = g
-        row["split"] = split_of(g, cfg.seed, cfg.val_fraction, cfg.test_fraction)
+        # the group key includes the class: each source photo was cropped into one class
+        row["group"] = f"{row['class']}/{group_key(storage.basename(row['uri']), cfg.group_pattern, cfg.group_size)}"
+    for cls in cfg.class_names:
+        sizes: dict[str, int] = {}
+        for i in keep:
+            if rows[i]["class"] == cls:
+                sizes[rows[i]["group"]] = sizes.get(rows[i]["group"], 0) + 1
+        split_of = assign_splits(sizes, cfg.seed, cfg.val_fraction, cfg.test_fraction)
+        for i in keep:
+            if rows[i]["class"] == cls:
+                rows[i]["split"] = split_of[rows[i]["group"]]
+    for i in keep:
+        row = rows[i]
         manifest.append(row)
         images[row["split"]].append(blobs[i])
         labels[row["split"]].append(row["label"])

@@ -54,10 +54,14 @@ def resolve_weights(cfg: TrainConfig) -> str | None:
     return w
 
 
-def build(cfg: TrainConfig) -> tuple[Any, Any]:
-    """(model, base) — compiled separately per phase by ``compile_phase``."""
+def build(cfg: TrainConfig, load_weights: bool = True) -> tuple[Any, Any]:
+    """(model, base), compiled per phase by ``set_phase``.
+
+    ``load_weights=False`` builds the same architecture without loading any weights (to copy
+    trained weights into a model outside the distribution strategy).
+    """
     k = keras()
-    weights = resolve_weights(cfg)
+    weights = resolve_weights(cfg) if load_weights else None
     try:
         base = k.applications.MobileNetV2(
             input_shape=(cfg.image_size, cfg.image_size, 3), alpha=cfg.alpha,
@@ -72,7 +76,7 @@ def build(cfg: TrainConfig) -> tuple[Any, Any]:
         if weights:
             raise RuntimeError(f"could not load weights from {cfg.weights}: {e}") from None
         raise
-    momentum = cfg.bn_momentum or (0.999 if weights else 0.9)
+    momentum = cfg.bn_momentum or (0.999 if pretrained(cfg) else 0.9)
     for layer in base.layers:
         if isinstance(layer, k.layers.BatchNormalization):
             # from scratch, Keras' 0.999 leaves moving stats at their init for many epochs
@@ -86,7 +90,7 @@ def build(cfg: TrainConfig) -> tuple[Any, Any]:
         x = k.layers.RandomRotation(cfg.rotation, name="rotation")(x)
     x = k.layers.Rescaling(1.0 / 127.5, offset=-1.0, name="preprocess")(x)
     # pretrained base: BatchNorm stays in inference mode even when unfrozen (Keras fine-tune guide)
-    x = base(x, training=False if weights else None)
+    x = base(x, training=False if pretrained(cfg) else None)
     x = k.layers.GlobalAveragePooling2D(name="gap")(x)
     x = k.layers.Dropout(cfg.dropout, name="dropout")(x)
     outputs = k.layers.Dense(1, activation="sigmoid", name="crack_probability")(x)

@@ -227,17 +227,23 @@ def _decoder(image_size: int) -> Any:
             tf.config.threading.set_inter_op_parallelism_threads(1)
         except RuntimeError:
             pass
-    t = lambda a: tf.transpose(a, [1, 0, 2])  # noqa: E731
-    orient = [  # EXIF orientation 1..8, as PIL.ImageOps.exif_transpose
-        lambda a: a, lambda a: a[:, ::-1], lambda a: a[::-1, ::-1], lambda a: a[::-1],
-        lambda a: t(a), lambda a: tf.image.rot90(a, 3), lambda a: t(a)[::-1, ::-1],
-        lambda a: tf.image.rot90(a, 1)]
+    def orient(img: Any, orientation: Any) -> Any:
+        """EXIF orientation 1..8 → upright, as PIL.ImageOps.exif_transpose."""
+        def tr(a: Any) -> Any:
+            return tf.transpose(a, [1, 0, 2])
 
-    @tf.function(input_signature=[tf.TensorSpec([], tf.string), tf.TensorSpec([], tf.int32)])
+        branches = {
+            1: lambda: img, 2: lambda: img[:, ::-1], 3: lambda: img[::-1, ::-1], 4: lambda: img[::-1],
+            5: lambda: tr(img), 6: lambda: tf.image.rot90(img, 3), 7: lambda: tr(img)[::-1, ::-1],
+            8: lambda: tf.image.rot90(img, 1),
+        }
+        return tf.switch_case(orientation - 1, [branches[k] for k in range(1, 9)])
+
+    @tf.function(input_signature=[tf.TensorSpec([], tf.string), tf.TensorSpec([], tf.int32)],
+                 autograph=False)
     def fn(data: Any, orientation: Any) -> Any:
         img = tf.io.decode_image(data, channels=3, expand_animations=False)
-        img = tf.switch_case(orientation - 1, [lambda f=f: f(img) for f in orient])
-        img = tf.image.resize(img, (image_size, image_size), antialias=True)
+        img = tf.image.resize(orient(img, orientation), (image_size, image_size), antialias=True)
         return tf.cast(tf.round(tf.clip_by_value(img, 0, 255)), tf.uint8)
 
     _DECODERS[image_size] = fn

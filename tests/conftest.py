@@ -99,7 +99,7 @@ def ray_local(s3_server):
 
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=True,
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=True,
              runtime_env={"env_vars": {"TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}})
     yield ray
     ray.shutdown()
@@ -142,8 +142,35 @@ def ray_head(tmp_path_factory, s3_server):
     subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=180)
     client_env = dict(env, RAY_API_SERVER_ADDRESS=f"http://127.0.0.1:{dash}",
                       RAY_ADDRESS=f"http://127.0.0.1:{dash}")
-    yield {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dash}", "env": client_env}
-    subprocess.run([str(Path(PY).parent / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+    try:
+        yield {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dash}", "env": client_env}
+    finally:
+        stop_ray_under(tmp)
+
+
+def stop_ray_under(temp_dir: Path) -> None:
+    """Stop only the Ray processes of the cluster whose --temp-dir is ``temp_dir``.
+
+    ``ray stop`` would kill every Ray on the machine (other tests' clusters included). The head's
+    daemons carry their session dir on the command line; workers exit with their raylet.
+    """
+    import psutil
+
+    procs = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if any(str(temp_dir) in part for part in (p.info["cmdline"] or [])):
+                procs.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=20)
+    for p in alive:
+        p.kill()
 
 
 def run_job(args: list[str], env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
