@@ -279,6 +279,7 @@ def test_nightly_scoring_schedules():
     assert len(cron["spec"]["schedule"].split()) == 5
     _check_rayjob_spec(cron["spec"]["jobTemplate"], name, "jobs/score.py")
     argv = shlex.split(cron["spec"]["jobTemplate"]["entrypoint"])
+    assert "use_gpu=true" in argv and "num_actors=0" in argv
     for flag in ("--model", "--input", "--output"):
         assert argv[argv.index(flag) + 1].startswith("s3://"), flag
 
@@ -292,6 +293,7 @@ def test_nightly_scoring_schedules():
     argv = c["command"] + c["args"]
     assert argv[:3] == ["ray", "job", "submit"] and "--no-wait" not in argv
     _assert_job_command(argv[argv.index("--") + 1:], "jobs/score.py")
+    assert "use_gpu=true" in argv
     _check_runtime_env(json.loads(argv[argv.index("--runtime-env-json") + 1]), name)
     env = {e["name"]: e for e in c["env"]}
     assert env["RAY_AUTH_MODE"]["value"] == "token"
