@@ -62,9 +62,10 @@ class TrainConfig:
     fine_tune_lr: float = 1e-5  # RMSprop
     fine_tune_at: int = 100  # base layers from this index on are trained in the fine-tune phase
     patience: int = 3  # EarlyStopping on val_loss, per phase
+    min_epochs: int = 0  # per phase, EarlyStopping neither stops nor picks a best epoch before this
     target_recall: float = 0.99  # decision threshold chosen on validation for this recall
     # cluster
-    num_workers: int = 1  # Ray Train workers: one per node
+    num_workers: int = 1  # Ray Train workers, one per node; 0 = one per GPU node (1 without GPUs)
     use_gpu: bool = False
     gpus_per_worker: int = 1  # all GPUs of a node go to its one worker
     cpus_per_worker: int = 1
@@ -94,9 +95,9 @@ class ScoreConfig:
     chunk_size: int = 2000  # images per committed Parquet file (the unit of exactly-once commit)
     num_actors: int = 0  # model actors; 0 = one per GPU (use_gpu) or one per CPU node
     use_gpu: bool = False  # one actor per GPU (num_gpus=1), tf.keras with memory growth
-    actor_cpus: float = 1.0  # Ray CPUs reserved per model actor
+    actor_cpus: float = 1.0  # Ray CPUs reserved per model actor (≠ decode_cpus: keeps decode in its own tasks)
     threads: int = 0  # inference threads per actor; 0 = all cores of the actor's node
-    decode_cpus: float = 1.0  # Ray CPUs per read+decode task
+    decode_cpus: float = 0.5  # Ray CPUs per read+decode task (single-threaded; 0.5 overlaps I/O and decode)
     read_threads: int = 16  # concurrent object reads per decode task (S3 latency, not bandwidth)
     max_pixels: int = 50_000_000  # larger images are refused (decompression-bomb guard)
     run_date: str = ""  # YYYY-MM-DD output partition; "" = today (UTC)
@@ -219,14 +220,8 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     key = key.strip()
     if not key:
         raise ConfigError(f"override '{item}' has an empty key")
-    # YAML scalars so that --set epochs=3 is an int and --set weights=none stays a string.
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    if value is None:
-        value = raw
-    return key.split("."), value
+    # kept as text: the field's declared type converts it (so crack_class=Yes stays a string)
+    return key.split("."), raw.strip()
 
 
 def load(cls: type[T], path: str | None = None, overrides: list[str] | None = None) -> T:
@@ -292,7 +287,8 @@ def _validate_train(self: TrainConfig) -> None:
     _check(self.head_epochs + self.fine_tune_epochs > 0, "head_epochs + fine_tune_epochs must be > 0")
     _check(0 <= self.dropout < 1, "config key 'dropout' must be in [0, 1)")
     _check(0 < self.target_recall <= 1, "config key 'target_recall' must be in (0, 1]")
-    _check(self.num_workers >= 1, "config key 'num_workers' must be >= 1")
+    _check(self.num_workers >= 0, "config key 'num_workers' must be >= 0 (0 = one per GPU node)")
+    _check(self.min_epochs >= 0 and self.patience >= 0, "config keys 'min_epochs' and 'patience' must be >= 0")
     _check(self.freeze_base in ("auto", "true", "false"), "config key 'freeze_base' must be auto, true or false")
     _check(self.group_size >= 1, "config key 'group_size' must be >= 1")
     _check(0 <= self.bn_momentum < 1, "config key 'bn_momentum' must be in [0, 1)")

@@ -288,8 +288,10 @@ def run(cfg: ScoreConfig) -> dict[str, Any]:
                            num_gpus=1 if cfg.use_gpu else 0))
         _gather_and_commit(ds, sizes, cfg, meta, mid, run_id, run_date, summary, t0)
     elapsed = time.time() - t0
-    summary.update(duration_s=round(elapsed, 2),
-                   throughput_img_s=round((summary["scored"] + summary["failed"]) / elapsed, 1))
+    n = summary["scored"] + summary["failed"]
+    summary.update(duration_s=round(elapsed, 2), throughput_img_s=round(n / elapsed, 1))
+    if "first_result_s" in summary:  # Ray start-up, listing, model load and parity check
+        summary["startup_s"] = round(summary.pop("first_result_s"), 2)
     base = storage.join(cfg.output, "_runs", run_id)
     summary["summary_uri"] = base + ".json"
     storage.write_text(base + ".yaml", dump(cfg), cfg.storage)
@@ -309,6 +311,8 @@ def _gather_and_commit(ds: Any, sizes: dict[str, int], cfg: ScoreConfig, meta: d
     finished: set[str] = set()
     total = sum(sizes.values())
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        if "first_result_s" not in summary:  # model load, Ray start-up and listing are behind us
+            summary["first_result_s"] = time.time() - t0
         for cid in pc.unique(batch["chunk"]).to_pylist():
             if cid in finished:  # a late duplicate from a retried task
                 continue

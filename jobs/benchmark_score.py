@@ -1,0 +1,190 @@
+"""Scoring benchmark (printed, not asserted): model-only ceiling vs crackscale end-to-end vs the
+original one-process script, and peak memory at a small and a large N.
+
+    python jobs/benchmark_score.py --data ../shared/data/concrete-crack --n 20000 --small 2000
+
+(a) ceiling: the fastest runtime (LiteRT/XNNPACK) on preloaded, decoded tensors, batch 64.
+(b) crackscale: ``jobs/score.py`` from storage to committed Parquet (local folder, and an S3 server
+    on 127.0.0.1 started here), a fresh Ray per run, timings from its summary.
+(c) original: ``image_dataset_from_directory`` + ``model.predict`` in one process.
+Peak memory: the largest total RSS of the process tree (driver + Ray + workers), sampled at 5 Hz.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run from a checkout / working_dir
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+ORIGINAL = """
+import sys, time, numpy as np, tf_keras as k
+d, model, size = sys.argv[1], sys.argv[2], int(sys.argv[3])
+m = k.models.load_model(model, compile=False)
+t = time.time()
+ds = k.utils.image_dataset_from_directory(d, labels=None, image_size=(size, size), shuffle=False)
+p = m.predict(ds, verbose=0)
+print(len(p), time.time() - t)
+"""
+
+
+def peak_rss(cmd: list[str], env: dict | None = None) -> tuple[subprocess.CompletedProcess, float]:
+    """Run ``cmd``; (result, peak RSS in MiB of it and all its descendants)."""
+    import psutil
+
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env or dict(os.environ), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    peak = [0.0]
+
+    def sample() -> None:
+        p = psutil.Process(proc.pid)
+        while proc.poll() is None:
+            try:
+                procs = [p] + p.children(recursive=True)
+                peak[0] = max(peak[0], sum(q.memory_info().rss for q in procs if q.is_running()) / 2**20)
+            except psutil.Error:
+                pass
+            time.sleep(0.2)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    out, err = proc.communicate()
+    th.join()
+    res = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    if proc.returncode:
+        raise RuntimeError(f"{cmd[:3]} failed ({proc.returncode}):\n{err[-3000:]}")
+    return res, peak[0]
+
+
+def replicate(src: Path, dest: Path, n: int) -> Path:
+    """``n`` JPEGs from the real sample, cycled, flat in ``dest`` (idempotent)."""
+    files = sorted(src.rglob("*.jpg"))
+    if not files:
+        raise SystemExit(f"no .jpg files under {src}")
+    dest.mkdir(parents=True, exist_ok=True)
+    if len(list(dest.glob("*.jpg"))) != n:
+        for i in range(n):
+            shutil.copyfile(files[i % len(files)], dest / f"{i:06d}.jpg")
+    return dest
+
+
+def ceiling(model_dir: Path, images: Path, size: int, seconds: float = 10.0) -> dict:
+    """(a) LiteRT (and tf.keras) img/s on decoded tensors already in memory."""
+    import numpy as np
+
+    from crackscale import artifact, runtime
+    from crackscale.config import ScoreConfig
+
+    loaded = artifact.load(str(model_dir))
+    cfg = ScoreConfig()
+    batch = np.stack([runtime.decode_image(p.read_bytes(), p.name, size, cfg)[0]
+                      for p in sorted(images.glob("*.jpg"))[:64]])
+    out = {}
+    for kind in ("litert", "tf"):
+        rt, info = runtime.select(loaded.model, loaded.meta, kind, 64)
+        rt.predict(batch)
+        n, t = 0, time.time()
+        while time.time() - t < seconds:
+            rt.predict(batch)
+            n += len(batch)
+        out[kind] = n / (time.time() - t)
+    return out
+
+
+def crackscale_run(model: str, inp: str, out: str, env: dict | None = None) -> dict:
+    res, mem = peak_rss([sys.executable, "jobs/score.py", "--model", model, "--input", inp,
+                         "--output", out, "--set", "chunk_size=2000"], env)
+    s = json.loads(res.stdout.strip().splitlines()[-1])
+    s["peak_rss_mib"] = mem
+    return s
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "concrete-crack"))
+    ap.add_argument("--n", type=int, default=20000)
+    ap.add_argument("--small", type=int, default=2000)
+    ap.add_argument("--image-size", type=int, default=160)
+    ap.add_argument("--alpha", type=float, default=1.0)
+    ap.add_argument("--workdir", default="/tmp/crackscale-bench")
+    ap.add_argument("--skip", default="", help="comma list of: s3, original, small")
+    args = ap.parse_args()
+    skip = set(args.skip.split(","))
+    work = Path(args.workdir)
+    big = replicate(Path(args.data), work / f"images-{args.n}", args.n)
+    small = replicate(Path(args.data), work / f"images-{args.small}", args.small)
+    model_dir = work / f"model-{args.image_size}-{args.alpha}"
+    if not (model_dir / "model.json").is_file():
+        from crackscale import artifact
+        from crackscale import model as M
+        from crackscale.config import TrainConfig
+
+        m, _ = M.build(TrainConfig(weights="none", image_size=args.image_size, alpha=args.alpha))
+        artifact.save(m, {"name": "bench", "class_names": ["Negative", "Positive"], "crack_class": "Positive",
+                          "image_size": args.image_size, "threshold": 0.5, "preprocessing": "see data.decode"},
+                      str(model_dir))
+    rows: dict[str, dict] = {}
+    a = ceiling(model_dir, small, args.image_size)
+    rows["(a) model only, LiteRT, preloaded tensors"] = {"img_s": a["litert"]}
+    rows["(a') model only, tf.keras graph, preloaded"] = {"img_s": a["tf"]}
+    sizes = [args.n] if "small" in skip else [args.small, args.n]
+    for n, d in zip(sizes, [small, big] if len(sizes) == 2 else [big]):
+        out = work / f"out-local-{n}"
+        shutil.rmtree(out, ignore_errors=True)
+        s = crackscale_run(str(model_dir), str(d), str(out))
+        rows[f"(b) crackscale local → Parquet, N={n}"] = {
+            "img_s": s["throughput_img_s"], "steady_img_s": s.get("steady_img_s"),
+            "wall_s": s["duration_s"], "peak_rss_mib": s["peak_rss_mib"]}
+    if "s3" not in skip:
+        from moto.server import ThreadedMotoServer
+
+        import boto3
+        from concurrent.futures import ThreadPoolExecutor
+
+        from tests.conftest import free_port
+
+        port = free_port()
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+        server.start()
+        endpoint = f"http://127.0.0.1:{port}"
+        env = dict(os.environ, AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="bench",
+                   AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
+        os.environ.update({k: env[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")})
+        s3 = boto3.client("s3", endpoint_url=endpoint)
+        s3.create_bucket(Bucket="bench")
+        with ThreadPoolExecutor(16) as pool:
+            list(pool.map(lambda p: s3.upload_file(str(p), "bench", f"images/{p.name}"), sorted(big.glob("*.jpg"))))
+        s = crackscale_run(str(model_dir), "s3://bench/images/", "s3://bench/scores/", env)
+        rows[f"(b) crackscale S3 (moto) → S3 Parquet, N={args.n}"] = {
+            "img_s": s["throughput_img_s"], "steady_img_s": s.get("steady_img_s"),
+            "wall_s": s["duration_s"], "peak_rss_mib": s["peak_rss_mib"]}
+        server.stop()
+    if "original" not in skip:
+        for n, d in zip(sizes, [small, big] if len(sizes) == 2 else [big]):
+            res, mem = peak_rss([sys.executable, "-c", ORIGINAL, str(d), str(model_dir / "model.keras"),
+                                 str(args.image_size)])
+            cnt, secs = res.stdout.split()[-2:]
+            rows[f"(c) image_dataset_from_directory + predict, N={n}"] = {
+                "img_s": int(cnt) / float(secs), "wall_s": float(secs), "peak_rss_mib": mem}
+    print(f"\nMobileNetV2 α={args.alpha}, {args.image_size} px, {os.cpu_count()} CPUs\n")
+    print("| path | img/s (wall) | img/s (steady) | wall s | peak RSS MiB |")
+    print("| --- | --- | --- | --- | --- |")
+    for k, v in rows.items():
+        f = lambda x, p=0: "" if x is None else f"{x:.{p}f}"  # noqa: E731
+        print(f"| {k} | {f(v['img_s'])} | {f(v.get('steady_img_s'))} | {f(v.get('wall_s'), 1)} | {f(v.get('peak_rss_mib'))} |")
+    print(json.dumps(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

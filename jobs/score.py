@@ -1,0 +1,26 @@
+"""Score every not-yet-scored image under a prefix (or in a manifest) into Parquet, exactly once.
+
+    RAY_AUTH_MODE=token RAY_API_SERVER_ADDRESS=http://127.0.0.1:8265 \
+        ray job submit --working-dir . -- python jobs/score.py \
+        --model s3://bucket/models/v3 --input s3://bucket/images/ --output s3://bucket/scores/
+    python jobs/score.py --config jobs/configs/score.yaml --set input=demo/data --set output=demo/scores
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout / working_dir
+
+from crackscale import cli, score  # noqa: E402
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(prog="jobs/score.py", description=__doc__.splitlines()[0])
+    args = score.add_arguments(p).parse_args()
+    cli.setup_logging()
+    return cli.run_guarded(score.cmd_score, args)  # ray.init(), score.run(cfg), JSON summary last
+
+
+if __name__ == "__main__":
+    sys.exit(main())
