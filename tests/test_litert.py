@@ -1,0 +1,73 @@
+"""Model runtimes: LiteRT export matches tf.keras; parity guard; the actor class without Ray."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import REAL_DATA
+
+from crackscale import artifact, runtime
+from crackscale.config import ScoreConfig
+
+
+def sample(size: int, n: int = 48) -> np.ndarray:
+    """Real images of both classes (decoded as the scorer does) when present, else synthetic."""
+    if REAL_DATA.is_dir():
+        cfg = ScoreConfig()
+        files = sorted((REAL_DATA / "Positive").glob("*.jpg"))[: n // 2] + sorted((REAL_DATA / "Negative").glob("*.jpg"))[: n // 2]
+        return np.stack([runtime.decode_image(f.read_bytes(), f.name, size, cfg)[0] for f in files])
+    return runtime.sample_images(size, n, seed=3)
+
+
+def test_litert_matches_tf_keras(model_artifact, tmp_path):
+    loaded = artifact.load(model_artifact["uri"])
+    images = sample(64)
+    rt, info = runtime.select(loaded.model, loaded.meta, "litert", 16, threads=2,
+                              cache_dir=str(tmp_path), check_images=images)
+    assert rt.name == "litert" and info["parity_max_abs_diff"] <= 1e-4
+    assert runtime.cache_path(str(tmp_path), loaded.meta["model_sha256"]).is_file()
+    p_lite = rt.predict(images)
+    p_keras = loaded.model.predict(images.astype(np.float32), batch_size=16, verbose=0).reshape(-1)
+    assert p_lite.shape == (len(images),)
+    assert p_lite.std() > 0.05, "probabilities too uniform for a meaningful parity check"
+    assert np.abs(p_lite - p_keras).max() <= 1e-4
+    # odd batch sizes are padded, not recompiled: same answers for a 5-image call
+    assert np.abs(rt.predict(images[:5]) - p_keras[:5]).max() <= 1e-4
+
+
+def test_parity_guard_refuses_a_wrong_export(model_artifact, model_artifact_v2, tmp_path):
+    """A cached .tflite that is not this model (stale/corrupt cache) is caught by the parity check."""
+    v1, v2 = artifact.load(model_artifact["uri"]), artifact.load(model_artifact_v2["uri"])
+    runtime.export_litert(v2.model, runtime.cache_path(str(tmp_path), v1.meta["model_sha256"]))
+    rt, info = runtime.select(v1.model, v1.meta, "auto", 8, cache_dir=str(tmp_path))
+    assert rt.name == "tf" and info["parity_max_abs_diff"] > 1e-4
+    with pytest.raises(ValueError, match="runtime: litert was requested"):
+        runtime.select(v1.model, v1.meta, "litert", 8, cache_dir=str(tmp_path))
+
+
+def test_predictor_without_ray_gpu_path_on_cpu(model_artifact, tmp_path):
+    """The actor class with an injected loader; runtime=tf + use_gpu runs the GPU code path on CPU."""
+    calls = []
+
+    def loader(uri, storage_cfg):
+        calls.append(uri)
+        return artifact.load(uri, storage_cfg)
+
+    images = sample(64, 8)
+    batch = {"uri": np.array([f"u{i}" for i in range(8)], dtype=object),
+             "image": images, "error": np.array(["", "decode: bad", "", "", "", "", "empty file", ""], dtype=object)}
+    out = {}
+    for kind, gpu in (("tf", True), ("litert", False)):
+        cfg = ScoreConfig(model=model_artifact["uri"], runtime=kind, use_gpu=gpu, batch_size=4,
+                          cache_dir=str(tmp_path))
+        pred = runtime.Predictor(cfg, loader=loader)
+        res = pred(batch)
+        assert "image" not in res and list(res["uri"]) == list(batch["uri"])
+        assert np.isnan(res["crack_probability"][[1, 6]]).all()
+        ok = res["crack_probability"][[0, 2, 3, 4, 5, 7]]
+        assert ((ok >= 0) & (ok <= 1)).all()
+        assert set(res["runtime"]) == {kind}
+        out[kind] = ok
+    assert calls == [model_artifact["uri"]] * 2  # loaded once per actor
+    assert np.abs(out["tf"] - out["litert"]).max() <= 1e-4
+    assert runtime.configure_tf(use_gpu=True) == 0  # no GPU here: memory-growth loop is a no-op

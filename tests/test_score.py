@@ -1,0 +1,243 @@
+"""Batch scoring end to end: S3 server in/out, incremental re-runs, new model version, bad files,
+manifests, and kill-and-rerun exactly-once (SIGKILL of the job process at several points)."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.dataset as pads
+import pytest
+from conftest import PY, ROOT, last_json, run_job, upload_tree
+from PIL import Image, ImageOps
+
+from crackscale import query, runtime, score, storage
+from crackscale.config import ScoreConfig
+
+
+def bad_files() -> dict[str, bytes]:
+    """Every kind of file that must become an error row, with the error prefix it must get."""
+    good = io.BytesIO()
+    Image.new("RGB", (80, 60), (120, 130, 140)).save(good, "JPEG")
+    g = good.getvalue()
+    gif = io.BytesIO()
+    Image.new("RGB", (20, 20)).save(gif, "GIF")
+    return {"truncated.jpg": g[: len(g) // 2], "corrupt.jpg": g[:200] + bytes(range(256)) * 4,
+            "empty.jpg": b"", "notes.jpg": b"inspection notes, not an image\n", "animated.jpg": gif.getvalue()}
+
+
+EXPECTED_ERRORS = {"truncated.jpg": "decode:", "corrupt.jpg": "decode:", "empty.jpg": "empty file",
+                   "notes.jpg": "decode: not an image", "animated.jpg": "unsupported: format GIF"}
+
+
+def read_scores(output: str):
+    return query.open_scores(output).to_table()
+
+
+def test_decode_matches_training_and_flags_bad_files(synth_data):
+    import tensorflow as tf
+
+    from crackscale import data
+
+    cfg = ScoreConfig(max_pixels=1_000_000)
+    blob = next((synth_data / "Positive").glob("*.jpg")).read_bytes()
+    img, err = runtime.decode_image(blob, "a.jpg", 64, cfg)
+    assert err == "" and img.dtype == np.uint8 and img.shape == (64, 64, 3)
+    # exactly what training feeds the model: data.decode, rounded to uint8 as data.tf_dataset does
+    ref = tf.cast(tf.round(data.decode(blob, 64)), tf.uint8).numpy()
+    assert np.array_equal(img, ref)
+    for name, content in bad_files().items():
+        img, err = runtime.decode_image(content, name, 64, cfg)
+        assert img is None and err.startswith(EXPECTED_ERRORS[name]), (name, err)
+    assert runtime.decode_image(blob, "x.tiff", 64, cfg)[1] == "unsupported: extension .tiff"
+    big = io.BytesIO()
+    Image.new("RGB", (1200, 1000)).save(big, "PNG")
+    assert runtime.decode_image(big.getvalue(), "big.png", 64, cfg)[1].startswith("too large: 1200x1000")
+    # EXIF orientation is applied (camera images), as PIL.ImageOps.exif_transpose does
+    rng = np.random.default_rng(0)
+    arr = rng.integers(0, 255, (40, 64, 3), dtype=np.uint8)
+    for orientation in range(1, 9):
+        im = Image.fromarray(arr)
+        exif = im.getexif()
+        exif[0x0112] = orientation
+        buf = io.BytesIO()
+        im.save(buf, "PNG", exif=exif.tobytes())
+        upright = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(buf.getvalue()))))
+        want = tf.cast(tf.round(tf.image.resize(upright, (32, 32), antialias=True)), tf.uint8).numpy()
+        got, err = runtime.decode_image(buf.getvalue(), "r.png", 32, cfg)
+        assert err == "" and np.array_equal(got, want), orientation
+
+
+def score_job(model: str, inp: str, out: str, cache: Path, *extra: str) -> list[str]:
+    return ["jobs/score.py", "--model", model, "--input", inp, "--output", out, "--set", "batch_size=8",
+            "--set", "chunk_size=8", "--set", f"cache_dir={cache}", *extra]
+
+
+def job_env() -> dict:
+    return dict(os.environ, RAY_ADDRESS="local")  # a fresh local Ray, never someone else's cluster
+
+
+@pytest.mark.slow
+def test_s3_incremental_and_new_model(s3_server, s3_bucket, synth_data, model_artifact, model_artifact_v2,
+                                      tmp_path):
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=s3_server)
+    pos = tmp_path / "night1" / "site-a"
+    pos.mkdir(parents=True)
+    for p in sorted((synth_data / "Positive").glob("*.jpg"))[:10] + sorted((synth_data / "Negative").glob("*.jpg"))[:10]:
+        (pos / f"{p.parent.name}-{p.name}").write_bytes(p.read_bytes())
+    for name, content in bad_files().items():
+        (pos / name).write_bytes(content)
+    (pos / "readme.txt").write_text("not listed: extension filter")
+    upload_tree(s3_server, tmp_path / "night1", s3_bucket, "images")
+    inp, out = f"s3://{s3_bucket}/images/", f"s3://{s3_bucket}/scores"
+
+    r = run_job(score_job(model_artifact["uri"], inp, out, tmp_path / "cache"), env=job_env())
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = last_json(r.stdout)
+    assert (s["listed"], s["already_scored"], s["scored"], s["failed"]) == (25, 0, 20, 5)
+    assert s["runtime"] == "litert" and s["chunks"] == 4
+    t = read_scores(out)
+    assert t.num_rows == 25 and len(set(t["uri"].to_pylist())) == 25
+    rows = {r["uri"].rsplit("/", 1)[1]: r for r in t.to_pylist()}
+    for name, prefix in EXPECTED_ERRORS.items():
+        assert rows[name]["error"].startswith(prefix) and rows[name]["crack_probability"] is None
+    good = [r for r in rows.values() if r["error"] is None]
+    assert len(good) == 20 and all(0 <= r["crack_probability"] <= 1 for r in good)
+    assert all(r["crack"] == (r["crack_probability"] >= 0.5) for r in good)
+    assert len({round(r["crack_probability"], 4) for r in good}) > 5  # really scored, not a constant
+    assert {r["model_id"] for r in rows.values()} == {model_artifact["meta"]["model_sha256"][:16]}
+    head = s3.head_object(Bucket=s3_bucket, Key="images/site-a/" + good[0]["uri"].rsplit("/", 1)[1])
+    assert good[0]["etag"] == head["ETag"].strip('"') and good[0]["size"] == head["ContentLength"]
+    assert storage.exists(s["summary_uri"])
+    # DuckDB over the same S3 outputs
+    con = query.connect(out)
+    assert query.sql(con, "SELECT count(*) AS n, count(error) AS f FROM scores").to_pylist() == [{"n": 25, "f": 5}]
+
+    # next night: 3 new uploads → only they are scored
+    new = tmp_path / "night2" / "site-b"
+    new.mkdir(parents=True)
+    for p in sorted((synth_data / "Positive").glob("*.jpg"))[20:23]:
+        (new / p.name).write_bytes(p.read_bytes())
+    upload_tree(s3_server, tmp_path / "night2", s3_bucket, "images")
+    r = run_job(score_job(model_artifact["uri"], inp, out, tmp_path / "cache", "--set", "run_date=2030-01-02"),
+                env=job_env())
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = last_json(r.stdout)
+    assert (s["listed"], s["already_scored"], s["scored"], s["failed"]) == (28, 25, 3, 0)
+    t = read_scores(out)
+    assert t.num_rows == 28 and len(set(t["uri"].to_pylist())) == 28
+    assert sorted(u.rsplit("/", 2)[1] for u in t.filter(pads.field("run_date") == "2030-01-02")["uri"].to_pylist()) == ["site-b"] * 3
+
+    # a new model version rescored everything; one row per (image, model)
+    r = run_job(score_job(model_artifact_v2["uri"], inp, out, tmp_path / "cache"), env=job_env())
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = last_json(r.stdout)
+    assert (s["already_scored"], s["scored"], s["failed"]) == (0, 23, 5)
+    t = read_scores(out)
+    pairs = list(zip(t["uri"].to_pylist(), t["model_id"].to_pylist()))
+    assert len(pairs) == 56 and len(set(pairs)) == 56
+    assert len(set(t["model_id"].to_pylist())) == 2
+
+
+def _parquet_files(out: Path) -> list[Path]:
+    return [p for p in out.rglob("*.parquet") if "_staging" not in p.parts]
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL the job and every process it started (its local Ray), by pid."""
+    import psutil
+
+    try:
+        kids = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        kids = []
+    os.kill(proc.pid, signal.SIGKILL)
+    for k in kids:
+        try:
+            k.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait(timeout=60)
+
+
+@pytest.mark.slow
+def test_kill_and_rerun_exactly_once(synth_data, model_artifact, tmp_path):
+    images = tmp_path / "images"
+    n = 0
+    for cls in ("Positive", "Negative"):
+        for p in sorted((synth_data / cls).glob("*.jpg"))[:60]:
+            d = images / cls / f"batch{n % 3}"
+            d.mkdir(parents=True, exist_ok=True)
+            (d / p.name).write_bytes(p.read_bytes())
+            n += 1
+    (images / "Positive" / "bad.jpg").write_bytes(b"garbage")
+    total = n + 1
+    out = tmp_path / "scores"
+    cmd = score_job(model_artifact["uri"], str(images), str(out), tmp_path / "cache", "--set", "chunk_size=2",
+                    "--set", "batch_size=2")
+    # kill points: after the 1st committed file, after more files, and at a fixed delay from start
+    # (which may land before anything is committed, during Ray/actor start-up)
+    killed_mid_run = 0
+    for kind, arg in (("files", 1), ("files", 12), ("delay", 4.0), ("files", 30)):
+        before = len(_parquet_files(out))
+        proc = subprocess.Popen([PY, *cmd], cwd=ROOT, env=job_env(), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        t0 = time.monotonic()
+        while proc.poll() is None and time.monotonic() - t0 < 240:
+            if kind == "files" and len(_parquet_files(out)) >= before + arg:
+                break
+            if kind == "delay" and time.monotonic() - t0 >= arg:
+                break
+            time.sleep(0.005)
+        finished = proc.poll() is not None
+        _kill_tree(proc)
+        files = _parquet_files(out)
+        if not finished and not list((out / "_runs").glob("*.json")):
+            killed_mid_run += 1
+        # whatever is visible is whole: every file reads, no key twice
+        if files:
+            t = read_scores(str(out))
+            assert len(set(t["uri"].to_pylist())) == t.num_rows
+    assert killed_mid_run >= 2, "the job finished before it could be killed: the test proved nothing"
+    r = run_job(cmd, env=job_env())
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = last_json(r.stdout)
+    assert s["listed"] == total and s["already_scored"] + s["scored"] + s["failed"] == total
+    t = read_scores(str(out))
+    uris = t["uri"].to_pylist()
+    assert len(uris) == total and len(set(uris)) == total
+    assert set(uris) == {str(p) for p in images.rglob("*.jpg")}
+    assert t.filter(pads.field("error").is_valid())["uri"].to_pylist() == [str(images / "Positive" / "bad.jpg")]
+    # and once more: nothing left to do
+    r = run_job(cmd, env=job_env())
+    s = last_json(r.stdout)
+    assert (s["already_scored"], s["scored"], s["failed"]) == (total, 0, 0)
+
+
+def test_manifest_in_process(ray_local, synth_data, model_artifact, tmp_path):
+    """score.run() in-process on a local Ray; input from a .txt manifest that also names an
+    unsupported file, a missing object and a duplicate line."""
+    imgs = sorted((synth_data / "Negative").glob("*.jpg"))[:6]
+    other = tmp_path / "scan.tiff"
+    other.write_bytes(b"II*\x00")
+    lines = [str(p) for p in imgs] + [str(imgs[0]), str(other), str(tmp_path / "gone.jpg")]
+    manifest = tmp_path / "tonight.txt"
+    manifest.write_text("\n".join(lines) + "\n")
+    cfg = ScoreConfig(model=model_artifact["uri"], input=str(manifest), output=str(tmp_path / "out"),
+                      batch_size=4, chunk_size=4, runtime="tf", cache_dir=str(tmp_path / "c"))
+    s = score.run(cfg)
+    assert (s["listed"], s["scored"], s["failed"], s["runtime"]) == (8, 6, 2, "tf")
+    rows = {r["uri"]: r for r in read_scores(cfg.output).to_pylist()}
+    assert rows[str(other)]["error"] == "unsupported: extension .tiff"
+    assert rows[str(tmp_path / "gone.jpg")]["error"] == "read: not found"
+    # a plain manifest carries no metadata: size comes from the bytes read, mtime stays unknown
+    assert rows[str(imgs[0])]["size"] == imgs[0].stat().st_size and rows[str(imgs[0])]["mtime"] is None
+    with pytest.raises(Exception, match="config key 'output' is required"):
+        score.run(ScoreConfig(model=cfg.model, input=cfg.input))
