@@ -194,7 +194,7 @@ def last_json(stdout: str) -> dict:
 
 def make_artifact(uri: str, name: str = "test-model", seed: int = 0, image_size: int = 64,
                   threshold: float = 0.5) -> dict:
-    """Save an untrained MobileNetV2 (α 0.35) artifact to ``uri``; returns its model.json."""
+    """Save an untrained MobileNetV2 (α 0.35, BN calibrated) artifact to ``uri``; returns its model.json."""
     import json as _json
 
     import tensorflow as tf
@@ -203,8 +203,21 @@ def make_artifact(uri: str, name: str = "test-model", seed: int = 0, image_size:
     from crackscale import model as M
     from crackscale.config import TrainConfig
 
+    from crackscale import runtime
+
     tf.keras.utils.set_random_seed(seed)
     m, _ = M.build(TrainConfig(weights="none", image_size=image_size, alpha=0.35))
+    # Untrained MobileNetV2 in inference mode shrinks activations to ~1e-12 (BN moving stats at
+    # their init), so every image scores exactly 0.5. One training-mode pass with BN momentum 0
+    # sets each BN's moving statistics to those of a batch of concrete-like images: activations
+    # stay O(1) and probabilities differ per image, as pipeline and LiteRT parity tests need.
+    bns = [layer for layer in m.submodules if isinstance(layer, tf.keras.layers.BatchNormalization)]
+    momenta = [b.momentum for b in bns]
+    for b in bns:
+        b.momentum = 0.0
+    m(tf.constant(runtime.sample_images(image_size, 64, seed=seed), tf.float32), training=True)
+    for b, mom in zip(bns, momenta):
+        b.momentum = mom
     artifact.save(m, {
         "name": name, "class_names": ["Negative", "Positive"], "crack_class": "Positive",
         "image_size": image_size, "threshold": threshold,
@@ -226,3 +239,15 @@ def model_artifact_v2(tmp_path_factory) -> dict:
     """A second model version (different weights, so a different model_sha256)."""
     uri = str(tmp_path_factory.mktemp("artifact2") / "model")
     return {"uri": uri, "meta": make_artifact(uri, name="test-model", seed=1)}
+
+
+def small_train_config(data, tmp_path, **overrides):
+    """A TrainConfig that learns the synthetic data in well under a minute on 2 cores."""
+    from crackscale.config import TrainConfig
+
+    base = dict(data=str(data), weights="none", image_size=96, alpha=0.35, group_size=5,
+                batch_size=32, head_epochs=12, head_lr=0.002, fine_tune_epochs=2, bn_momentum=0.7,
+                min_epochs=4,
+                fine_tune_lr=1e-4, patience=5, storage_path=str(tmp_path / "runs"), name="t")
+    base.update(overrides)
+    return TrainConfig(**base)
