@@ -19,13 +19,19 @@ def sample(size: int, n: int = 48) -> np.ndarray:
     return runtime.sample_images(size, n, seed=3)
 
 
-def test_litert_matches_tf_keras(model_artifact, tmp_path):
+@pytest.fixture(scope="module")
+def lite_cache(tmp_path_factory) -> str:
+    """One LiteRT export cache for the module (each conversion takes ~10 s here)."""
+    return str(tmp_path_factory.mktemp("litert-cache"))
+
+
+def test_litert_matches_tf_keras(model_artifact, lite_cache):
     loaded = artifact.load(model_artifact["uri"])
     images = sample(64)
     rt, info = runtime.select(loaded.model, loaded.meta, "litert", 16, threads=2,
-                              cache_dir=str(tmp_path), check_images=images)
+                              cache_dir=lite_cache, check_images=images)
     assert rt.name == "litert" and info["parity_max_abs_diff"] <= 1e-4
-    assert runtime.cache_path(str(tmp_path), loaded.meta["model_sha256"]).is_file()
+    assert runtime.cache_path(lite_cache, loaded.meta["model_sha256"]).is_file()
     p_lite = rt.predict(images)
     p_keras = loaded.model.predict(images.astype(np.float32), batch_size=16, verbose=0).reshape(-1)
     assert p_lite.shape == (len(images),)
@@ -45,7 +51,7 @@ def test_parity_guard_refuses_a_wrong_export(model_artifact, model_artifact_v2, 
         runtime.select(v1.model, v1.meta, "litert", 8, cache_dir=str(tmp_path))
 
 
-def test_predictor_without_ray_gpu_path_on_cpu(model_artifact, tmp_path):
+def test_predictor_without_ray_gpu_path_on_cpu(model_artifact, lite_cache):
     """The actor class with an injected loader; runtime=tf + use_gpu runs the GPU code path on CPU."""
     calls = []
 
@@ -59,7 +65,7 @@ def test_predictor_without_ray_gpu_path_on_cpu(model_artifact, tmp_path):
     out = {}
     for kind, gpu in (("tf", True), ("litert", False)):
         cfg = ScoreConfig(model=model_artifact["uri"], runtime=kind, use_gpu=gpu, batch_size=4,
-                          cache_dir=str(tmp_path))
+                          cache_dir=lite_cache)
         pred = runtime.Predictor(cfg, loader=loader)
         res = pred(batch)
         assert "image" not in res and list(res["uri"]) == list(batch["uri"])

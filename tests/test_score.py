@@ -167,6 +167,19 @@ def _kill_tree(proc: subprocess.Popen) -> None:
     proc.wait(timeout=60)
 
 
+def _kill_predictor(proc: subprocess.Popen) -> bool:
+    import psutil
+
+    for k in psutil.Process(proc.pid).children(recursive=True):
+        try:
+            if "Predictor" in " ".join(k.cmdline()):
+                k.kill()
+                return True
+        except psutil.Error:
+            pass
+    return False
+
+
 @pytest.mark.slow
 def test_kill_and_rerun_exactly_once(synth_data, model_artifact, tmp_path):
     images = tmp_path / "images"
@@ -185,7 +198,7 @@ def test_kill_and_rerun_exactly_once(synth_data, model_artifact, tmp_path):
     # kill points: after the 1st committed file, after more files, and at a fixed delay from start
     # (which may land before anything is committed, during Ray/actor start-up)
     killed_mid_run = 0
-    for kind, arg in (("files", 1), ("files", 12), ("delay", 4.0), ("files", 30)):
+    for kind, arg in (("files", 1), ("files", 12), ("delay", 4.0), ("worker", 2)):
         before = len(_parquet_files(out))
         proc = subprocess.Popen([PY, *cmd], cwd=ROOT, env=job_env(), stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
@@ -195,8 +208,17 @@ def test_kill_and_rerun_exactly_once(synth_data, model_artifact, tmp_path):
                 break
             if kind == "delay" and time.monotonic() - t0 >= arg:
                 break
+            if kind == "worker" and len(_parquet_files(out)) >= before + arg:
+                # SIGKILL the model actor's process: Ray Data restarts it and retries its batches
+                assert _kill_predictor(proc), "no Predictor actor process found to kill"
+                killed_mid_run += 1
+                proc.wait(timeout=240)
+                break
             time.sleep(0.005)
         finished = proc.poll() is not None
+        if kind == "worker":
+            assert proc.returncode == 0, "the run did not survive the loss of a model actor"
+            continue
         _kill_tree(proc)
         files = _parquet_files(out)
         if not finished and not list((out / "_runs").glob("*.json")):
@@ -205,7 +227,7 @@ def test_kill_and_rerun_exactly_once(synth_data, model_artifact, tmp_path):
         if files:
             t = read_scores(str(out))
             assert len(set(t["uri"].to_pylist())) == t.num_rows
-    assert killed_mid_run >= 2, "the job finished before it could be killed: the test proved nothing"
+    assert killed_mid_run >= 3, "the job finished before it could be killed: the test proved nothing"
     r = run_job(cmd, env=job_env())
     assert r.returncode == 0, r.stderr[-3000:]
     s = last_json(r.stdout)
