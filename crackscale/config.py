@@ -294,3 +294,108 @@ def _validate_train(self: TrainConfig) -> None:
     _check(0 <= self.bn_momentum < 1, "config key 'bn_momentum' must be in [0, 1)")
     _check(bool(self.weights), "config key 'weights' must be imagenet, none, or a path/URI")
 
+
+
+# ---- tuning ------------------------------------------------------------------------------------
+
+SEARCH_SPECS = ("loguniform", "uniform", "randint", "choice")
+# Keys a trial may change: model, augmentation and schedule. Data, split, cluster shape and
+# outputs stay those of ``train`` (every trial trains on the same split held once in the object store).
+TUNABLE_KEYS = ("head_lr", "fine_tune_lr", "fine_tune_at", "dropout", "batch_size", "rotation",
+                "flip", "image_size", "alpha", "head_epochs", "fine_tune_epochs", "bn_momentum",
+                "min_epochs", "patience", "freeze_base")
+# reported every epoch *and* in the final result (the final val_recall is at the decision threshold)
+TUNE_METRICS = ("val_loss", "val_accuracy", "val_recall")
+
+
+def _default_space() -> dict[str, Any]:
+    return {
+        "head_lr": {"loguniform": [3e-4, 1e-2]},
+        "fine_tune_lr": {"loguniform": [1e-5, 1e-3]},
+        "fine_tune_at": {"choice": [60, 100, 130]},
+        "dropout": {"uniform": [0.1, 0.5]},
+        "batch_size": {"choice": [16, 32, 64]},
+        "rotation": {"uniform": [0.0, 0.3]},
+    }
+
+
+def _default_mutations() -> dict[str, Any]:
+    return {"head_lr": {"loguniform": [1e-4, 1e-2]}, "fine_tune_lr": {"loguniform": [1e-6, 1e-3]}}
+
+
+@dataclasses.dataclass(frozen=True)
+class TuneConfig:
+    """A hyperparameter/schedule search over ``train`` (see crackscale.tune and README "Tuning")."""
+
+    train: TrainConfig = TrainConfig()  # base training config; trials override search_space keys
+    search_space: dict[str, Any] = dataclasses.field(default_factory=_default_space)  # key → {loguniform|uniform|randint|choice: …}
+    scheduler: str = "asha"  # asha (stop weak trials early) | pbt (mutate pbt_mutations during training)
+    metric: str = "val_loss"  # val_loss | val_accuracy | val_recall
+    mode: str = "auto"  # auto (min for *loss, else max) | min | max
+    num_samples: int = 8  # trials
+    max_concurrent: int = 0  # 0 = as many trials as the cluster's CPUs/GPUs fit at once
+    grace_period: int = 2  # ASHA: epochs every trial runs before it can be stopped
+    reduction_factor: float = 2.0  # ASHA: keep the best 1/reduction_factor at each rung
+    perturbation_interval: int = 2  # PBT: epochs between exploit/explore steps
+    pbt_mutations: dict[str, Any] = dataclasses.field(default_factory=_default_mutations)  # PBT: keys it mutates
+    pbt_quantile: float = 0.25  # PBT: bottom fraction copies the top fraction
+    keep_top_k: int = 3  # checkpoints and trial models kept for the k best trials only
+    name: str = ""  # experiment name; "" → tune-<timestamp>. With --resume: continue this experiment
+    storage_path: str = "runs"  # Tune + Train storage; shared FS or s3:// for multi-node clusters
+    output: str = ""  # best model artifact URI; "" → <storage_path>/<name>/best-model
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first invalid key."""
+        _check(self.scheduler in ("asha", "pbt"), "config key 'scheduler' must be asha or pbt")
+        _check(self.metric in TUNE_METRICS, f"config key 'metric': {self.metric!r} is never reported by "
+               f"training; choose one of {', '.join(TUNE_METRICS)}")
+        _check(self.mode in ("auto", "min", "max"), "config key 'mode' must be auto, min or max")
+        _check(self.num_samples >= 1, "config key 'num_samples' must be >= 1")
+        _check(self.max_concurrent >= 0, "config key 'max_concurrent' must be >= 0 (0 = from the cluster)")
+        _check(self.grace_period >= 1, "config key 'grace_period' must be >= 1")
+        _check(self.reduction_factor > 1, "config key 'reduction_factor' must be > 1")
+        _check(self.perturbation_interval >= 1, "config key 'perturbation_interval' must be >= 1")
+        _check(0 < self.pbt_quantile <= 0.5, "config key 'pbt_quantile' must be in (0, 0.5]")
+        _check(self.keep_top_k >= 1, "config key 'keep_top_k' must be >= 1")
+        if self.scheduler == "asha":
+            _check(bool(self.search_space), "config key 'search_space' is empty: list at least one "
+                   f"key to search, e.g. head_lr: {{loguniform: [1e-4, 1e-2]}} (tunable: {', '.join(TUNABLE_KEYS)})")
+        else:
+            _check(bool(self.pbt_mutations), "config key 'pbt_mutations' is empty: PBT needs at least "
+                   "one key to mutate, e.g. head_lr: {loguniform: [1e-4, 1e-2]}")
+        for section in ("search_space", "pbt_mutations"):
+            for key, spec in getattr(self, section).items():
+                _validate_spec(self.train, f"{section}.{key}", key, spec)
+
+    def resolved_mode(self) -> str:
+        if self.mode != "auto":
+            return self.mode
+        return "min" if self.metric.endswith("loss") else "max"
+
+
+def _validate_spec(base: TrainConfig, where: str, key: str, spec: Any) -> None:
+    """A search spec is ``{kind: args}``; every value it can produce must make a valid TrainConfig."""
+    _check(key in TUNABLE_KEYS, f"config key '{where}': {key!r} cannot be searched "
+           f"(tunable keys: {', '.join(TUNABLE_KEYS)})")
+    _check(isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in SEARCH_SPECS,
+           f"config key '{where}' must be one of {{loguniform: [low, high]}}, {{uniform: [low, high]}}, "
+           f"{{randint: [low, high]}} (high excluded) or {{choice: [v1, v2, ...]}}; got {spec!r}")
+    kind, args = next(iter(spec.items()))
+    _check(isinstance(args, list) and len(args) > 0, f"config key '{where}.{kind}' must be a non-empty list")
+    if kind == "choice":
+        values = args
+    else:
+        _check(len(args) == 2 and all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args)
+               and args[0] < args[1], f"config key '{where}.{kind}' must be [low, high] numbers with low < high")
+        _check(kind != "loguniform" or args[0] > 0, f"config key '{where}.loguniform' needs low > 0")
+        _check(kind != "randint" or all(isinstance(a, int) for a in args),
+               f"config key '{where}.randint' needs integer bounds")
+        values = [args[0], args[1] - 1] if kind == "randint" else [args[0], args[1]]
+    field_tp = typing.get_type_hints(TrainConfig)[key]
+    _check(kind not in ("uniform", "loguniform") or field_tp is float,
+           f"config key '{where}': {key} is not a real number; use randint or choice")
+    for v in values:
+        try:
+            replace(base, **{key: v})
+        except ConfigError as e:
+            raise ConfigError(f"config key '{where}': value {v!r} is invalid: {e}") from None
