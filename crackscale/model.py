@@ -148,6 +148,7 @@ def metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, Any]:
         "n": n,
         "threshold": float(threshold),
         "accuracy": (tp + tn) / n if n else 0.0,
+        "accuracy_at_0.5": float(((p >= 0.5).astype(int) == y).mean()) if n else 0.0,
         "precision": tp / (tp + fp) if tp + fp else 0.0,
         "recall": tp / (tp + fn) if tp + fn else 0.0,
         "roc_auc": roc_auc(y, p),

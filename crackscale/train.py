@@ -28,7 +28,7 @@ from crackscale.config import ConfigError, TrainConfig, dump, from_dict, to_dict
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"
-WEIGHTS_FILE = "weights.h5"
+WEIGHTS_FILE = "weights.npz"
 
 
 # ---- worker side ------------------------------------------------------------------------------
@@ -90,22 +90,31 @@ class _Reporter:
                 state["es"] = {"best": float(es.best), "wait": int(es.wait)}
                 if stopping:
                     state["phase"] = "fine_tune" if phase == "head" else "done"
+                # at a phase's end Keras restores the best epoch: checkpoint those weights.
+                # Every rank reads the weights: under MWMS reading sync-on-read variables is a
+                # collective, so a chief-only read would deadlock.
+                weights = es.best_weights if (stopping and es.best_weights is not None) else None
+                weights = weights if weights is not None else self.model.get_weights()
                 metrics = {**entry, "training_iteration_global": epoch + 1}
                 if rank != 0:
                     ray.train.report(metrics, checkpoint=None)
                     return
                 with tempfile.TemporaryDirectory() as tmp:
-                    weights = es.best_weights if (self.model.stop_training and es.best_weights) else None
-                    if weights is not None:
-                        current = self.model.get_weights()
-                        self.model.set_weights(weights)
-                    self.model.save_weights(os.path.join(tmp, WEIGHTS_FILE))
-                    if weights is not None:
-                        self.model.set_weights(current)
+                    save_weights(weights, os.path.join(tmp, WEIGHTS_FILE))
                     Path(tmp, STATE_FILE).write_text(json.dumps(state))
                     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
         return Impl()
+
+
+def save_weights(weights: list[np.ndarray], path: str) -> None:
+    """A model's ``get_weights()`` list as .npz (order = the model's weight order)."""
+    np.savez(path, *weights)
+
+
+def load_weights(path: str) -> list[np.ndarray]:
+    with np.load(path) as z:
+        return [z[f"arr_{i}"] for i in range(len(z.files))]
 
 
 def _fit_phase(mdl: Any, base: Any, cfg: TrainConfig, phase: str, state: dict[str, Any],
@@ -121,12 +130,13 @@ def _fit_phase(mdl: Any, base: Any, cfg: TrainConfig, phase: str, state: dict[st
         state["phase_name"] = phase
         state["es"] = None
     state["phase_end"] = state["phase_start"] + epochs
+    # start_from_epoch counts absolute epochs: phase 2 starts after phase 1's
     es = _ResumableEarlyStopping(state.get("es"), monitor="val_loss", patience=cfg.patience,
-                                 restore_best_weights=True)
-    callbacks = [es]
-    if rank == 0:
-        callbacks.append(k.callbacks.TensorBoard(log_dir=tb_dir))
-    callbacks.append(_Reporter(state, phase, es, rank))
+                                 restore_best_weights=True,
+                                 start_from_epoch=state["phase_start"] + cfg.min_epochs)
+    # identical callbacks on every worker (Keras/MWMS practice): non-chief TensorBoard writes to
+    # a throwaway local dir; diverging callback lists can desynchronise collectives
+    callbacks = [es, k.callbacks.TensorBoard(log_dir=tb_dir), _Reporter(state, phase, es, rank)]
     log.info("phase %s: epochs %d..%d", phase, state["epoch"] + 1, state["phase_end"])
     mdl.fit(train_ds, epochs=state["phase_end"], initial_epoch=state["epoch"],
             steps_per_epoch=data.steps(n_train, cfg.batch_size), validation_data=val_ds,
@@ -149,19 +159,22 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     (tr_x, tr_y), (va_x, va_y), (te_x, te_y) = splits["train"], splits["val"], splits["test"]
 
     state: dict[str, Any] = {"phase": "head", "epoch": 0, "history": [], "es": None}
-    ckpt = ray.train.get_checkpoint()
+    # a Tune trial restored by PBT (exploit) or --resume starts a fresh Train run from this checkpoint
+    ckpt = ray.train.get_checkpoint() or config.get("initial_checkpoint")
     with strategy.scope():
         mdl, base = M.build(cfg)
         if ckpt:
             with ckpt.as_directory() as d:
                 state = json.loads(Path(d, STATE_FILE).read_text())
-                mdl.load_weights(os.path.join(d, WEIGHTS_FILE))
+                mdl.set_weights(load_weights(os.path.join(d, WEIGHTS_FILE)))
             state.setdefault("resumed_at_epochs", []).append(state["epoch"])
             log.info("resumed at epoch %d (phase %s)", state["epoch"], state["phase"])
 
-    tb_dir = config.get("tensorboard_dir") or tempfile.mkdtemp(prefix="crackscale-tb-")
+    tb_dir = tempfile.mkdtemp(prefix="crackscale-tb-")
+    # Every worker runs the same evaluations: MWMS needs identical op/variable-creation order on
+    # all workers (a chief-only predict desynchronises collectives). Only rank 0 keeps results.
     before: dict[str, Any] = state.get("before") or {}
-    if rank == 0 and not before:
+    if not before:
         before = {"val": _evaluate(mdl, va_x, va_y, cfg, 0.5)[0],
                   "test": _evaluate(mdl, te_x, te_y, cfg, 0.5)[0]}
         state["before"] = before
@@ -175,9 +188,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                            rank, tb_dir)
 
     final: dict[str, Any] = {"epochs_run": state["epoch"]}
+    val_m, _ = _evaluate(mdl, va_x, va_y, cfg)
+    test_m, test_p = _evaluate(mdl, te_x, te_y, cfg, val_m["threshold"])
+    weights = mdl.get_weights()  # on every rank (a collective under MWMS)
     if rank == 0:
-        val_m, _ = _evaluate(mdl, va_x, va_y, cfg)
-        test_m, test_p = _evaluate(mdl, te_x, te_y, cfg, val_m["threshold"])
         after = {"val": val_m, "test": test_m}
         meta = {
             "name": config["name"],
@@ -204,10 +218,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "num_replicas": strategy.num_replicas_in_sync,
         }
         plain, _ = M.build(cfg, load_weights=False)
-        plain.set_weights(mdl.get_weights())
+        plain.set_weights(weights)
         extra = tempfile.mkdtemp(prefix="crackscale-extra-")
         Path(extra, "config.yaml").write_text(dump(cfg))
         Path(extra, "manifest.csv").write_text(config["manifest_csv"])
+        # per-image test scores: reports (ROC/PR curves, misclassified grid) need nothing else
+        rows = ["uri,label,probability"] + [
+            f"{json.dumps(u)},{y},{p:.6f}" for u, y, p in zip(config["test_uris"], te_y, test_p)]
+        Path(extra, "test_predictions.csv").write_text("\n".join(rows) + "\n")
         if Path(tb_dir).is_dir():
             import shutil
 
@@ -233,11 +251,14 @@ def resolve_data(cfg: TrainConfig) -> str:
 
 def auto_workers(cfg: TrainConfig) -> tuple[int, int]:
     """(num_workers, gpus_per_worker): ``num_workers: 0`` means one worker per GPU node."""
-    if cfg.num_workers > 0:
-        return cfg.num_workers, cfg.gpus_per_worker
     import ray
 
     gpu_nodes = [n for n in ray.nodes() if n.get("Alive") and n["Resources"].get("GPU", 0) >= 1]
+    if cfg.use_gpu and not gpu_nodes:
+        # an autoscaling cluster may add GPU nodes later; a fixed one never will
+        log.warning("use_gpu: true but the cluster has no GPU node yet; waiting for the autoscaler")
+    if cfg.num_workers > 0:
+        return cfg.num_workers, cfg.gpus_per_worker
     if not cfg.use_gpu or not gpu_nodes:
         return 1, cfg.gpus_per_worker
     return len(gpu_nodes), int(min(n["Resources"]["GPU"] for n in gpu_nodes))
@@ -290,6 +311,7 @@ def prepare(cfg: TrainConfig, prepared: data.Prepared | None = None) -> dict[str
         "output": cfg.output or storage.join(run_dir(cfg), "model"),
         "manifest_hash": prepared.manifest_hash, "manifest_csv": data.manifest_csv(prepared.manifest),
         "data_stats": prepared.stats, "data_uri": data_uri,
+        "test_uris": [r["uri"] for r in prepared.manifest if r["split"] == "test"],
     }
 
 
@@ -335,7 +357,7 @@ def run(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     if result.error:
         raise result.error
     meta = artifact.read_meta(loop_config["output"], cfg.storage)
-    keys = ("accuracy", "precision", "recall", "roc_auc", "threshold", "n")
+    keys = ("accuracy", "precision", "recall", "roc_auc", "threshold", "accuracy_at_0.5", "n")
     summary = {
         "run": cfg.name,
         "artifact": loop_config["output"],

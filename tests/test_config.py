@@ -1,0 +1,71 @@
+"""Strict typed configs: unknown keys, wrong types and bad values name the key."""
+
+import pytest
+
+from crackscale.config import ConfigError, ScoreConfig, TrainConfig, dump, load
+
+
+def test_defaults_follow_the_original_script():
+    cfg = TrainConfig()
+    assert (cfg.head_lr, cfg.fine_tune_lr, cfg.fine_tune_at) == (1e-4, 1e-5, 100)
+    assert (cfg.head_epochs, cfg.fine_tune_epochs, cfg.patience, cfg.dropout) == (10, 10, 3, 0.3)
+    assert cfg.weights == "imagenet" and cfg.image_size == 160 and cfg.target_recall == 0.99
+
+
+def test_yaml_and_overrides(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("image_size: 128\nweights: none\nstorage:\n  s3_endpoint: http://127.0.0.1:9\n")
+    cfg = load(TrainConfig, str(f), ["head_epochs=3", "alpha=0.35", "use_gpu=true",
+                                      "class_names=No,Yes", "crack_class=Yes", "storage.s3_region=eu-west-1"])
+    assert cfg.image_size == 128 and cfg.head_epochs == 3 and cfg.alpha == 0.35 and cfg.use_gpu is True
+    assert cfg.class_names == ("No", "Yes") and cfg.storage.s3_endpoint == "http://127.0.0.1:9"
+    assert cfg.storage.s3_region == "eu-west-1" and cfg.weights == "none"
+    # the dump round-trips
+    g = tmp_path / "d.yaml"
+    g.write_text(dump(cfg))
+    assert load(TrainConfig, str(g)) == cfg
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("epochz=3", "unknown config key 'epochz'"),
+    ("head_epochs=three", "'head_epochs' must be an integer"),
+    ("head_lr=fast", "'head_lr' must be a number"),
+    ("use_gpu=maybe", "'use_gpu' must be true/false"),
+    ("crack_class=Crack", "'crack_class'"),
+    ("alpha=0.6", "'alpha' must be one of"),
+    ("storage.endpoint=x", "unknown config key 'storage.endpoint'"),
+    ("val_fraction=1.5", "'val_fraction'"),
+    ("noequals", "must look like key=value"),
+])
+def test_bad_overrides_name_the_key(override, needle):
+    with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(".", r"\.")):
+        load(TrainConfig, None, [override])
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load(TrainConfig, str(tmp_path / "missing.yaml"))
+    f = tmp_path / "list.yaml"
+    f.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load(TrainConfig, str(f))
+    f.write_text("head_epochs: [1, 2]\n")
+    with pytest.raises(ConfigError, match="'head_epochs' must be an integer"):
+        load(TrainConfig, str(f))
+
+
+def test_configs_are_data_not_code(tmp_path):
+    f = tmp_path / "evil.yaml"
+    f.write_text("name: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load(TrainConfig, str(f))
+    assert load(ScoreConfig, None, []).batch_size > 0
+
+
+def test_shipped_configs_load():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "jobs" / "configs"
+    for f in sorted(root.glob("*.yaml")):
+        if f.name.startswith(("train", "demo", "real")):
+            load(TrainConfig, str(f))

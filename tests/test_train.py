@@ -1,0 +1,94 @@
+"""Real Ray Train runs on synthetic data: learning with 1 and 2 workers, the artifact, S3, errors."""
+
+import json
+
+import numpy as np
+import pytest
+
+from crackscale import artifact, data, train
+from crackscale import model as M
+from conftest import small_train_config, upload_tree
+
+pytestmark = pytest.mark.slow
+
+
+def _check_learned(summary, meta):
+    # held-out test split, well above chance (0.5), and better than before training
+    # (the decision threshold favours recall, so accuracy is judged at 0.5 and threshold-free)
+    assert summary["test"]["accuracy_at_0.5"] >= 0.8, summary
+    assert summary["test"]["roc_auc"] >= 0.9, summary
+    assert summary["test"]["recall"] >= 0.9, summary
+    assert summary["test"]["roc_auc"] > summary["test_before"]["roc_auc"] or summary["test_before"]["roc_auc"] != summary["test_before"]["roc_auc"]
+    losses = [h["loss"] for h in meta["history"]]
+    assert min(losses[-3:]) < losses[0], losses
+
+
+def test_one_worker_learns_and_writes_a_self_describing_artifact(ray_local, synth_data, tmp_path):
+    cfg = small_train_config(synth_data, tmp_path, name="one")
+    summary = train.run(cfg)
+    meta = artifact.read_meta(summary["artifact"])
+    _check_learned(summary, meta)
+    # two phases ran, epochs numbered consecutively, threshold chosen for the target recall on val
+    phases = [h["phase"] for h in meta["history"]]
+    assert phases[0] == "head" and phases[-1] == "fine_tune"
+    assert [h["epoch"] for h in meta["history"]] == list(range(1, len(phases) + 1))
+    assert meta["metrics"]["after"]["val"]["recall"] >= cfg.target_recall
+    assert meta["threshold"] == meta["metrics"]["after"]["val"]["threshold"]
+    for key in ("class_names", "crack_class", "image_size", "preprocessing", "config", "manifest_hash",
+                "versions", "model_sha256", "data_stats"):
+        assert key in meta, key
+    assert meta["versions"]["ray"] == "2.60.0" and meta["config"]["image_size"] == 96
+    for cm in (meta["metrics"]["after"]["test"]["confusion_matrix"], meta["metrics"]["before"]["test"]["confusion_matrix"]):
+        assert set(cm) == {"tn", "fp", "fn", "tp"}
+    art = tmp_path / "runs" / "one" / "model"
+    assert (art / "config.yaml").is_file() and (art / "manifest.csv").is_file()
+    assert list((art / "tensorboard").rglob("events.out.tfevents*")), "TensorBoard logs missing"
+    # the artifact alone reproduces the reported test metrics
+    loaded = artifact.load(str(art))
+    prepared = data.scan(cfg, str(synth_data))
+    assert prepared.manifest_hash == meta["manifest_hash"]
+    ds = data.tf_dataset(prepared.images["test"], prepared.labels["test"], 96, 64, False, 0, False)
+    p = M.predict(loaded.model, ds)
+    m = M.metrics(np.array(prepared.labels["test"]), p, meta["threshold"])
+    assert m["accuracy"] == pytest.approx(summary["test"]["accuracy"])
+    # a run name is never silently reused
+    with pytest.raises(Exception, match="already exists"):
+        train.run(cfg)
+
+
+def test_two_workers_learn(ray_local, synth_data, tmp_path):
+    cfg = small_train_config(synth_data, tmp_path, name="two", num_workers=2)
+    summary = train.run(cfg)
+    meta = artifact.read_meta(summary["artifact"])
+    assert meta["num_workers"] == 2 and meta["num_replicas"] == 2
+    _check_learned(summary, meta)
+
+
+def test_s3_data_in_artifact_out(ray_local, s3_server, s3_bucket, synth_data, tmp_path):
+    upload_tree(s3_server, synth_data, s3_bucket, "inspections/train")
+    cfg = small_train_config(f"s3://{s3_bucket}/inspections/train", tmp_path, name="s3run",
+                             head_epochs=2, fine_tune_epochs=1, limit_per_class=60,
+                             storage_path=f"s3://{s3_bucket}/runs")
+    summary = train.run(cfg)
+    assert summary["artifact"] == f"s3://{s3_bucket}/runs/s3run/model"
+    loaded = artifact.load(summary["artifact"])
+    assert loaded.meta["config"]["data"].startswith("s3://") and loaded.meta["history"]
+    assert loaded.model.predict(np.zeros((2, 96, 96, 3), np.float32), verbose=0).shape == (2, 1)
+    import boto3
+
+    keys = [o["Key"] for o in boto3.client("s3", endpoint_url=s3_server)
+            .list_objects_v2(Bucket=s3_bucket, Prefix="runs/s3run/")["Contents"]]
+    assert any("/checkpoint_" in k for k in keys), "no checkpoints in the S3 run storage"
+    assert "runs/s3run/crackscale/manifest.csv" in keys
+
+
+def test_tampered_artifact_is_refused(ray_local, synth_data, tmp_path):
+    cfg = small_train_config(synth_data, tmp_path, name="tamper", head_epochs=1, fine_tune_epochs=0,
+                             limit_per_class=40)
+    art = tmp_path / "runs" / "tamper" / "model"
+    train.run(cfg)
+    meta = json.loads((art / "model.json").read_text())
+    meta["model_sha256"] = "0" * 64
+    (art / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(artifact.ArtifactError, match="does not match the checksum"):
+        artifact.load(str(art))

@@ -1,0 +1,108 @@
+"""jobs/train.py as users run it: ray job submit to a `ray start --head` cluster, kill + --resume,
+a 2-node cluster, and the CLI's clear errors."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import PY, ROOT, last_json, run_job
+
+pytestmark = pytest.mark.slow
+
+TINY = ["--set", "weights=none", "--set", "image_size=64", "--set", "alpha=0.35",
+        "--set", "group_size=5", "--set", "head_lr=0.002", "--set", "bn_momentum=0.7"]
+
+
+def test_ray_job_submit_to_a_ray_start_head_cluster(ray_head, synth_data, tmp_path):
+    """Exactly the README's commands: RAY_AUTH_MODE=token + RAY_API_SERVER_ADDRESS, ray job submit."""
+    runs = tmp_path / "runs"
+    cmd = [str(Path(PY).parent / "ray"), "job", "submit", "--working-dir", ".", "--",
+           "python", "jobs/train.py", "--config", "jobs/configs/demo.yaml",
+           "--set", f"data={synth_data}", "--set", f"storage_path={runs}", "--set", "name=submitted",
+           "--set", "head_epochs=2", "--set", "fine_tune_epochs=1", "--set", "limit_per_class=50", *TINY]
+    env = dict(ray_head["env"])
+    env.pop("RAY_ADDRESS")  # the README's form: RAY_API_SERVER_ADDRESS only
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    assert "succeeded" in (out.stdout + out.stderr)
+    summary = last_json(out.stdout)
+    meta = json.loads((runs / "submitted" / "model" / "model.json").read_text())
+    assert summary["artifact"].endswith("submitted/model") and len(meta["history"]) == 3
+    # without the token the same submit is refused
+    bad = dict(env, RAY_AUTH_MODE="disabled")
+    refused = subprocess.run(cmd, cwd=ROOT, env=bad, capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0
+
+
+def test_killed_run_resumes_without_redoing_epochs(synth_data, tmp_path):
+    runs = tmp_path / "runs"
+    args = ["jobs/train.py", "--config", "jobs/configs/demo.yaml", "--set", f"data={synth_data}",
+            "--set", f"storage_path={runs}", "--set", "name=killme", "--set", "head_epochs=6",
+            "--set", "fine_tune_epochs=2", "--set", "limit_per_class=60", "--set", "patience=10", *TINY]
+    proc = subprocess.Popen([PY, *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 600
+    try:
+        while time.time() < deadline and len(list((runs / "killme").glob("checkpoint_*"))) < 3:
+            assert proc.poll() is None, "training finished before it could be killed"
+            time.sleep(0.5)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
+        proc.wait()
+    assert not (runs / "killme" / "model" / "model.json").exists()
+    done = len(list((runs / "killme").glob("checkpoint_*")))
+    assert done >= 2
+    out = run_job(args + ["--resume"])
+    assert out.returncode == 0, out.stderr[-4000:]
+    summary = last_json(out.stdout)
+    meta = json.loads((runs / "killme" / "model" / "model.json").read_text())
+    assert summary["resumed_at_epochs"] and summary["resumed_at_epochs"][0] >= 2
+    epochs = [h["epoch"] for h in meta["history"]]
+    assert epochs == list(range(1, 9)), epochs  # each epoch once: nothing redone, nothing skipped
+    # resuming a finished run is refused clearly; so is a new run reusing the name
+    again = run_job(args)
+    assert again.returncode == 2 and "already exists" in again.stderr
+
+
+def test_two_node_cluster(ray_two_nodes, synth_data, tmp_path):
+    from crackscale import train
+    from conftest import small_train_config
+
+    cfg = small_train_config(synth_data, tmp_path, name="twonode", num_workers=2, cpus_per_worker=2,
+                             head_epochs=2, fine_tune_epochs=1, limit_per_class=60, image_size=64)
+    summary = train.run(cfg)
+    meta = json.loads(Path(summary["artifact"], "model.json").read_text())
+    assert meta["num_workers"] == 2 and len(meta["history"]) == 3
+    # with 2 CPUs per worker and 2 CPUs per node, the workers must sit on different nodes
+    import ray
+
+    assert len([n for n in ray.nodes() if n["Alive"]]) == 2
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--set", "bogus=1"], "unknown config key 'bogus'"),
+    (["--set", "head_epochs=x"], "'head_epochs' must be an integer"),
+    (["--set", "data=/no/such/dir"], "data path not found: /no/such/dir"),
+    (["--set", "data=s3://bucket/x", "--set", "storage.s3_endpoint=http://127.0.0.1:9"],
+     "cannot access s3://bucket/x (endpoint http://127.0.0.1:9)"),
+    (["--config", "/no/such.yaml"], "config file not found: /no/such.yaml"),
+])
+def test_cli_errors_are_one_clear_line(args, needle, tmp_path):
+    out = run_job(["-m", "crackscale.cli", "train", *args, "--set", f"storage_path={tmp_path}"], timeout=120)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert needle in out.stderr and "Traceback" not in out.stderr
+
+
+def test_empty_class_folder_error(tmp_path, synth_data):
+    import shutil
+
+    d = tmp_path / "d"
+    shutil.copytree(synth_data / "Negative", d / "Negative")
+    (d / "Positive").mkdir()
+    out = run_job(["jobs/train.py", "--set", f"data={d}", "--set", f"storage_path={tmp_path}"], timeout=120)
+    assert out.returncode == 2 and f"class folder is empty: {d}/Positive" in out.stderr
