@@ -81,10 +81,14 @@ class _Reporter:
         import ray.train
 
         class Impl(k.callbacks.Callback):
+            def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
+                self.t0 = time.perf_counter()
+
             def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
                 logs = {key: float(v) for key, v in (logs or {}).items()}
                 stopping = bool(self.model.stop_training) or epoch + 1 >= state["phase_end"]
-                entry = {"epoch": epoch + 1, "phase": phase, **logs}
+                entry = {"epoch": epoch + 1, "phase": phase, **logs,
+                         "epoch_s": round(time.perf_counter() - self.t0, 3)}
                 state["history"].append(entry)
                 state["epoch"] = epoch + 1
                 state["es"] = {"best": float(es.best), "wait": int(es.wait)}

@@ -106,3 +106,12 @@ def test_empty_class_folder_error(tmp_path, synth_data):
     (d / "Positive").mkdir()
     out = run_job(["jobs/train.py", "--set", f"data={d}", "--set", f"storage_path={tmp_path}"], timeout=120)
     assert out.returncode == 2 and f"class folder is empty: {d}/Positive" in out.stderr
+
+
+def test_benchmark_train_prints_both_rates():
+    out = run_job(["jobs/benchmark_train.py", "--epochs", "2", "--per-class", "40", "--image-size", "64"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = last_json(out.stdout)
+    assert r["plain_fit_img_s"] > 0 and r["ray_train_1_worker_img_s"] > 0
+    assert r["ray_overhead_ratio"] == pytest.approx(r["plain_fit_img_s"] / r["ray_train_1_worker_img_s"], rel=0.01)
+    assert len(r["plain_epoch_s"]) == 2 and len(r["ray_epoch_s"]) == 2
