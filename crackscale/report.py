@@ -153,7 +153,7 @@ def _learning_curves(page: _Page, meta: dict[str, Any]) -> str:
         if i == 1 and len(ph) < len(hist):
             for ax in axes:
                 ax.axvline(ph[0]["epoch"] - 0.5, color="gray", lw=1)
-            axes[0].text(ph[0]["epoch"] - 0.45, axes[0].get_ylim()[1], " fine-tune →", va="top", fontsize=8)
+            axes[0].text(ph[0]["epoch"] - 0.45, axes[0].get_ylim()[0], " fine-tune →", va="bottom", fontsize=8)
         best = min(ph, key=lambda h: h.get("val_loss", np.inf))
         axes[0].plot(best["epoch"], best.get("val_loss"), "*", ms=14, color="green",
                      label="best val_loss (weights kept)" if i == 0 else None)
@@ -169,7 +169,7 @@ def _learning_curves(page: _Page, meta: dict[str, Any]) -> str:
         f'{_e(h["phase"])}</td>' + "".join(f"<td>{_num(h.get(k))}</td>" for k in
                                            ("loss", "val_loss", "accuracy", "val_accuracy", "recall", "val_recall"))
         + "</tr>" for h in hist)
-    stops = "; ".join(notes) or "no early stop (every planned epoch ran)"
+    stops = "Early stop: " + "; ".join(notes) if notes else "No early stop (every planned epoch ran)"
     return (f"{img}<p>Gray line: head → fine-tune boundary. Red dotted: early stop. Star: the epoch "
             f"whose weights each phase kept. <span id='early-stop'>{_e(stops)}</span>.</p>"
             "<details><summary>Per-epoch values</summary><table id='history'><tr><th>epoch</th><th>phase</th>"
@@ -272,3 +272,214 @@ def training_report(artifact_uri: str, cfg: StorageConfig | None = None, max_err
             f"{_e(storage.join(artifact_uri, 'tensorboard'))}</code></p>" if tb else "<p>No TensorBoard logs.</p>"),
     )
     return page.publish(storage.join(artifact_uri, "report"), cfg)
+
+
+# ---- scoring report ---------------------------------------------------------------------------
+
+def ks_statistic(a: np.ndarray, b: np.ndarray) -> float:
+    """Two-sample Kolmogorov–Smirnov statistic: the largest gap between the two empirical CDFs."""
+    if not len(a) or not len(b):
+        return float("nan")
+    grid = np.sort(np.r_[a, b])
+    cdf = lambda x: np.searchsorted(np.sort(x), grid, side="right") / len(x)  # noqa: E731
+    return float(np.max(np.abs(cdf(a) - cdf(b))))
+
+
+def run_summary(output: str, run_id: str, cfg: StorageConfig | None = None) -> dict[str, Any]:
+    """``<output>/_runs/<run_id>.json`` written by ``crackscale score`` ({} when missing)."""
+    uri = storage.join(output, "_runs", f"{run_id}.json")
+    return json.loads(storage.read_text(uri, cfg)) if storage.exists(uri, cfg) else {}
+
+
+def latest_run(con: Any) -> str:
+    rows = con.sql("SELECT run_id FROM scores ORDER BY scored_at DESC LIMIT 1").fetchall()
+    if not rows:
+        raise storage.StorageError("no scores yet: nothing to report")
+    return rows[0][0]
+
+
+def _gallery(page: _Page, top: list[dict[str, Any]], model_uri: str, cfg: StorageConfig | None) -> str:
+    """Top images with a Grad-CAM overlay (plain thumbnails when the model cannot be loaded)."""
+    from PIL import Image, ImageOps
+
+    from crackscale import gradcam, runtime
+
+    if not top:
+        return "<p>No images scored in this run.</p>"
+    model, note = None, ""
+    try:
+        loaded = artifact.load(model_uri, cfg)
+        model, size = loaded.model, int(loaded.meta["image_size"])
+    except Exception as e:  # noqa: BLE001 - the gallery still shows the images
+        note = f"<p class='muted'>No heatmaps: model {_e(model_uri or '(unknown)')} not loadable: {_e(e)}</p>"
+    blobs: list[bytes | None] = []
+    for r in top:
+        try:
+            blobs.append(storage.read_bytes(r["uri"], cfg))
+        except storage.StorageError:
+            blobs.append(None)
+    cams: dict[int, np.ndarray] = {}
+    if model is not None:
+        sc = ScoreConfig(storage=cfg or StorageConfig())
+        inputs = {i: runtime.decode_image(b, top[i]["uri"], size, sc)[0] for i, b in enumerate(blobs) if b}
+        inputs = {i: x for i, x in inputs.items() if x is not None}
+        if inputs:
+            maps, _ = gradcam.heatmaps(model, np.stack(list(inputs.values())))
+            cams = dict(zip(inputs, maps))
+    cells = []
+    for i, (r, blob) in enumerate(zip(top, blobs)):
+        if blob is None:
+            img = "<p class='muted'>image unavailable</p>"
+        else:
+            pic = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(blob))).convert("RGB")
+                             .resize((224, 224), Image.BILINEAR))
+            data = gradcam.overlay_png(pic, cams[i], size=200) if i in cams else _thumb(blob)
+            img = page.png(f"top/{i:03d}.png", data, f"{r['uri']}")
+        cells.append(f'<figure class="top" data-uri="{_e(r["uri"])}" data-probability="'
+                     f'{r["crack_probability"]:.6f}">{img}<figcaption>#{i + 1} p={r["crack_probability"]:.4f}'
+                     f"<br>{_e(r['uri'])}</figcaption></figure>")
+    return note + f"<div class='grid'>{''.join(cells)}</div>"
+
+
+def scoring_report(output_uri: str, run_id: str, cfg: StorageConfig | None = None, top_n: int = 12,
+                   model_uri: str = "") -> str:
+    """Write ``<output>/_reports/<run_id>/index.html`` (+ PNGs) for one scoring run; returns its URI.
+
+    Everything comes from the Parquet outputs (and the run's ``_runs/<run_id>.json`` for what the
+    Parquet cannot know: listed / skipped counts, duration). Heatmaps need the model artifact:
+    ``model_uri`` or the one the run summary names.
+    """
+    from crackscale import query
+
+    con = query.connect(output_uri, cfg)
+    if run_id == "latest":
+        run_id = latest_run(con)
+    s = run_summary(output_uri, run_id, cfg)
+    q = lambda sql, *p: con.sql(sql, params=list(p) or None).fetchall()  # noqa: E731
+    (n, ok, failed, cracks, mid, night, span), = q(
+        "SELECT count(*), count(*) FILTER (WHERE error IS NULL), count(error), count(*) FILTER (WHERE crack), "
+        "any_value(model_id), any_value(run_date), epoch(max(scored_at)) - epoch(min(scored_at)) "
+        "FROM scores WHERE run_id = ?",
+        run_id)
+    if not n and not s:
+        raise storage.StorageError(f"no rows and no summary for run {run_id} under {output_uri}")
+    mid, night = mid or s.get("model_id", ""), night or s.get("run_date", "")
+    kinds = q("SELECT split_part(error, ':', 1) AS kind, count(*) FROM scores WHERE run_id = ? AND error "
+              "IS NOT NULL GROUP BY kind ORDER BY count(*) DESC, kind", run_id)
+    probs = np.array([r[0] for r in q("SELECT crack_probability FROM scores WHERE run_id = ? AND error IS NULL",
+                                      run_id)], dtype=float)
+    thr_rows = q("SELECT any_value(threshold) FROM scores WHERE run_id = ?", run_id)
+    thr = float(thr_rows[0][0]) if thr_rows and thr_rows[0][0] is not None else 0.5
+    (prev_night,), = q("SELECT max(run_date) FROM scores WHERE model_id = ? AND run_date < ?", mid, night)
+    prev = np.array([r[0] for r in q("SELECT crack_probability FROM scores WHERE model_id = ? AND run_date = ? "
+                                     "AND error IS NULL", mid, prev_night)], dtype=float) if prev_night else np.zeros(0)
+    duration = s.get("duration_s", span or 0.0)  # without a summary: first to last commit
+    share = cracks / ok if ok else float("nan")
+    page = _Page(f"Scoring report: run {run_id}")
+    counts = [("listed", s.get("listed")), ("already scored (skipped)", s.get("already_scored")),
+              ("scored", ok), ("failed", failed), ("flagged as crack", cracks)]
+    ids = ["listed", "already-scored", "scored", "failed", "flagged"]
+    page.add(
+        f"<p>Output <code>{_e(output_uri)}</code>; model <code>{_e(s.get('model_name', ''))}</code> "
+        f"(model_id <span id='model-id'>{_e(mid)}</span>), night <span id='run-date'>{_e(night)}</span>, "
+        f"runtime {_e(s.get('runtime', 'n/a'))}, threshold <span id='threshold'>{thr:.4f}</span>.</p>",
+        "<h2>Counts</h2><table>" + "".join(f"<tr><th class='l'>{k}</th>{_td(i, v)}</tr>"
+                                           for (k, v), i in zip(counts, ids))
+        + f"<tr><th class='l'>share flagged</th>{_td('flagged-share', share)}</tr>"
+        + f"<tr><th class='l'>duration (s)</th>{_td('duration-s', float(duration), 1)}</tr>"
+        + f"<tr><th class='l'>throughput (img/s)</th>{_td('throughput', s.get('throughput_img_s'), 1)}</tr>"
+        + "</table>",
+        "<h3>Failures by kind</h3>" + ("<table id='failures'>" + "".join(
+            f"<tr><th class='l'>{_e(k)}</th>{_td('failed-' + k.replace(' ', '-'), c)}</tr>" for k, c in kinds)
+            + "</table>" if kinds else "<p>None.</p>"),
+        "<h2>Crack probabilities</h2>", _histogram(page, probs, prev, thr, night, prev_night, share),
+        f"<h2>Top {top_n} most likely cracks</h2><p>Heatmap: Grad-CAM on the model's last convolutional "
+        "block, red = where the model sees the crack.</p>",
+        _gallery(page, _top_of_run(con, run_id, top_n), model_uri or s.get("model", ""), cfg),
+    )
+    return page.publish(storage.join(output_uri, "_reports", run_id), cfg)
+
+
+def _top_of_run(con: Any, run_id: str, n: int) -> list[dict[str, Any]]:
+    return con.sql("SELECT uri, crack_probability FROM scores WHERE run_id = ? AND error IS NULL "
+                   "ORDER BY crack_probability DESC, uri LIMIT ?", params=[run_id, n]).to_arrow_table().to_pylist()
+
+
+def _histogram(page: _Page, probs: np.ndarray, prev: np.ndarray, thr: float, night: str, prev_night: str | None,
+               share: float) -> str:
+    fig, ax = _figure(8, 3.4)
+    bins = np.linspace(0, 1, 21)
+    ax.hist(probs, bins=bins, alpha=0.6, label=f"this run ({night}, {len(probs)} images)", density=bool(len(prev)))
+    if len(prev):
+        ax.hist(prev, bins=bins, histtype="step", lw=2, density=True,
+                label=f"previous night ({prev_night}, {len(prev)} images)")
+    ax.axvline(thr, color="red", ls="--", label=f"threshold {thr:.3f}")
+    ax.set(xlabel="P(crack)", ylabel="density" if len(prev) else "images")
+    ax.legend(fontsize=8)
+    img = page.fig("histogram.png", fig, "histogram of crack probabilities")
+    if not len(prev):
+        return img + "<p id='no-previous'>No previous night scored by this model: nothing to compare.</p>"
+    prev_share = float((prev >= thr).mean())
+    delta, ks = share - prev_share, ks_statistic(probs, prev)
+    drift = abs(delta) >= 0.05 or ks >= 0.2
+    verdict = ("<p class='drift' id='drift-alert'><b>Drift:</b> the flagged share or the score distribution "
+               "moved noticeably since the previous night; check the input (new site, camera, lighting) "
+               "before trusting tonight's flags.</p>" if drift else "<p class='ok'>No notable drift.</p>")
+    return (img + "<table><tr><th class='l'>previous night</th><td id='previous-night'>" + _e(prev_night)
+            + f"</td></tr><tr><th class='l'>share flagged then</th>{_td('previous-flagged-share', prev_share)}</tr>"
+            + f"<tr><th class='l'>change in share flagged</th>{_td('flagged-share-delta', delta)}</tr>"
+            + f"<tr><th class='l'>mean P(crack) change</th>{_td('mean-delta', float(probs.mean() - prev.mean()) if len(probs) else None)}</tr>"
+            + f"<tr><th class='l'>KS statistic (0 same, 1 disjoint)</th>{_td('ks-statistic', ks)}</tr></table>"
+            + verdict)
+
+
+# ---- command line ---------------------------------------------------------------------------------
+
+EXAMPLE = ("examples: crackscale report --run latest --output s3://bucket/scores/\n"
+           "          crackscale report --run 20261124T010203Z-1a2b3c --output scores/ --top 24\n"
+           "          crackscale report --artifact runs/demo/model")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--run", help="scoring run id (as in <output>/_runs/), or 'latest'")
+    p.add_argument("--output", help="scores root the run wrote to (local or s3://)")
+    p.add_argument("--artifact", help="model artifact: (re)build its training report instead")
+    p.add_argument("--model", default="", help="model artifact for heatmaps (default: the one the run used)")
+    p.add_argument("--top", type=int, default=12, help="images in the top-cracks gallery (default 12)")
+    p.add_argument("--s3-endpoint", default="", help="S3-compatible endpoint (default: AWS_ENDPOINT_URL or AWS)")
+    return p
+
+
+def cmd_report(args: argparse.Namespace) -> dict[str, Any]:
+    from crackscale.config import ConfigError
+
+    cfg = StorageConfig(s3_endpoint=args.s3_endpoint or "")
+    if args.artifact:
+        return {"report": training_report(args.artifact, cfg)}
+    if not (args.run and args.output):
+        raise ConfigError("say which report: --run RUN_ID --output SCORES_ROOT, or --artifact MODEL_DIR")
+    return {"report": scoring_report(args.output, args.run, cfg, top_n=args.top, model_uri=args.model)}
+
+
+def add_cli(subparsers: Any, func: Callable[[argparse.Namespace], Any] | None = None) -> None:
+    """Register ``crackscale report``."""
+    p = subparsers.add_parser(
+        "report", help="(re)build the HTML report of a scoring run or a model artifact", epilog=EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    p.set_defaults(func=func or cmd_report)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m crackscale.report`` (same as ``crackscale report``)."""
+    from crackscale import cli
+
+    p = argparse.ArgumentParser(prog="crackscale report", description=__doc__.splitlines()[0], epilog=EXAMPLE,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    args = add_arguments(p).parse_args(argv)
+    cli.setup_logging()
+    return cli.run_guarded(cmd_report, args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

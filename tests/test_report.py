@@ -1,0 +1,228 @@
+"""Training and scoring reports from real small runs, opened in a real headless Chromium: every
+image loads, and the numbers on the page are the ones in model.json / test_predictions.csv / the
+Parquet outputs (read back independently with DuckDB)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import PY, ROOT, last_json, small_train_config, upload_tree
+from PIL import Image
+
+from crackscale import query, report, score, train
+from crackscale.config import ScoreConfig
+
+CHROMIUM = "/usr/bin/chromium"
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Debian's Chromium, installed with apt when missing (a failed install fails the tests)."""
+    if not os.path.exists(CHROMIUM):
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        for cmd in (["apt-get", "update"], ["apt-get", "install", "-y", "--no-install-recommends", "chromium"]):
+            r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+            assert r.returncode == 0, f"{' '.join(cmd)} failed:\n{r.stdout[-2000:]}{r.stderr[-2000:]}"
+    assert os.access(CHROMIUM, os.X_OK), f"{CHROMIUM} missing after apt-get install chromium"
+    return CHROMIUM
+
+
+class Page(HTMLParser):
+    """Text of every element with an id, every <img>, every <figure>'s attributes (in order)."""
+
+    def __init__(self, dom: str) -> None:
+        super().__init__()
+        self.ids: dict[str, str] = {}
+        self.imgs: list[dict] = []
+        self.figures: list[dict] = []
+        self.rows: list[dict] = []
+        self._open: list[str] = []
+        self.feed(dom)
+
+    def handle_starttag(self, tag: str, attrs: list) -> None:
+        a = dict(attrs)
+        if tag == "img":
+            self.imgs.append(a)
+        elif tag == "figure":
+            self.figures.append(a)
+        elif tag == "tr" and "data-epoch" in a:
+            self.rows.append(a)
+        if "id" in a:
+            self.ids[a["id"]] = ""
+            self._open.append(a["id"])
+
+    def handle_endtag(self, tag: str) -> None:
+        pass
+
+    def handle_data(self, data: str) -> None:
+        for i in self._open:
+            self.ids[i] += data
+        self._open = []
+
+
+def browse(chromium: str, index: Path, tmp: Path) -> tuple[Page, Path]:
+    """Open ``index`` like a user would: the DOM after load (scripts run) and a screenshot."""
+    url = index.resolve().as_uri()
+    shot = tmp / "screenshot.png"
+    r = subprocess.run([chromium, *FLAGS, f"--user-data-dir={tmp / 'ud1'}", f"--screenshot={shot}",
+                        "--window-size=1280,2000", url], capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0 and shot.is_file(), r.stderr[-2000:]
+    r = subprocess.run([chromium, *FLAGS, f"--user-data-dir={tmp / 'ud2'}", "--virtual-time-budget=10000",
+                        "--dump-dom", url], capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0 and "</html>" in r.stdout, r.stderr[-2000:]
+    return Page(r.stdout), shot
+
+
+def check_loaded(page: Page, shot: Path, n_images: int) -> None:
+    assert page.ids["broken-images"] == "0" and page.ids["image-count"] == str(n_images), page.ids
+    assert len(page.imgs) == n_images and all(not i["src"].startswith(("http", "//")) for i in page.imgs)
+    im = Image.open(shot)
+    assert im.size == (1280, 2000) and shot.stat().st_size > 30_000
+    assert np.asarray(im.convert("L"), np.float32).std() > 10  # not a blank page
+
+
+def f4(v: float) -> str:
+    return f"{v:.4f}"
+
+
+@pytest.fixture(scope="module")
+def trained(ray_local, synth_data, tmp_path_factory) -> str:
+    """A real (small) two-phase training run; returns its model artifact."""
+    cfg = small_train_config(synth_data, tmp_path_factory.mktemp("rep"), head_epochs=3, fine_tune_epochs=1,
+                             limit_per_class=50, name="rep")
+    return train.run(cfg)["artifact"]
+
+
+def test_training_report(trained, chromium, tmp_path, s3_server, s3_bucket):
+    index = report.training_report(trained)
+    assert index == str(Path(trained, "report", "index.html"))
+    meta = json.loads(Path(trained, "model.json").read_text())
+    preds = list(csv.DictReader(io.StringIO(Path(trained, "test_predictions.csv").read_text())))
+    page, shot = browse(chromium, Path(index), tmp_path)
+
+    thr = meta["threshold"]
+    fn = [r for r in preds if r["label"] == "1" and float(r["probability"]) < thr]
+    fp = [r for r in preds if r["label"] == "0" and float(r["probability"]) >= thr]
+    check_loaded(page, shot, 2 + min(24, len(fn) + len(fp)))  # curves, test plots, error thumbnails
+    m = meta["metrics"]
+    for when in ("before", "after"):
+        for split in ("val", "test"):
+            for key in ("accuracy", "precision", "recall", "roc_auc", "threshold"):
+                assert page.ids[f"{when}-{split}-{key.replace('_', '-')}"] == f4(m[when][split][key])
+    test = m["after"]["test"]
+    assert page.ids["threshold"] == f4(thr)
+    assert (page.ids["test-precision"], page.ids["test-recall"]) == (f4(test["precision"]), f4(test["recall"]))
+    for k in ("tn", "fp", "fn", "tp"):
+        assert page.ids[f"cm-{k}"] == str(test["confusion_matrix"][k])
+    # the matrix and the per-image file describe the same test split
+    cm = test["confusion_matrix"]
+    assert cm["tp"] + cm["fn"] == sum(r["label"] == "1" for r in preds) and cm["tn"] + cm["fp"] == len(preds) - (
+        cm["tp"] + cm["fn"])
+    # learning curves: one row per epoch, phases in order; early stop stated as it happened
+    hist = meta["history"]
+    assert page.ids["epochs-run"] == str(len(hist))
+    assert [(int(r["data-epoch"]), r["data-phase"]) for r in page.rows] == [(h["epoch"], h["phase"]) for h in hist]
+    stopped = any(sum(h["phase"] == ph for h in hist) < meta["config"][f"{ph}_epochs"] for ph in ("head", "fine_tune"))
+    assert page.ids["early-stop"].startswith("Early stop" if stopped else "No early stop")
+    # the error grid: false negatives first (lowest score first), then false positives
+    assert (page.ids["n-false-negatives"], page.ids["n-false-positives"]) == (str(len(fn)), str(len(fp)))
+    grid = [(f["class"], f["data-uri"], float(f["data-probability"])) for f in page.figures]
+    want = ([("fn", r["uri"], float(r["probability"])) for r in sorted(fn, key=lambda r: float(r["probability"]))]
+            + [("fp", r["uri"], float(r["probability"])) for r in sorted(fp, key=lambda r: -float(r["probability"]))])
+    assert grid == want[:24]
+    assert Path(trained, "tensorboard").is_dir() and "tensorboard --logdir" in Path(index).read_text()
+
+    # the same report for an artifact on S3 lands next to it
+    upload_tree(s3_server, Path(trained), s3_bucket, "models/rep")
+    uri = report.training_report(f"s3://{s3_bucket}/models/rep")
+    assert uri == f"s3://{s3_bucket}/models/rep/report/index.html"
+    import boto3
+
+    keys = {o["Key"] for o in boto3.client("s3", endpoint_url=s3_server).list_objects_v2(
+        Bucket=s3_bucket, Prefix="models/rep/report/")["Contents"]}
+    assert {f"models/rep/report/{n}" for n in ("index.html", "learning_curves.png", "test_curves.png")} <= keys
+    assert sum(k.endswith(".png") for k in keys) == 2 + min(24, len(fn) + len(fp))
+
+
+def night(synth_data: Path, dest: Path, neg: slice, pos: slice, bad: bool = False) -> Path:
+    dest.mkdir(parents=True)
+    for cls, sl in (("Negative", neg), ("Positive", pos)):
+        for p in sorted((synth_data / cls).glob("*.jpg"))[sl]:  # beyond the 50 per class trained on
+            shutil.copy(p, dest / f"{cls}-{p.name}")
+    if bad:
+        (dest / "empty.jpg").write_bytes(b"")
+        (dest / "notes.jpg").write_bytes(b"inspection notes, not an image")
+    return dest
+
+
+def ks(a: np.ndarray, b: np.ndarray) -> float:
+    """Kolmogorov–Smirnov statistic, brute force (independent of report.ks_statistic)."""
+    return max(abs((a <= x).mean() - (b <= x).mean()) for x in np.r_[a, b])
+
+
+def test_scoring_report(trained, synth_data, chromium, tmp_path):
+    out = str(tmp_path / "scores")
+    runs = {}
+    for date, d in (("2026-11-23", night(synth_data, tmp_path / "n1", slice(100, 115), slice(100, 105))),
+                    ("2026-11-24", night(synth_data, tmp_path / "n2", slice(120, 125), slice(120, 135), True))):
+        runs[date] = score.run(ScoreConfig(model=trained, input=str(d), output=out, batch_size=8, chunk_size=8,
+                                           runtime="tf", run_date=date))
+    s = runs["2026-11-24"]
+    assert (s["listed"], s["scored"], s["failed"]) == (22, 20, 2)
+    # regenerated from the outputs alone, as a user would
+    r = subprocess.run([PY, "-m", "crackscale.report", "--run", s["run_id"], "--output", out, "--top", "8"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    index = Path(last_json(r.stdout)["report"])
+    assert index == Path(out, "_reports", s["run_id"], "index.html")
+    page, shot = browse(chromium, index, tmp_path)
+    check_loaded(page, shot, 1 + 8)  # histogram + top 8
+
+    con = query.connect(out)
+    one = lambda q, *p: con.sql(q, params=list(p) or None).fetchall()  # noqa: E731
+    (ok, failed, flagged), = one("SELECT count(*) FILTER (WHERE error IS NULL), count(error), "
+                                 "count(*) FILTER (WHERE crack) FROM scores WHERE run_id = ?", s["run_id"])
+    assert (page.ids["scored"], page.ids["failed"], page.ids["flagged"]) == (str(ok), str(failed), str(flagged))
+    assert (page.ids["listed"], page.ids["already-scored"]) == ("22", "0")
+    assert page.ids["flagged-share"] == f4(flagged / ok)
+    assert page.ids["duration-s"] == f"{s['duration_s']:.1f}" and page.ids["throughput"] == f"{s['throughput_img_s']:.1f}"
+    kinds = dict(one("SELECT split_part(error, ':', 1), count(*) FROM scores WHERE run_id = ? AND error IS NOT NULL "
+                     "GROUP BY 1", s["run_id"]))
+    assert kinds == {"empty file": 1, "decode": 1}
+    assert all(page.ids[f"failed-{k.replace(' ', '-')}"] == str(v) for k, v in kinds.items())
+    # comparison with the previous night, recomputed here
+    p1 = np.array([v for v, in one("SELECT crack_probability FROM scores WHERE run_date = '2026-11-23' "
+                                   "AND error IS NULL")])
+    p2 = np.array([v for v, in one("SELECT crack_probability FROM scores WHERE run_id = ? AND error IS NULL",
+                                   s["run_id"])])
+    thr = float(one("SELECT any_value(threshold) FROM scores")[0][0])
+    assert page.ids["previous-night"] == "2026-11-23"
+    assert page.ids["previous-flagged-share"] == f4((p1 >= thr).mean())
+    assert page.ids["flagged-share-delta"] == f4(flagged / ok - (p1 >= thr).mean())
+    assert abs(float(page.ids["ks-statistic"]) - ks(p1, p2)) < 1e-4
+    assert ("drift-alert" in page.ids) == (abs(flagged / ok - (p1 >= thr).mean()) >= 0.05 or ks(p1, p2) >= 0.2)
+    # the gallery: this run's top 8 by P(crack), each with its URI, heatmaps drawn (model loadable)
+    top = one("SELECT uri, crack_probability FROM scores WHERE run_id = ? AND error IS NULL "
+              "ORDER BY crack_probability DESC, uri LIMIT 8", s["run_id"])
+    assert [(f["data-uri"], round(float(f["data-probability"]), 5)) for f in page.figures] == [
+        (u, round(p, 5)) for u, p in top]
+    assert "No heatmaps" not in index.read_text()
+
+    # a re-run finds everything scored: its report says so from the summary (no rows of its own)
+    again = score.run(ScoreConfig(model=trained, input=str(tmp_path / "n2"), output=out, runtime="tf",
+                                  run_date="2026-11-24"))
+    assert (again["already_scored"], again["scored"]) == (22, 0)
+    text = Path(report.scoring_report(out, again["run_id"])).read_text()
+    assert 'id="already-scored" data-value="22"' in text and 'id="scored" data-value="0"' in text
+    assert "No images scored in this run." in text
