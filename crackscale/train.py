@@ -286,6 +286,16 @@ def _storage_args(cfg: TrainConfig) -> dict[str, Any]:
     return {"storage_path": str(Path(cfg.storage_path).expanduser().absolute())}
 
 
+def absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """Local paths made absolute: Ray workers do not share the driver's working directory."""
+    def fix(v: str) -> str:
+        return v if (not v or storage.is_s3(v) or v.lower() in ("none", "imagenet")) else str(Path(v).expanduser().absolute())
+
+    return from_dict(TrainConfig, {**to_dict(cfg), "data": fix(cfg.data), "output": fix(cfg.output),
+                                   "storage_path": fix(cfg.storage_path), "synth_dir": fix(cfg.synth_dir),
+                                   "weights": fix(cfg.weights)})
+
+
 def make_trainer(cfg: TrainConfig, loop_config: dict[str, Any], run_config: Any = None) -> Any:
     """The TensorflowTrainer for ``cfg`` (shared by ``run`` and the Tune driver function)."""
     from ray.train import ScalingConfig
@@ -332,6 +342,7 @@ def run(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     if not cfg.name:
         stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         cfg = from_dict(TrainConfig, {**to_dict(cfg), "name": f"train-{stamp}"})
+    cfg = absolute_paths(cfg)
     meta_dir = storage.join(run_dir(cfg), "crackscale")
     storage.check_bucket(cfg.storage_path, cfg.storage)
     exists = storage.exists(storage.join(meta_dir, "config.yaml"), cfg.storage)
