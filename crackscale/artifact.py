@@ -90,8 +90,14 @@ class Loaded:
 def load(uri: str, cfg: StorageConfig | None = None, compile: bool = False) -> Loaded:
     """Download (if remote), verify the checksum, and load the model in Keras safe mode."""
     meta = read_meta(uri, cfg)
+    name = str(meta.get("model_file", MODEL_FILE))
+    if Path(name).name != name or not name.endswith(".keras"):
+        # only the native .keras format is checked by safe mode: legacy .h5/SavedModel loading runs
+        # a Lambda layer's bytecode even with safe_mode=True (checked with tf-keras 2.21)
+        raise ArtifactError(f"artifact {uri}: model_file {name!r} refused (only a '.keras' file inside "
+                            "the artifact directory is loaded)")
     local = storage.download_dir(uri, cfg=cfg)
-    path = local / meta.get("model_file", MODEL_FILE)
+    path = local / name
     if not path.is_file():
         raise ArtifactError(f"model file missing from artifact {uri}: {path.name}")
     digest = sha256_file(path)
@@ -102,5 +108,9 @@ def load(uri: str, cfg: StorageConfig | None = None, compile: bool = False) -> L
         )
     from crackscale.model import keras
 
-    model = keras().models.load_model(path, compile=compile, safe_mode=True)
+    try:
+        model = keras().models.load_model(path, compile=compile, safe_mode=True)
+    except (ValueError, TypeError) as e:  # Lambda layers, unknown custom objects, bad configs
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ArtifactError(f"model file of {uri} refused by Keras safe mode: {msg}") from None
     return Loaded(model=model, meta=meta, local_dir=local)

@@ -226,9 +226,10 @@ def _read(uri: str, cfg: ScoreConfig, attempts: int = 3) -> bytes | str:
                 return f.read()
         except FileNotFoundError:
             return "read: not found"
-        except Exception as e:  # permanent (denied, local I/O): this image's error row
+        except Exception as e:  # permanent (denied, invalid key, local I/O): this image's error row
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            if not is_s3(uri) or any(p in msg for p in _PERMANENT):
+            transient = isinstance(e, OSError) and not isinstance(e, PermissionError)
+            if not is_s3(uri) or not transient or any(p in msg for p in _PERMANENT):
                 return f"read: {msg}"
             if attempt + 1 == attempts:
                 raise StorageError(f"cannot read {uri} (endpoint {S3Settings.resolve(cfg.storage).describe()}) "
@@ -299,6 +300,8 @@ def decode_image(data: bytes, uri: str, image_size: int, cfg: ScoreConfig) -> tu
                 orientation = 1
     except UnidentifiedImageError:
         return None, "decode: not an image"
+    except Image.DecompressionBombError as e:  # PIL's own guard (> 2 × its MAX_IMAGE_PIXELS)
+        return None, f"too large: {_clean(e)}"
     except Exception as e:  # PIL raises many kinds on garbage headers
         return None, f"decode: {_clean(e)}"
     if fmt not in allowed:

@@ -160,3 +160,59 @@ def test_denied_job_exits_with_one_clear_line(s3_server, s3_bucket, faulty_s3, m
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("error: cannot access s3://") and "ACCESS_DENIED" in last, last
     assert s3_keys(s3_server, s3_bucket) == []
+
+
+@pytest.mark.slow
+def test_train_worker_killed_mid_epoch_continues_from_checkpoint(ray_local, synth_data, tmp_path):
+    """SIGKILL the Ray Train worker process after its first checkpoint: Train restarts the worker
+    group (FailureConfig max_failures) from the last checkpoint and the run finishes, every epoch
+    in the history once."""
+    import psutil
+
+    from crackscale import train
+
+    cfg = small_train_config(synth_data, tmp_path, name="wkill", head_epochs=5, fine_tune_epochs=0,
+                             min_epochs=0, patience=10, limit_per_class=30, image_size=64, max_failures=2)
+    me = psutil.Process(os.getpid())
+    killed: list[int] = []
+    stop = threading.Event()
+
+    def killer() -> None:  # train.run stays in the main thread (Ray Train installs signal handlers)
+        while not stop.is_set() and not killed:
+            if list((tmp_path / "runs" / "wkill").glob("checkpoint_*")):
+                for p in me.children(recursive=True):  # only this test's Ray (a child of pytest)
+                    try:
+                        if p.cmdline() and p.cmdline()[0].startswith("ray::RayTrainWorker"):
+                            p.send_signal(signal.SIGKILL)
+                            killed.append(p.pid)
+                            break
+                    except psutil.Error:
+                        continue
+            time.sleep(0.2)
+
+    th = threading.Thread(target=killer, daemon=True)
+    th.start()
+    try:
+        summary = train.run(cfg)
+    finally:
+        stop.set()
+        th.join()
+    assert killed, "no RayTrainWorker was killed mid-run: the test proved nothing"
+    result = {"summary": summary}
+    meta = json.loads(Path(result["summary"]["artifact"], "model.json").read_text())
+    assert meta["resumed_at_epochs"] and meta["resumed_at_epochs"][0] >= 1, meta["resumed_at_epochs"]
+    assert [h["epoch"] for h in meta["history"]] == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.slow
+def test_benchmark_load_job_runs(tmp_path):
+    """jobs/benchmark_load.py end to end at tiny N (the 10,000 vs 100,000 run is a manual benchmark)."""
+    r = run_job(["jobs/benchmark_load.py", "--small", "200", "--n", "600", "--chunk-size", "100",
+                 "--workdir", str(tmp_path)], timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = last_json(r.stdout)
+    for n in ("200", "600"):
+        run = out["runs"][n]
+        assert run["scored"] == int(n) and run["chunks"] == int(n) // 100
+        assert run["peak_rss_mib"]["driver"] > 50 and run["peak_rss_mib"]["worker_max"] > 50
+    assert set(out["peak_ratio_large_over_small"]) >= {"driver", "worker_max", "total"}
