@@ -339,6 +339,7 @@ class TuneConfig:
     perturbation_interval: int = 2  # PBT: epochs between exploit/explore steps
     pbt_mutations: dict[str, Any] = dataclasses.field(default_factory=_default_mutations)  # PBT: keys it mutates
     pbt_quantile: float = 0.25  # PBT: bottom fraction copies the top fraction
+    pbt_synch: bool = False  # PBT: wait for the whole population at each perturbation (needs all trials running)
     keep_top_k: int = 3  # checkpoints and trial models kept for the k best trials only
     name: str = ""  # experiment name; "" → tune-<timestamp>. With --resume: continue this experiment
     storage_path: str = "runs"  # Tune + Train storage; shared FS or s3:// for multi-node clusters

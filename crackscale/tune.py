@@ -281,14 +281,20 @@ def _prune(rows: list[dict[str, Any]], ranked: list[dict[str, Any]], cfg: TuneCo
 
 def export_best(best: dict[str, Any], cfg: TuneConfig, section: dict[str, Any], extra: dict[str, str]) -> str:
     """Copy the best trial's artifact to ``cfg.output`` with a "tune" section in model.json."""
+    import shutil
+    import tempfile
+
     out = cfg.output
-    local = storage.download_dir(best["artifact"], cfg=cfg.train.storage)
-    meta = json.loads((local / artifact.META_FILE).read_text())
-    meta["tune"] = section
-    (local / artifact.META_FILE).unlink()
-    for name, text in extra.items():
-        (local / name).write_text(text)
-    storage.upload_dir(local, out, cfg.train.storage)
+    # a copy: download_dir returns local artifacts in place, and the trial's own must stay intact
+    with tempfile.TemporaryDirectory(prefix="crackscale-best-") as tmp:
+        local = Path(tmp) / "model"
+        shutil.copytree(storage.download_dir(best["artifact"], cfg=cfg.train.storage), local)
+        meta = json.loads((local / artifact.META_FILE).read_text())
+        meta["tune"] = section
+        (local / artifact.META_FILE).unlink()
+        for name, text in extra.items():
+            (local / name).write_text(text)
+        storage.upload_dir(local, out, cfg.train.storage)
     # model.json last: an artifact without it is incomplete and refused by artifact.load()
     storage.write_text(storage.join(out, artifact.META_FILE), json.dumps(meta, indent=2, default=str),
                        cfg.train.storage)
@@ -358,13 +364,13 @@ def run(cfg: TuneConfig, resume: bool = False) -> dict[str, Any]:
                                    storage_filesystem=store.get("storage_filesystem"))
     else:
         if cfg.scheduler == "asha":
-            scheduler: Any = ASHAScheduler(time_attr="training_iteration", max_t=max_epochs(cfg) + 1,
+            scheduler: Any = ASHAScheduler(time_attr="training_iteration", max_t=max(max_epochs(cfg) + 1, cfg.grace_period),
                                            grace_period=cfg.grace_period, reduction_factor=cfg.reduction_factor)
         else:
             scheduler = PopulationBasedTraining(
                 time_attr="training_iteration", perturbation_interval=cfg.perturbation_interval,
                 hyperparam_mutations={k: _domain(v) for k, v in cfg.pbt_mutations.items()},
-                quantile_fraction=cfg.pbt_quantile, log_config=True)
+                quantile_fraction=cfg.pbt_quantile, synch=cfg.pbt_synch, log_config=True)
         space = param_space(cfg)
         # the first trial is the base config as is: the table shows what the search gained over it
         defaults = {k: getattr(base, k) for k in space}
