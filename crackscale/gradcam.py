@@ -82,7 +82,8 @@ def peak(cam: np.ndarray) -> tuple[int, int]:
 
 
 def overlay_png(image: np.ndarray, cam: np.ndarray, alpha: float = 0.45, size: int = 0) -> bytes:
-    """PNG bytes of ``image`` (H, W, 3 uint8) with ``cam`` (h, w in 0..1) as a 'jet' heatmap on top.
+    """PNG bytes of ``image`` (H, W, 3 uint8) with ``cam`` (h, w in 0..1) as a 'jet' heatmap on top,
+    ``alpha`` opaque where the map is 1 and transparent where it is 0.
 
     ``cam`` is resized to the image; ``size`` > 0 resizes the result to size × size.
     """
@@ -91,8 +92,10 @@ def overlay_png(image: np.ndarray, cam: np.ndarray, alpha: float = 0.45, size: i
 
     img = Image.fromarray(np.asarray(image, dtype=np.uint8)).convert("RGB")
     cam_img = Image.fromarray(np.uint8(np.clip(cam, 0, 1) * 255)).resize(img.size, Image.BILINEAR)
-    heat = colormaps["jet"](np.asarray(cam_img) / 255.0)[..., :3]
-    mixed = (1 - alpha) * np.asarray(img, dtype=np.float32) / 255.0 + alpha * heat
+    c = np.asarray(cam_img, dtype=np.float32)[..., None] / 255.0
+    heat = colormaps["jet"](c[..., 0])[..., :3]
+    a = alpha * c  # opacity follows the map: cold regions show the image itself, unobscured
+    mixed = (1 - a) * np.asarray(img, dtype=np.float32) / 255.0 + a * heat
     out = Image.fromarray(np.uint8(np.clip(mixed, 0, 1) * 255))
     if size:
         out = out.resize((size, size), Image.BILINEAR)

@@ -86,8 +86,11 @@ class _Page:
             f"<style>{CSS}</style></head><body><h1>{_e(self.title)}</h1>{''.join(self.parts)}"
             "<p class='muted'>Images: <span id='image-count'>?</span>, broken: "
             f"<span id='broken-images'>?</span>.</p>{CHECK_IMAGES}</body></html>")
-        if not storage.is_s3(dest) and Path(dest).is_dir():
-            shutil.rmtree(dest)  # a regenerated report replaces the old one whole
+        fs, path = storage.resolve(dest, cfg)
+        try:
+            fs.delete_dir_contents(path, missing_dir_ok=True)  # a regenerated report replaces the old one whole
+        except OSError as e:
+            raise storage.StorageError(f"cannot replace the report at {dest}: {e}") from None
         storage.upload_dir(self.dir, dest, cfg)
         shutil.rmtree(self.dir, ignore_errors=True)
         index = storage.join(dest, "index.html")
@@ -387,7 +390,7 @@ def scoring_report(output_uri: str, run_id: str, cfg: StorageConfig | None = Non
                                            for (k, v), i in zip(counts, ids))
         + f"<tr><th class='l'>share flagged</th>{_td('flagged-share', share)}</tr>"
         + f"<tr><th class='l'>duration (s)</th>{_td('duration-s', float(duration), 1)}</tr>"
-        + f"<tr><th class='l'>throughput (img/s)</th>{_td('throughput', s.get('throughput_img_s'), 1)}</tr>"
+        + f"<tr><th class='l'>throughput (img/s)</th>{_td('throughput', s.get('throughput_img_s', n / span if span else None), 1)}</tr>"
         + "</table>",
         "<h3>Failures by kind</h3>" + ("<table id='failures'>" + "".join(
             f"<tr><th class='l'>{_e(k)}</th>{_td('failed-' + k.replace(' ', '-'), c)}</tr>" for k, c in kinds)
@@ -409,12 +412,13 @@ def _histogram(page: _Page, probs: np.ndarray, prev: np.ndarray, thr: float, nig
                share: float) -> str:
     fig, ax = _figure(8, 3.4)
     bins = np.linspace(0, 1, 21)
-    ax.hist(probs, bins=bins, alpha=0.6, label=f"this run ({night}, {len(probs)} images)", density=bool(len(prev)))
-    if len(prev):
+    compare = bool(len(prev)) and bool(len(probs))  # densities: the nights differ in size
+    ax.hist(probs, bins=bins, alpha=0.6, label=f"this run ({night}, {len(probs)} images)", density=compare)
+    if compare:
         ax.hist(prev, bins=bins, histtype="step", lw=2, density=True,
                 label=f"previous night ({prev_night}, {len(prev)} images)")
     ax.axvline(thr, color="red", ls="--", label=f"threshold {thr:.3f}")
-    ax.set(xlabel="P(crack)", ylabel="density" if len(prev) else "images")
+    ax.set(xlabel="P(crack)", ylabel="density" if compare else "images")
     ax.legend(fontsize=8)
     img = page.fig("histogram.png", fig, "histogram of crack probabilities")
     if not len(prev):
@@ -431,6 +435,16 @@ def _histogram(page: _Page, probs: np.ndarray, prev: np.ndarray, thr: float, nig
             + f"<tr><th class='l'>mean P(crack) change</th>{_td('mean-delta', float(probs.mean() - prev.mean()) if len(probs) else None)}</tr>"
             + f"<tr><th class='l'>KS statistic (0 same, 1 disjoint)</th>{_td('ks-statistic', ks)}</tr></table>"
             + verdict)
+
+
+def safely(fn: Callable[..., str], *args: Any, **kwargs: Any) -> str:
+    """``fn(*args, **kwargs)``, or "" with a warning: jobs call this after their work is committed,
+    so a report that cannot be written never fails a finished training or scoring run."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as e:  # noqa: BLE001
+        log.warning("%s not written: %s", fn.__name__.replace("_", " "), e)
+        return ""
 
 
 # ---- command line ---------------------------------------------------------------------------------
