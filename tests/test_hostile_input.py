@@ -89,7 +89,7 @@ def hostile_files() -> dict[str, tuple[bytes, str]]:
 
 
 def score_cfg(**kw) -> ScoreConfig:
-    # GIF is not in the scored formats: an animated GIF must become an error row, not frame 0
+    # with .gif listed, GIF is a scored format: an animated GIF is scored on its first frame
     base = dict(extensions=EXTS, batch_size=8, chunk_size=8, runtime="tf", num_actors=1, read_threads=4)
     base.update(kw)
     return ScoreConfig(**base)
@@ -133,6 +133,8 @@ def test_hostile_folder_and_bucket_one_row_per_file(ray_local, s3_server, s3_buc
     import boto3
 
     files = hostile_files()
+    for name in ("animated.gif", "gif-named.jpg"):  # GIF is listed here: first frame scored
+        files[name] = (files[name][0], "ok")
     src = tmp_path / "in" / "night 1 ✓"
     src.mkdir(parents=True)
     for name, (blob, _) in files.items():
