@@ -61,7 +61,7 @@ def main() -> int:
     cfg = TrainConfig(data=str(src), weights="none", image_size=args.image_size, alpha=args.alpha,
                       batch_size=args.batch_size, head_epochs=args.epochs, fine_tune_epochs=0,
                       head_lr=1e-3, limit_per_class=args.per_class, storage_path=str(tmp / "runs"),
-                      name="bench", patience=args.epochs, cpus_per_worker=2)
+                      name="bench", patience=args.epochs, cpus_per_worker=2, group_size=1)
     prepared = data.scan(cfg, str(src))
     n_train = data.steps(len(prepared.images["train"]), cfg.batch_size) * cfg.batch_size
 

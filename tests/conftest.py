@@ -26,6 +26,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Jobs run by tests start their own local Ray unless a test points them at a cluster: never
+# attach to a developer's `ray start` cluster by accident.
+os.environ["RAY_ADDRESS"] = "local"
 
 
 def free_port() -> int:
@@ -78,10 +81,10 @@ def upload_tree(endpoint: str, local: Path, bucket: str, prefix: str) -> int:
 
 @pytest.fixture(scope="session")
 def synth_data(tmp_path_factory) -> Path:
-    """120 synthetic images per class (Negative/Positive), 227 px JPEGs."""
+    """150 synthetic images per class (Negative/Positive), 227 px JPEGs."""
     from crackscale import synth
 
-    return synth.generate(tmp_path_factory.mktemp("synth"), per_class=120, seed=7)
+    return synth.generate(tmp_path_factory.mktemp("synth"), per_class=150, seed=7)
 
 
 @pytest.fixture(scope="session")
@@ -135,13 +138,29 @@ def ray_head(tmp_path_factory, s3_server):
     port = free_port()
     dash = free_port()
     tmp = tmp_path_factory.mktemp("rayhead")
-    env = dict(os.environ, RAY_AUTH_MODE="token")
+    # as after `source .venv/bin/activate`: the job's `python` must be the venv's
+    env = dict(os.environ, RAY_AUTH_MODE="token",
+               PATH=f"{Path(PY).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     cmd = [str(Path(PY).parent / "ray"), "start", "--head", f"--port={port}", "--num-cpus=4",
            "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--disable-usage-stats",
-           f"--temp-dir={tmp}"]
+           f"--temp-dir={tmp}",
+           # private agent ports: other clusters on this machine may hold the defaults, and the
+           # job API then answers "No available agent to submit job"
+           f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+           f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+           f"--ray-client-server-port={free_port()}"]
     subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=180)
     client_env = dict(env, RAY_API_SERVER_ADDRESS=f"http://127.0.0.1:{dash}",
                       RAY_ADDRESS=f"http://127.0.0.1:{dash}")
+    # the job agent comes up after `ray start` returns ("No available agent to submit job"):
+    # wait until the head accepts job API calls, as a user would by retrying
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        probe = subprocess.run([str(Path(PY).parent / "ray"), "job", "submit", "--", "true"],
+                               env=client_env, capture_output=True, text=True, timeout=120)
+        if probe.returncode == 0:
+            break
+        time.sleep(2)
     try:
         yield {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dash}", "env": client_env}
     finally:
@@ -251,3 +270,215 @@ def small_train_config(data, tmp_path, **overrides):
                 fine_tune_lr=1e-4, patience=5, storage_path=str(tmp_path / "runs"), name="t")
     base.update(overrides)
     return TrainConfig(**base)
+
+
+# ---- tuning fixtures (crackscale.tune tests) ----------------------------------------------------
+
+def small_tune_config(data, tmp_path, **overrides):
+    """A TuneConfig whose trials are tiny training runs (64 px, α 0.35, 60 images per class, 1 worker)."""
+    from crackscale.config import TuneConfig, from_dict
+
+    train = dict(data=str(data), weights="none", image_size=64, alpha=0.35, group_size=5, batch_size=32,
+                 head_epochs=4, head_lr=0.002, fine_tune_epochs=1, fine_tune_lr=1e-4, bn_momentum=0.7,
+                 min_epochs=2, patience=5, limit_per_class=60)
+    train.update(overrides.pop("train", {}))
+    base = dict(train=train, scheduler="asha", num_samples=4, max_concurrent=2, grace_period=1,
+                reduction_factor=4, perturbation_interval=1, pbt_quantile=0.5, keep_top_k=2,
+                storage_path=str(tmp_path / "tune"), name="t",
+                search_space={"head_lr": {"loguniform": [1e-4, 3e-2]}, "dropout": {"uniform": [0.1, 0.5]}})
+    base.update(overrides)
+    return from_dict(TuneConfig, base)
+
+
+# ---- reliability fixtures (tests/test_faults.py, test_hostile_input.py, test_secrets.py) ---------
+
+class FaultyS3Proxy:
+    """A threaded HTTP proxy on 127.0.0.1 in front of the test S3 server that injects faults.
+
+    ``rate`` of requests (matching ``match``, a predicate on (method, path)) get a fault instead
+    of being forwarded: ``503 SlowDown`` XML, ``500 InternalError`` XML, or a TCP reset, in turn.
+    ``max_consecutive`` caps back-to-back faults on one (method, path), so a client that retries
+    (with backoff) always gets through: set it to 0 for an endpoint that never recovers. ``mode``
+    ``"deny"`` answers every request 403 AccessDenied. ``fail_first``: the first attempt of every
+    distinct (method, path) fails too, so every kind of request must be retried at least once.
+    Counters: ``faults``, ``faulted_requests`` and ``forwarded``.
+    """
+
+    ERRORS = {
+        "slowdown": (503, "SlowDown", "Please reduce your request rate."),
+        "internal": (500, "InternalError", "We encountered an internal error. Please try again."),
+        "deny": (403, "AccessDenied", "Access Denied"),
+    }
+
+    def __init__(self, upstream: str, rate: float = 0.25, max_consecutive: int = 2, seed: int = 0,
+                 match=None, mode: str = "mixed", fail_first: bool = False) -> None:
+        import http.server
+        import random
+        import threading
+
+        self.upstream = upstream.split("://", 1)[1]
+        self.rate, self.max_consecutive, self.mode = rate, max_consecutive, mode
+        self.fail_first = fail_first
+        self._seen: set[tuple[str, str]] = set()
+        self.match = match or (lambda method, path: True)
+        self.faults: dict[str, int] = {}
+        self.faulted_requests: list[tuple[str, str]] = []
+        self.forwarded = 0
+        self._rng = random.Random(seed)
+        self._streak: dict[tuple[str, str], int] = {}
+        self._lock = threading.Lock()
+        self._kinds = ["slowdown", "reset", "internal"]
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:  # quiet
+                pass
+
+            def _body(self) -> bytes:
+                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                    out = b""
+                    while True:
+                        size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                        if size == 0:
+                            while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                                pass
+                            return out
+                        out += self.rfile.read(size)
+                        self.rfile.readline()
+                n = int(self.headers.get("Content-Length") or 0)
+                return self.rfile.read(n) if n else b""
+
+            def _handle(self) -> None:
+                if self.headers.get("Expect", "").lower() == "100-continue":
+                    self.send_response_only(100)
+                    self.end_headers()
+                body = self._body()
+                kind = proxy._decide(self.command, self.path)
+                if kind == "reset":
+                    import socket
+                    import struct
+
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    self.close_connection = True
+                    self.connection.close()
+                    return
+                if kind:
+                    status, code, msg = proxy.ERRORS[kind]
+                    xml = (f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code>'
+                           f"<Message>{msg}</Message><RequestId>fault</RequestId></Error>").encode()
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(xml)))
+                    self.end_headers()
+                    if self.command != "HEAD":
+                        self.wfile.write(xml)
+                    return
+                self._forward(body)
+
+            def _forward(self, body: bytes) -> None:
+                import http.client
+
+                conn = http.client.HTTPConnection(proxy.upstream, timeout=60)
+                headers = {k: v for k, v in self.headers.items()
+                           if k.lower() not in ("expect", "transfer-encoding", "connection")}
+                if body or self.command in ("PUT", "POST"):
+                    headers["Content-Length"] = str(len(body))
+                conn.request(self.command, self.path, body=body, headers=headers)
+                resp = conn.getresponse()
+                data = resp.read()
+                conn.close()
+                self.send_response(resp.status, resp.reason)
+                for k, v in resp.getheaders():
+                    if k.lower() not in ("transfer-encoding", "connection", "content-length", "server", "date"):
+                        self.send_header(k, v)
+                length = resp.getheader("Content-Length") if self.command == "HEAD" else None
+                self.send_header("Content-Length", length or str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                with proxy._lock:
+                    proxy.forwarded += 1
+
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _handle
+
+        class Server(http.server.ThreadingHTTPServer):
+            daemon_threads = True
+
+            def handle_error(self, request, client_address) -> None:  # resets are on purpose
+                pass
+
+        self._server = Server(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def _decide(self, method: str, path: str) -> str:
+        with self._lock:
+            if self.mode == "deny":
+                kind = "deny"
+            else:
+                key = (method, path)
+                streak = self._streak.get(key, 0)
+                capped = self.max_consecutive and streak >= self.max_consecutive
+                first = self.fail_first and key not in self._seen
+                self._seen.add(key)
+                if not self.match(method, path) or capped or (not first and self._rng.random() >= self.rate):
+                    self._streak[key] = 0
+                    return ""
+                self._streak[key] = streak + 1
+                kind = self._kinds[sum(self.faults.values()) % len(self._kinds)]
+            self.faults[kind] = self.faults.get(kind, 0) + 1
+            self.faulted_requests.append((method, path))
+            return kind
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+@pytest.fixture
+def faulty_s3(s3_server):
+    """Factory of FaultyS3Proxy objects in front of the test S3 server; all closed afterwards."""
+    made = []
+
+    def make(**kwargs) -> FaultyS3Proxy:
+        made.append(FaultyS3Proxy(s3_server, **kwargs))
+        return made[-1]
+
+    yield make
+    for p in made:
+        p.close()
+
+
+def files_under(root: Path) -> list[Path]:
+    return sorted(p for p in Path(root).rglob("*") if p.is_file())
+
+
+@pytest.fixture(scope="module")
+def ray_tune_local(s3_server):
+    """Like ``ray_local`` (4 CPUs) plus a dashboard that Train V2's PlacementGroupCleaner can reach.
+
+    Tune stops trials (ASHA) and restarts them (PBT exploit) by killing their actors; Train V2 then
+    frees the trial's worker placement group from a cleaner actor that asks the state API (the
+    dashboard) whether the controller is alive. With several Ray instances on one machine it cannot
+    auto-detect which one, fails, and the placement group leaks (its CPUs stay taken). Naming the
+    dashboard in the environment the raylet and its workers inherit avoids that.
+    """
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    port = free_port()
+    old = os.environ.get("RAY_API_SERVER_ADDRESS")
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
+             dashboard_port=port, log_to_driver=True,
+             runtime_env={"env_vars": {"TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}})
+    yield ray
+    ray.shutdown()
+    if old is None:
+        os.environ.pop("RAY_API_SERVER_ADDRESS", None)
+    else:
+        os.environ["RAY_API_SERVER_ADDRESS"] = old
