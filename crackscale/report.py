@@ -338,6 +338,8 @@ def _gallery(page: _Page, top: list[dict[str, Any]], model_uri: str, cfg: Storag
                              .resize((224, 224), Image.BILINEAR))
             data = gradcam.overlay_png(pic, cams[i], size=200) if i in cams else _thumb(blob)
             img = page.png(f"top/{i:03d}.png", data, f"{r['uri']}")
+            if i in cams and not cams[i].max() > 0:
+                img += "<br><span class='muted'>empty heatmap: nothing in the image raises P(crack)</span>"
         cells.append(f'<figure class="top" data-uri="{_e(r["uri"])}" data-probability="'
                      f'{r["crack_probability"]:.6f}">{img}<figcaption>#{i + 1} p={r["crack_probability"]:.4f}'
                      f"<br>{_e(r['uri'])}</figcaption></figure>")
