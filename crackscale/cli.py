@@ -15,6 +15,11 @@ from typing import Any, Callable
 EXAMPLES = {
     "train": "crackscale train --config jobs/configs/train.yaml --set num_workers=2 --set weights=none",
     "synth": "crackscale synth --out demo/data --per-class 200",
+    "score": "crackscale score --model runs/demo/model --input s3://bucket/images/ --output s3://bucket/scores/",
+    "query": "crackscale query top --output s3://bucket/scores/ --n 20",
+    "tune": "crackscale tune --config jobs/configs/tune.yaml",
+    "report": "crackscale report --run latest --output demo/scores",
+    "doctor": "crackscale doctor",
 }
 
 
@@ -47,7 +52,20 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     from crackscale.config import TrainConfig, load
 
     cfg = load(TrainConfig, args.config, args.set)
-    return train.run(cfg, resume=args.resume)
+    summary = train.run(cfg, resume=args.resume)
+    from crackscale import report  # after training: a failed report never fails the run
+
+    summary["report"] = report.safely(report.training_report, summary["artifact"], cfg.storage)
+    return summary
+
+
+def cmd_score(args: argparse.Namespace) -> dict[str, Any]:
+    from crackscale import report, score
+
+    summary = score.cmd_score(args)
+    summary["report"] = report.safely(report.scoring_report, summary["output"], summary["run_id"],
+                                      score.config_from_args(args).storage)
+    return summary
 
 
 def cmd_synth(args: argparse.Namespace) -> dict[str, Any]:
@@ -92,13 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=227)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_synth)
-    for module in ("score", "query", "tune"):
-        try:
-            mod = __import__(f"crackscale.{module}", fromlist=["add_cli"])
-        except ImportError:
-            continue
-        if hasattr(mod, "add_cli"):
-            mod.add_cli(sub)
+    from crackscale import doctor, query, report, score, tune
+
+    score.add_cli(sub, func=cmd_score)
+    for mod in (tune, query, report, doctor):
+        mod.add_cli(sub)
     return parser
 
 

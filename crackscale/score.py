@@ -221,7 +221,10 @@ def _plan(cfg: ScoreConfig, done: np.ndarray) -> tuple[list[Any], dict[str, int]
                 "etag": [r["etag"] for r in part],
                 "mtime_ns": pa.array([r["mtime_ns"] for r in part], pa.int64())})))
 
-    for obj in list_input(cfg):
+    from tqdm import tqdm
+
+    # counts and rate while listing (no ETA: a prefix's size is unknown until listed)
+    for obj in tqdm(list_input(cfg), desc="listing", unit=" obj", mininterval=5, disable=None):
         counts["listed"] += 1
         if len(done) and _is_in(done, key_hash(obj["uri"])):
             counts["already_scored"] += 1
@@ -310,6 +313,9 @@ def _gather_and_commit(ds: Any, sizes: dict[str, int], cfg: ScoreConfig, meta: d
     seen: dict[str, set[str]] = {}
     finished: set[str] = set()
     total = sum(sizes.values())
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc="scoring", unit=" img", mininterval=5, disable=None)
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
         if "first_result_s" not in summary:  # model load, Ray start-up and listing are behind us
             summary["first_result_s"] = time.time() - t0
@@ -336,8 +342,10 @@ def _gather_and_commit(ds: Any, sizes: dict[str, int], cfg: ScoreConfig, meta: d
             summary["chunks"] += 1
             summary["runtime"] = rows["runtime"][0].as_py()
             done = summary["scored"] + summary["failed"]
+            bar.update(rows.num_rows)
             log.info("committed %s (%d rows): %d/%d images, %.1f img/s", uri, rows.num_rows,
                      done, total, done / max(time.time() - t0, 1e-9))
+    bar.close()
     if parts:
         raise RuntimeError(f"{len(parts)} chunks came back incomplete; nothing of them was committed "
                            "(re-run to score them)")

@@ -228,7 +228,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         Path(extra, "manifest.csv").write_text(config["manifest_csv"])
         # per-image test scores: reports (ROC/PR curves, misclassified grid) need nothing else
         rows = ["uri,label,probability"] + [
-            f"{json.dumps(u)},{y},{p:.6f}" for u, y, p in zip(config["test_uris"], te_y, test_p)]
+            f"{json.dumps(u)},{y},{float(p)!r}" for u, y, p in zip(config["test_uris"], te_y, test_p)]
         Path(extra, "test_predictions.csv").write_text("\n".join(rows) + "\n")
         if Path(tb_dir).is_dir():
             import shutil

@@ -19,7 +19,7 @@ def main() -> int:
     p = argparse.ArgumentParser(prog="jobs/score.py", description=__doc__.splitlines()[0])
     args = score.add_arguments(p).parse_args()
     cli.setup_logging()
-    return cli.run_guarded(score.cmd_score, args)  # ray.init(), score.run(cfg), JSON summary last
+    return cli.run_guarded(cli.cmd_score, args)  # ray.init(), score.run(cfg), report, JSON summary last
 
 
 if __name__ == "__main__":
