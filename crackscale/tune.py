@@ -389,6 +389,17 @@ def run(cfg: TuneConfig, resume: bool = False) -> dict[str, Any]:
         )
     results = tuner.fit()
     rows = _rows(results, cfg)
+    # After Ctrl-C Tune stops the running trials (in memory they read TERMINATED); the state it
+    # saved first tells which had not finished, and trials never created are missing from it.
+    saved = tune.ExperimentAnalysis(storage.join(store["storage_path"], cfg.name),
+                                    storage_filesystem=store.get("storage_filesystem")).trials
+    open_trials = {t.trial_id for t in saved if t.status not in FINISHED}
+    for r in rows:
+        if r["trial"] in open_trials and r["stop_reason"] != "completed":
+            r["stop_reason"] = "unfinished"
+    unfinished = [r["trial"] for r in rows if r["stop_reason"] == "unfinished"]
+    if not unfinished and len(saved) < cfg.num_samples:
+        unfinished = [f"{cfg.num_samples - len(saved)} not started"]
     text = table_text(rows, cfg.metric)
     log.info("results (%s, %s):\n%s", cfg.metric, mode, text)
     public = [{k: v for k, v in r.items() if k not in ("path", "filesystem")} for r in rows]
@@ -403,7 +414,6 @@ def run(cfg: TuneConfig, resume: bool = False) -> dict[str, Any]:
         "errored": sum(r["stop_reason"].startswith("error") for r in rows),
         "table": public,
     }
-    unfinished = [r["trial"] for r in rows if r["stop_reason"] == "unfinished"]
     if unfinished:
         summary.update(status="interrupted", unfinished=unfinished,
                        resume=f"run again with --resume --set name={cfg.name}",
@@ -414,8 +424,9 @@ def run(cfg: TuneConfig, resume: bool = False) -> dict[str, Any]:
         raise RuntimeError(f"no trial of '{cfg.name}' completed with metric {cfg.metric}; "
                            f"see {storage.join(meta_dir, 'results.txt')}")
     best = ranked[0]
-    # trial 0 ran the base config (points_to_evaluate; under PBT it may have been mutated since)
-    default_row = next((r for r in rows if r["trial"].endswith("_00000")), None)
+    # trial 0 ran the base config (points_to_evaluate); under PBT it may have been mutated since
+    default_row = next((r for r in rows if r["trial"].endswith("_00000")
+                        and all(getattr(base, k) == v for k, v in r["config"].items())), None)
     section = {"experiment": cfg.name, "trial": best["trial"], "metric": cfg.metric, "mode": mode,
                "value": best[cfg.metric], "config": best["config"], "scheduler": cfg.scheduler,
                "trials": len(rows),

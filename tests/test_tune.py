@@ -163,8 +163,11 @@ def test_interrupted_run_resumes_without_redoing_finished_trials(synth_data, tmp
     # interrupt once one trial has finished and another has a checkpoint but is still running
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:
-        done = {p.parent.name for p in (exp / "trial-models").glob("*/model.json")}
-        running = {p.parent.name for p in exp.glob("*_0000*/checkpoint_*")} - done
+        # finished = Tune has its final report (the one naming the artifact)
+        done = {p.parent.name for p in exp.glob("*_0000*/result.json") if '"artifact"' in p.read_text()}
+        # running = reported 1-3 of its 5 epochs (each with a checkpoint): far from its end
+        running = {p.parent.name for p in exp.glob("*_0000*/result.json")
+                   if 1 <= len(p.read_text().splitlines()) <= 3} - done
         if done and running:
             break
         time.sleep(0.5)
