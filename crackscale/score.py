@@ -51,7 +51,9 @@ def model_id(meta: dict[str, Any]) -> str:
 
 
 def key_hash(uri: str) -> bytes:
-    return hashlib.blake2b(uri.encode(), digest_size=16).digest()
+    """16-byte hash of a URI plus a 0x01 sentinel: numpy's fixed-width bytes dtype strips trailing
+    NUL bytes, so a hash ending in 0x00 would never match itself in the sorted array."""
+    return hashlib.blake2b(uri.encode(), digest_size=16).digest() + b"\x01"
 
 
 # ---- listing --------------------------------------------------------------------------------------
@@ -136,11 +138,11 @@ def committed(output: str, mid: str, cfg: StorageConfig) -> np.ndarray:
     try:
         data = ds.dataset(root, filesystem=fs, format="parquet", partitioning="hive")
     except (FileNotFoundError, pa.ArrowInvalid):
-        return np.zeros(0, dtype="S16")
+        return np.zeros(0, dtype="S17")
     except OSError as e:
         raise storage.StorageError(f"cannot read committed scores under {output}: {e}") from None
     hashes = [key_hash(u) for b in data.to_batches(columns=["uri"]) for u in b.column(0).to_pylist()]
-    return np.sort(np.array(hashes, dtype="S16")) if hashes else np.zeros(0, dtype="S16")
+    return np.sort(np.array(hashes, dtype="S17")) if hashes else np.zeros(0, dtype="S17")
 
 
 def _is_in(sorted_keys: np.ndarray, h: bytes) -> bool:

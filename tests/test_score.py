@@ -263,3 +263,18 @@ def test_manifest_in_process(ray_local, synth_data, model_artifact, tmp_path):
     assert rows[str(imgs[0])]["size"] == imgs[0].stat().st_size and rows[str(imgs[0])]["mtime"] is None
     with pytest.raises(Exception, match="config key 'output' is required"):
         score.run(ScoreConfig(model=cfg.model, input=cfg.input))
+
+
+def test_committed_key_lookup_survives_hashes_ending_in_nul():
+    """Regression: numpy's bytes dtype strips trailing NULs, which once made ~1 key in 256 look
+    unscored and get scored twice on a re-run."""
+    import numpy as np
+
+    from crackscale.score import _is_in, key_hash
+
+    uris = [f"s3://b/site/{i:06d}.jpg" for i in range(3000)]
+    hashes = [key_hash(u) for u in uris]
+    assert any(h[15] == 0 for h in hashes)  # the case that used to fail is present
+    done = np.sort(np.array(hashes, dtype="S17"))
+    assert all(_is_in(done, h) for h in hashes)
+    assert not any(_is_in(done, key_hash(f"s3://b/other/{i}.jpg")) for i in range(500))

@@ -72,7 +72,8 @@ def test_killed_run_resumes_without_redoing_epochs(synth_data, tmp_path):
     summary = last_json(out.stdout)
     meta = json.loads((runs / "killme" / "model" / "model.json").read_text())
     # restarted right after the last committed epoch: nothing committed is redone
-    assert summary["resumed_at_epochs"] == [last], (summary["resumed_at_epochs"], last)
+    # (Ray may register a checkpoint after the snapshot we read: resuming later is fine, earlier is not)
+    assert len(summary["resumed_at_epochs"]) == 1 and summary["resumed_at_epochs"][0] >= last, (summary, last)
     epochs = [h["epoch"] for h in meta["history"]]
     assert epochs == list(range(1, 9)), epochs  # each epoch once: nothing redone, nothing skipped
     # resuming a finished run is refused clearly; so is a new run reusing the name
