@@ -438,8 +438,10 @@ def run(cfg: TuneConfig, resume: bool = False) -> dict[str, Any]:
         exploits = 0
         if storage.exists(glob_uri, cfg.train.storage):
             exploits = len(storage.read_text(glob_uri, cfg.train.storage).strip().splitlines())
-        section["pbt"] = {"exploits": exploits,
-                          "schedule": pbt_schedule(experiment, best["trial"], best["config"], keys, cfg)}
+        # an exploit at the final report restores the last checkpoint and trains nothing more
+        schedule = [e for e in pbt_schedule(experiment, best["trial"], best["config"], keys, cfg)
+                    if e["from_epoch"] <= (best["epochs"] or 0)]
+        section["pbt"] = {"exploits": exploits, "schedule": schedule}
     output = export_best(best, cfg, section, {"tune_results.json": table_json, "tune_results.txt": text + "\n"})
     pruned = _prune(rows, ranked, cfg, experiment)
     summary.update(status="done", best={"trial": best["trial"], cfg.metric: best[cfg.metric],

@@ -132,7 +132,7 @@ def test_pbt_exploits_and_reports_the_schedule(ray_tune_local, synth_data, tmp_p
     assert [e["from_epoch"] for e in schedule] == sorted({e["from_epoch"] for e in schedule})
     meta = artifact.read_meta(s["artifact"])
     assert meta["tune"]["pbt"]["schedule"] == schedule
-    assert meta["tune"]["config"]["head_lr"] == pytest.approx(schedule[-1]["head_lr"])
+    assert all(e["from_epoch"] <= s["best"]["epochs"] for e in schedule)
     # an exploited trial restarted from its donor's checkpoint: its epochs keep counting
     assert {p[0] for p in policy}
     for row in s["table"]:
