@@ -20,7 +20,6 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
-from urllib.parse import urlparse
 
 EXAMPLE = ("examples: crackscale doctor\n"
            "          crackscale doctor --ray-address 10.0.0.5:6379 --bucket s3://crack-data\n"

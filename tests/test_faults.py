@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, files_under, last_json, run_job, small_train_config, upload_tree
+from conftest import last_json, run_job, small_train_config, upload_tree
 
 from crackscale import query, score, storage
 from crackscale.config import ScoreConfig, StorageConfig
