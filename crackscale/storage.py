@@ -144,10 +144,10 @@ def read_many(uris: list[str], cfg: StorageConfig | None = None, threads: int = 
     """Read many small objects concurrently (S3 latency dominates, not bandwidth)."""
     if not uris:
         return []
-    fs, _ = resolve(uris[0], cfg)
+    fs, _ = resolve(uris[0], cfg)  # one filesystem (one S3 client) for all reads
 
     def one(u: str) -> bytes:
-        _, path = resolve(u, cfg) if is_s3(u) else (fs, str(Path(u).absolute()))
+        path = u[len("s3://"):] if is_s3(u) else str(Path(u).expanduser().absolute())
         try:
             with fs.open_input_stream(path) as f:
                 return f.read()

@@ -46,14 +46,10 @@ def s3_server():
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
-    old = os.environ.get("AWS_ENDPOINT_URL")
-    os.environ["AWS_ENDPOINT_URL"] = endpoint
-    yield endpoint
+    with pytest.MonkeyPatch.context() as mp:  # session scope: no function-scoped monkeypatch
+        mp.setenv("AWS_ENDPOINT_URL", endpoint)
+        yield endpoint
     server.stop()
-    if old is None:
-        os.environ.pop("AWS_ENDPOINT_URL", None)
-    else:
-        os.environ["AWS_ENDPOINT_URL"] = old
 
 
 @pytest.fixture
@@ -471,14 +467,10 @@ def ray_tune_local(s3_server):
     if ray.is_initialized():
         ray.shutdown()
     port = free_port()
-    old = os.environ.get("RAY_API_SERVER_ADDRESS")
-    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-    ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
-             dashboard_port=port, log_to_driver=True,
-             runtime_env={"env_vars": {"TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}})
-    yield ray
-    ray.shutdown()
-    if old is None:
-        os.environ.pop("RAY_API_SERVER_ADDRESS", None)
-    else:
-        os.environ["RAY_API_SERVER_ADDRESS"] = old
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAY_API_SERVER_ADDRESS", f"http://127.0.0.1:{port}")
+        ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
+                 dashboard_port=port, log_to_driver=True,
+                 runtime_env={"env_vars": {"TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}})
+        yield ray
+        ray.shutdown()
