@@ -61,6 +61,7 @@ class TrainConfig:
     fine_tune_epochs: int = 10
     fine_tune_lr: float = 1e-5  # RMSprop
     fine_tune_at: int = 100  # base layers from this index on are trained in the fine-tune phase
+    lr_schedule: str = "constant"  # constant | cosine (per epoch within each phase, from its lr down)
     patience: int = 3  # EarlyStopping on val_loss, per phase
     min_epochs: int = 0  # per phase, EarlyStopping neither stops nor picks a best epoch before this
     target_recall: float = 0.99  # decision threshold chosen on validation for this recall
@@ -288,6 +289,7 @@ def _validate_train(self: TrainConfig) -> None:
     _check(0 <= self.dropout < 1, "config key 'dropout' must be in [0, 1)")
     _check(0 < self.target_recall <= 1, "config key 'target_recall' must be in (0, 1]")
     _check(self.num_workers >= 0, "config key 'num_workers' must be >= 0 (0 = one per GPU node)")
+    _check(self.lr_schedule in ("constant", "cosine"), "config key 'lr_schedule' must be constant or cosine")
     _check(self.min_epochs >= 0 and self.patience >= 0, "config keys 'min_epochs' and 'patience' must be >= 0")
     _check(self.freeze_base in ("auto", "true", "false"), "config key 'freeze_base' must be auto, true or false")
     _check(self.group_size >= 1, "config key 'group_size' must be >= 1")

@@ -111,6 +111,24 @@ class _Reporter:
         return Impl()
 
 
+def cosine_lr(lr0: float, i: int, n: int) -> float:
+    """Learning rate of epoch ``i`` (0-based) of an ``n``-epoch phase under cosine decay."""
+    return float(lr0 * 0.5 * (1 + np.cos(np.pi * min(max(i, 0), n) / n)))
+
+
+def make_strategy(world_size: int) -> tuple[Any, str]:
+    """MultiWorkerMirroredStrategy across workers; inside a lone worker, MirroredStrategy over its
+    GPUs, or no strategy on one device: a strategy around a single CPU replica made each training
+    step ≈ 2.5× slower here (MobileNetV2 128 px: 12.4 vs 31.4 img/s, MWMS or MirroredStrategy alike)."""
+    import tensorflow as tf
+
+    if world_size > 1:
+        return tf.distribute.MultiWorkerMirroredStrategy(), "MultiWorkerMirroredStrategy"
+    if len(tf.config.list_logical_devices("GPU")) > 1:
+        return tf.distribute.MirroredStrategy(), "MirroredStrategy"
+    return tf.distribute.get_strategy(), "default (one device)"
+
+
 def save_weights(weights: list[np.ndarray], path: str) -> None:
     """A model's ``get_weights()`` list as .npz (order = the model's weight order)."""
     np.savez(path, *weights)
@@ -141,6 +159,10 @@ def _fit_phase(mdl: Any, base: Any, cfg: TrainConfig, phase: str, state: dict[st
     # identical callbacks on every worker (Keras/MWMS practice): non-chief TensorBoard writes to
     # a throwaway local dir; diverging callback lists can desynchronise collectives
     callbacks = [es, k.callbacks.TensorBoard(log_dir=tb_dir), _Reporter(state, phase, es, rank)]
+    if cfg.lr_schedule == "cosine":  # keyed on the absolute epoch: a resumed run continues the curve
+        lr0, start = (cfg.head_lr if phase == "head" else cfg.fine_tune_lr), state["phase_start"]
+        callbacks.insert(0, k.callbacks.LearningRateScheduler(
+            lambda epoch, _lr: cosine_lr(lr0, epoch - start, epochs)))
     log.info("phase %s: epochs %d..%d", phase, state["epoch"] + 1, state["phase_end"])
     mdl.fit(train_ds, epochs=state["phase_end"], initial_epoch=state["epoch"],
             steps_per_epoch=data.steps(n_train, cfg.batch_size), validation_data=val_ds,
@@ -158,7 +180,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     rank = ctx.get_world_rank()
     for gpu in tf.config.list_physical_devices("GPU"):
         tf.config.experimental.set_memory_growth(gpu, True)
-    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    strategy, strategy_name = make_strategy(ctx.get_world_size())
     splits = ray.get(config["data"])
     (tr_x, tr_y), (va_x, va_y), (te_x, te_y) = splits["train"], splits["val"], splits["test"]
 
@@ -220,6 +242,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "resumed_at_epochs": state.get("resumed_at_epochs", []),
             "num_workers": ctx.get_world_size(),
             "num_replicas": strategy.num_replicas_in_sync,
+            "strategy": strategy_name,
         }
         plain, _ = M.build(cfg, load_weights=False)
         plain.set_weights(weights)

@@ -104,21 +104,33 @@ def ray_local(s3_server):
     ray.shutdown()
 
 
-@pytest.fixture(scope="module")
-def ray_two_nodes(s3_server):
-    """A 2-node ``ray.cluster_utils.Cluster`` (head + one worker node, 2 CPUs each)."""
+def _two_node_cluster():
+    """Head + one worker node, 2 CPUs each, with this process connected as the driver."""
     import ray
     from ray.cluster_utils import Cluster
 
     if ray.is_initialized():
         ray.shutdown()
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
-    cluster.add_node(num_cpus=2)
+    worker = cluster.add_node(num_cpus=2)
     cluster.wait_for_nodes()
     ray.init(address=cluster.address)
-    yield cluster
+    yield cluster, worker
     ray.shutdown()
     cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_two_nodes(s3_server):
+    """A 2-node ``ray.cluster_utils.Cluster`` (head + one worker node, 2 CPUs each)."""
+    for cluster, _ in _two_node_cluster():
+        yield cluster
+
+
+@pytest.fixture
+def ray_node_to_lose(s3_server):
+    """A fresh 2-node cluster whose worker node a test may remove; yields (cluster, worker node)."""
+    yield from _two_node_cluster()
 
 
 @pytest.fixture(scope="module")

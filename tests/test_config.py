@@ -35,6 +35,7 @@ def test_yaml_and_overrides(tmp_path):
     ("alpha=0.6", "'alpha' must be one of"),
     ("storage.endpoint=x", "unknown config key 'storage.endpoint'"),
     ("val_fraction=1.5", "'val_fraction'"),
+    ("lr_schedule=linear", "'lr_schedule' must be constant or cosine"),
     ("noequals", "must look like key=value"),
 ])
 def test_bad_overrides_name_the_key(override, needle):

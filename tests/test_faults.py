@@ -162,7 +162,6 @@ def test_denied_job_exits_with_one_clear_line(s3_server, s3_bucket, faulty_s3, m
     assert s3_keys(s3_server, s3_bucket) == []
 
 
-@pytest.mark.slow
 def _registered_checkpoints(run_dir: Path) -> int:
     """Checkpoints Ray Train has registered (a checkpoint dir appears before it is registered)."""
     try:
@@ -171,6 +170,7 @@ def _registered_checkpoints(run_dir: Path) -> int:
         return 0
 
 
+@pytest.mark.slow
 def test_train_worker_killed_mid_epoch_continues_from_checkpoint(ray_local, synth_data, tmp_path):
     """SIGKILL the Ray Train worker process after its second checkpoint: Train restarts the worker
     group (FailureConfig max_failures) from the last checkpoint and the run finishes, every epoch
@@ -180,7 +180,8 @@ def test_train_worker_killed_mid_epoch_continues_from_checkpoint(ray_local, synt
     from crackscale import train
 
     cfg = small_train_config(synth_data, tmp_path, name="wkill", head_epochs=6, fine_tune_epochs=0,
-                             min_epochs=0, patience=10, limit_per_class=30, image_size=64, max_failures=2)
+                             min_epochs=0, patience=10, limit_per_class=30, image_size=64, max_failures=2,
+                             lr_schedule="cosine")
     me = psutil.Process(os.getpid())
     killed: list[int] = []
     stop = threading.Event()
@@ -212,6 +213,64 @@ def test_train_worker_killed_mid_epoch_continues_from_checkpoint(ray_local, synt
     meta = json.loads(Path(result["summary"]["artifact"], "model.json").read_text())
     assert meta["resumed_at_epochs"] and meta["resumed_at_epochs"][0] >= 1, meta["resumed_at_epochs"]
     assert [h["epoch"] for h in meta["history"]] == [1, 2, 3, 4, 5, 6]
+    # the cosine schedule continued across the restart (keyed on the absolute epoch)
+    assert [h["lr"] for h in meta["history"]] == pytest.approx(
+        [train.cosine_lr(cfg.head_lr, i, 6) for i in range(6)], rel=1e-5)
+
+
+def _node_processes(node, needle: str) -> list:
+    """Processes of one ``cluster_utils`` node (children of its raylet) whose cmdline has ``needle``."""
+    import psutil
+
+    found = []
+    for info in node.all_processes.get("raylet", []):
+        for p in psutil.Process(info.process.pid).children(recursive=True):
+            try:
+                if needle in " ".join(p.cmdline()):
+                    found.append(p)
+            except psutil.Error:
+                continue
+    return found
+
+
+@pytest.mark.slow
+def test_node_removed_mid_scoring_every_image_exactly_once(ray_node_to_lose, synth_data, model_artifact,
+                                                           tmp_path):
+    """Remove the worker node of a 2-node cluster while one model actor runs on it and chunks are
+    being committed: Ray Data restarts the actor / retries the lost tasks on the head node, the run
+    completes, and every image is in the output exactly once."""
+    cluster, worker = ray_node_to_lose
+    n = stage_images(synth_data, tmp_path / "imgs", 160)
+    out = tmp_path / "scores"
+    cfg = cfg_for(model_artifact["uri"], str(tmp_path / "imgs"), str(out), "", tmp_path,
+                  num_actors=2, chunk_size=8, batch_size=4, read_threads=2,
+                  storage=StorageConfig())
+    removed: dict[str, int] = {}
+    stop = threading.Event()
+
+    def remover() -> None:
+        while not stop.is_set():
+            actors = _node_processes(worker, "Predictor")
+            committed = list(out.rglob("*.parquet"))
+            if actors and len(committed) >= 2:
+                removed.update(actors=len(actors), committed_before=len(committed))
+                cluster.remove_node(worker, allow_graceful=False)
+                return
+            time.sleep(0.05)
+
+    th = threading.Thread(target=remover, daemon=True)
+    th.start()
+    try:
+        s = score.run(cfg)
+    finally:
+        stop.set()
+        th.join()
+    assert removed, "the worker node was never removed mid-run (no actor on it / nothing committed)"
+    assert removed["committed_before"] < s["chunks"], (removed, s)  # work was still left to do
+    assert (s["listed"], s["scored"], s["failed"]) == (n, n - 1, 1), s
+    uris = query.open_scores(str(out)).to_table()["uri"].to_pylist()
+    assert len(uris) == n and len(set(uris)) == n
+    assert set(uris) == {str(p) for p in (tmp_path / "imgs").iterdir()}
 
 
 @pytest.mark.slow

@@ -38,6 +38,7 @@ def test_one_worker_learns_and_writes_a_self_describing_artifact(ray_local, synt
                 "versions", "model_sha256", "data_stats"):
         assert key in meta, key
     assert meta["versions"]["ray"] == "2.60.0" and meta["config"]["image_size"] == 96
+    assert meta["strategy"] == "default (one device)" and meta["num_replicas"] == 1
     for cm in (meta["metrics"]["after"]["test"]["confusion_matrix"], meta["metrics"]["before"]["test"]["confusion_matrix"]):
         assert set(cm) == {"tn", "fp", "fn", "tp"}
     art = tmp_path / "runs" / "one" / "model"
@@ -56,11 +57,18 @@ def test_one_worker_learns_and_writes_a_self_describing_artifact(ray_local, synt
         train.run(cfg)
 
 
+def test_cosine_lr_decays_within_a_phase():
+    lrs = [train.cosine_lr(1e-3, i, 4) for i in range(4)]
+    assert lrs[0] == pytest.approx(1e-3) and all(a > b > 0 for a, b in zip(lrs, lrs[1:]))
+    assert lrs[2] == pytest.approx(0.5e-3)
+
+
 def test_two_workers_learn(ray_local, synth_data, tmp_path):
     cfg = small_train_config(synth_data, tmp_path, name="two", num_workers=2)
     summary = train.run(cfg)
     meta = artifact.read_meta(summary["artifact"])
     assert meta["num_workers"] == 2 and meta["num_replicas"] == 2
+    assert meta["strategy"] == "MultiWorkerMirroredStrategy"
     _check_learned(summary, meta)
 
 

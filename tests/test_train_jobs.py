@@ -1,5 +1,5 @@
 """jobs/train.py as users run it: ray job submit to a `ray start --head` cluster, kill + --resume,
-a 2-node cluster, and the CLI's clear errors."""
+a 2-node cluster, and the CLI's clear errors; jobs/score.py and jobs/query.py submitted the same way."""
 
 import json
 import os
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PY, ROOT, last_json, run_job
+from conftest import PY, ROOT, last_json, run_job, upload_tree
 
 pytestmark = pytest.mark.slow
 
@@ -37,6 +37,56 @@ def test_ray_job_submit_to_a_ray_start_head_cluster(ray_head, synth_data, tmp_pa
     bad = dict(env, RAY_AUTH_MODE="disabled")
     refused = subprocess.run(cmd, cwd=ROOT, env=bad, capture_output=True, text=True, timeout=300)
     assert refused.returncode != 0
+
+
+def test_ray_job_submit_scoring_and_query_on_s3(ray_head, s3_server, s3_bucket, synth_data, model_artifact,
+                                               tmp_path):
+    """The nightly job as the README submits it: S3 images in, S3 Parquet out, on the `ray start`
+    cluster; a second submit the next night scores only the new uploads; the query job reads it."""
+    import pyarrow.dataset as pads
+
+    imgs = tmp_path / "imgs"
+    (imgs / "site-a").mkdir(parents=True)
+    for p in sorted((synth_data / "Positive").glob("*.jpg"))[:6] + sorted((synth_data / "Negative").glob("*.jpg"))[:6]:
+        (imgs / "site-a" / p.name).write_bytes(p.read_bytes())
+    upload_tree(s3_server, imgs, s3_bucket, "inspections")
+    ray = str(Path(PY).parent / "ray")
+    env = dict(ray_head["env"])
+    env.pop("RAY_ADDRESS")
+    out = f"s3://{s3_bucket}/scores/"
+
+    def submit(*args: str) -> dict:
+        cmd = [ray, "job", "submit", "--working-dir", ".", "--", "python", *args]
+        r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0 and "succeeded" in r.stdout + r.stderr, r.stdout[-4000:] + r.stderr[-4000:]
+        return r
+
+    score = ["jobs/score.py", "--model", model_artifact["uri"], "--input", f"s3://{s3_bucket}/inspections/",
+             "--output", out, "--set", "chunk_size=5", "--set", "batch_size=4", "--set", "num_actors=1",
+             "--set", f"cache_dir={tmp_path / 'cache'}"]
+    s1 = last_json(submit(*score).stdout)
+    assert (s1["listed"], s1["scored"], s1["failed"]) == (12, 12, 0), s1
+    # the next night: two new uploads
+    new = sorted((synth_data / "Positive").glob("*.jpg"))[10:12]
+    for p in new:
+        (imgs / "site-b").mkdir(exist_ok=True)
+        (imgs / "site-b" / p.name).write_bytes(p.read_bytes())
+    upload_tree(s3_server, imgs / "site-b", s3_bucket, "inspections/site-b")
+    s2 = last_json(submit(*score).stdout)
+    assert (s2["listed"], s2["already_scored"], s2["scored"]) == (14, 12, 2), s2
+    t = pads.dataset(out.replace("s3://", ""), filesystem=_s3fs(s3_server), format="parquet",
+                     exclude_invalid_files=True).to_table(columns=["uri"])
+    assert t.num_rows == 14 and len(set(t["uri"].to_pylist())) == 14
+    q = submit("jobs/query.py", "--output", out, "counts", "--by", "prefix", "--format", "json")
+    lines = q.stdout.splitlines()  # the JSON list: from a line "[" to a line "]"
+    rows = json.loads("\n".join(lines[lines.index("["): len(lines) - lines[::-1].index("]")]))
+    assert {r["prefix"].rstrip("/").rsplit("/", 1)[-1]: r["images"] for r in rows} == {"site-a": 12, "site-b": 2}, rows
+
+
+def _s3fs(endpoint: str):
+    import pyarrow.fs as pafs
+
+    return pafs.S3FileSystem(endpoint_override=endpoint, scheme="http", region="us-east-1")
 
 
 def test_killed_run_resumes_without_redoing_epochs(synth_data, tmp_path):
