@@ -48,7 +48,7 @@ def test_ray_job_submit_scoring_and_query_on_s3(ray_head, s3_server, s3_bucket, 
     imgs = tmp_path / "imgs"
     (imgs / "site-a").mkdir(parents=True)
     for p in sorted((synth_data / "Positive").glob("*.jpg"))[:6] + sorted((synth_data / "Negative").glob("*.jpg"))[:6]:
-        (imgs / "site-a" / p.name).write_bytes(p.read_bytes())
+        (imgs / "site-a" / f"{p.parent.name}-{p.name}").write_bytes(p.read_bytes())
     upload_tree(s3_server, imgs, s3_bucket, "inspections")
     ray = str(Path(PY).parent / "ray")
     env = dict(ray_head["env"])
