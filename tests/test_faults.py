@@ -162,6 +162,18 @@ def test_denied_job_exits_with_one_clear_line(s3_server, s3_bucket, faulty_s3, m
     assert s3_keys(s3_server, s3_bucket) == []
 
 
+def _run_watched(main, watcher, stop: threading.Event):
+    """``main()`` in this thread (Ray Train installs signal handlers) while ``watcher`` polls in
+    another and injects the fault; the watcher is stopped and joined whatever happens."""
+    th = threading.Thread(target=watcher, daemon=True)
+    th.start()
+    try:
+        return main()
+    finally:
+        stop.set()
+        th.join()
+
+
 def _registered_checkpoints(run_dir: Path) -> int:
     """Checkpoints Ray Train has registered (a checkpoint dir appears before it is registered)."""
     try:
@@ -186,7 +198,7 @@ def test_train_worker_killed_mid_epoch_continues_from_checkpoint(ray_local, synt
     killed: list[int] = []
     stop = threading.Event()
 
-    def killer() -> None:  # train.run stays in the main thread (Ray Train installs signal handlers)
+    def killer() -> None:
         while not stop.is_set() and not killed:
             # 2 on disk: the first is surely registered by the Train controller (the newest
             # may still be in flight when the worker dies)
@@ -201,13 +213,7 @@ def test_train_worker_killed_mid_epoch_continues_from_checkpoint(ray_local, synt
                         continue
             time.sleep(0.2)
 
-    th = threading.Thread(target=killer, daemon=True)
-    th.start()
-    try:
-        summary = train.run(cfg)
-    finally:
-        stop.set()
-        th.join()
+    summary = _run_watched(lambda: train.run(cfg), killer, stop)
     assert killed, "no RayTrainWorker was killed mid-run: the test proved nothing"
     result = {"summary": summary}
     meta = json.loads(Path(result["summary"]["artifact"], "model.json").read_text())
@@ -262,13 +268,7 @@ def test_node_removed_mid_scoring_every_image_exactly_once(ray_node_to_lose, syn
                 return
             time.sleep(0.05)
 
-    th = threading.Thread(target=remover, daemon=True)
-    th.start()
-    try:
-        s = score.run(cfg)
-    finally:
-        stop.set()
-        th.join()
+    s = _run_watched(lambda: score.run(cfg), remover, stop)
     assert removed, "the worker node was never removed mid-run (no actor on it / nothing committed)"
     assert removed["committed_before"] < s["chunks"], (removed, s)  # work was still left to do
     assert (s["listed"], s["scored"], s["failed"]) == (n, n - 1, 1), s
