@@ -100,6 +100,7 @@ class ScoreConfig:
     threads: int = 0  # inference threads per actor; 0 = all cores of the actor's node
     decode_cpus: float = 0.5  # Ray CPUs per read+decode task (single-threaded; 0.5 overlaps I/O and decode)
     read_threads: int = 16  # concurrent object reads per decode task (S3 latency, not bandwidth)
+    max_attempts: int = 3  # pipeline attempts: after a lost actor/node the uncommitted chunks run again
     max_pixels: int = 50_000_000  # larger images are refused (decompression-bomb guard)
     run_date: str = ""  # YYYY-MM-DD output partition; "" = today (UTC)
     cache_dir: str = ""  # LiteRT export cache (keyed by model SHA-256); "" = <tmp>/crackscale-cache
@@ -116,6 +117,7 @@ class ScoreConfig:
         _check(self.actor_cpus >= 0 and self.decode_cpus > 0, "actor_cpus must be >= 0 and decode_cpus > 0")
         _check(self.threads >= 0, "config key 'threads' must be >= 0")
         _check(self.read_threads >= 1, "config key 'read_threads' must be >= 1")
+        _check(self.max_attempts >= 1, "config key 'max_attempts' must be >= 1")
         _check(self.max_pixels > 0, "config key 'max_pixels' must be positive")
         _check(self.parity_tolerance > 0, "config key 'parity_tolerance' must be positive")
         _check(all(e.startswith(".") for e in self.extensions),

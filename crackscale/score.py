@@ -6,7 +6,9 @@ the rest into deterministic chunks and put them in the object store. Ray Data: r
 CPU tasks (an error row per bad file, never a failed block), predict in actors that load the model
 once. Driver again: gather each chunk's result rows and commit the chunk as ONE Parquet file,
 written atomically (local: staging file + rename; S3: one PUT), named by a hash of its keys.
-A killed run leaves only whole files; the re-run skips what they hold. See README "Scoring".
+A killed run leaves only whole files; the re-run skips what they hold. Within a run, a lost model
+actor or node fails the attempt (actors are not restarted in place), and up to ``max_attempts``
+attempts re-run the uncommitted chunks on what remains of the cluster. See README "Scoring".
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import logging
 import os
 import time
 import uuid
+import warnings
 from collections.abc import Iterator
 from typing import Any, Callable
 
@@ -202,11 +205,14 @@ def _rows_table(t: pa.Table, meta: dict[str, Any], run_id: str) -> pa.Table:
 
 # ---- Ray Data stages -------------------------------------------------------------------------------
 
-def _plan(cfg: ScoreConfig, done: np.ndarray) -> tuple[list[Any], dict[str, int], dict[str, int]]:
-    """Pending keys → object-store blocks tagged with a chunk id; (refs, chunk sizes, counts)."""
+def _plan(cfg: ScoreConfig, done: np.ndarray) -> tuple[list[tuple[str, Any]], dict[str, int], dict[str, int]]:
+    """Pending keys → object-store blocks tagged with a chunk id; ([(chunk, ref)], chunk sizes, counts).
+
+    The blocks are owned by the driver, so a later attempt can re-run the chunks an earlier one did
+    not commit without listing the input again."""
     import ray
 
-    refs: list[Any] = []
+    refs: list[tuple[str, Any]] = []
     sizes: dict[str, int] = {}
     counts = {"listed": 0, "already_scored": 0}
     block_rows = max(cfg.batch_size * 4, 256)
@@ -217,11 +223,11 @@ def _plan(cfg: ScoreConfig, done: np.ndarray) -> tuple[list[Any], dict[str, int]
         sizes[cid] = len(rows)
         for i in range(0, len(rows), block_rows):
             part = rows[i: i + block_rows]
-            refs.append(ray.put(pa.table({
+            refs.append((cid, ray.put(pa.table({
                 "uri": [r["uri"] for r in part], "chunk": [cid] * len(part),
                 "size": pa.array([r["size"] for r in part], pa.int64()),
                 "etag": [r["etag"] for r in part],
-                "mtime_ns": pa.array([r["mtime_ns"] for r in part], pa.int64())})))
+                "mtime_ns": pa.array([r["mtime_ns"] for r in part], pa.int64())}))))
 
     from tqdm import tqdm
 
@@ -242,26 +248,99 @@ def _plan(cfg: ScoreConfig, done: np.ndarray) -> tuple[list[Any], dict[str, int]
     return refs, sizes, counts
 
 
-def _default_actors(cfg: ScoreConfig) -> int:
+def _default_actors(cfg: ScoreConfig, shrunk: bool = False) -> int:
+    """Model actors for an attempt: ``num_actors``, or one per GPU / per CPU node.
+
+    ``shrunk`` (an attempt after part of the cluster was lost): at most as many as the nodes left
+    can hold with room for one decode task besides. More would take every CPU, and the pool would
+    then wait forever for decoded images that no CPU is left to produce. (A first attempt is not
+    capped: asking for more actors than fit is how a user makes an autoscaling cluster grow.)
+    """
     import ray
 
-    if cfg.num_actors:
-        return cfg.num_actors
-    if cfg.use_gpu:
-        gpus = int(ray.cluster_resources().get("GPU", 0))
-        if gpus < 1:
-            raise ConfigError("config key 'use_gpu' is true but the Ray cluster has no GPUs")
-        return gpus
-    return max(1, sum(1 for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) > 0))
+    alive = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    gpus = int(sum(r.get("GPU", 0) for r in alive))
+    if cfg.use_gpu and gpus < 1 and not cfg.num_actors:
+        raise ConfigError("config key 'use_gpu' is true but the Ray cluster has no GPUs")
+    want = cfg.num_actors or (gpus if cfg.use_gpu else max(1, sum(1 for r in alive if r.get("CPU", 0) > 0)))
+    if not shrunk:
+        return want
+    cpus = sum(r.get("CPU", 0) for r in alive)
+    fit = int((cpus - cfg.decode_cpus) // cfg.actor_cpus) if cfg.actor_cpus > 0 else want
+    fit = min(fit, gpus) if cfg.use_gpu else fit
+    if fit < want:
+        log.warning("the remaining cluster (%g CPUs, %d GPUs) holds %d model actors beside a decode task, "
+                    "not %d: using %d", cpus, gpus, max(fit, 1), want, max(fit, 1))
+    return max(1, min(want, fit))
 
 
-def run(cfg: ScoreConfig) -> dict[str, Any]:
-    """Score every not-yet-scored image of ``cfg.input`` with ``cfg.model``; returns the summary."""
+class IncompleteChunks(RuntimeError):
+    """Rows of some chunks never came back (nothing of those chunks was committed)."""
+
+
+def _causes(e: BaseException) -> list[BaseException]:
+    """``e`` and everything in its cause chain (Ray wraps task errors in RayTaskError.cause)."""
+    out: list[BaseException] = []
+    stack: list[BaseException | None] = [e]
+    while stack:
+        x = stack.pop()
+        if x is None or any(x is y for y in out):
+            continue
+        out.append(x)
+        stack += [x.__cause__, x.__context__, getattr(x, "cause", None)]
+    return out
+
+
+def _system_failure(e: BaseException) -> bool:
+    """A lost actor, worker, node or object (not a bug in our code, not bad input)."""
+    from ray import exceptions as rx
+
+    lost = (rx.RayActorError, rx.ActorUnavailableError, rx.ObjectLostError, rx.WorkerCrashedError,
+            rx.NodeDiedError, rx.RaySystemError, IncompleteChunks)
+    return any(isinstance(x, lost) for x in _causes(e))
+
+
+def _await_dead(e: BaseException, timeout_s: float = 120.0) -> None:
+    """Wait until the cluster has declared the actors named in ``e`` dead (with their node, when it
+    went away: a lost node is noticed only after some missed health checks), so that the next
+    attempt's pool is sized to the nodes that really remain."""
+    from ray import exceptions as rx
+    from ray._private import state  # the GCS actor table (works without a dashboard)
+
+    ids = {x.actor_id for x in _causes(e) if isinstance(x, rx.RayActorError) and x.actor_id}
+    deadline = time.monotonic() + timeout_s
+    while ids and time.monotonic() < deadline:
+        ids = {i for i in ids if state.actors(actor_id=i).get("State") != "DEAD"}
+        if ids:
+            time.sleep(1)
+    if ids:
+        log.warning("actors %s not declared dead after %.0f s; starting the next attempt anyway",
+                    sorted(ids), timeout_s)
+
+
+def _pipeline(refs: list[Any], cfg: ScoreConfig, meta: dict[str, Any], shrunk: bool) -> Any:
+    """Blocks of keys → read + decode tasks → model actors (sized to the cluster as it is now)."""
     import ray
     from ray.data import ActorPoolStrategy
 
     from crackscale.runtime import Predictor, decode_batch
 
+    n_actors = _default_actors(cfg, shrunk)
+    # max_restarts=0: a model actor lost with its node is not restarted in place. Restarted on a
+    # surviving node it can take the CPUs that re-running the lost decode outputs needs, and the
+    # pipeline then waits forever; instead the attempt fails and run() starts a new one.
+    ds = ray.data.from_arrow_refs(refs).map_batches(
+        decode_batch, batch_size=cfg.batch_size, num_cpus=cfg.decode_cpus,
+        fn_kwargs={"image_size": int(meta["image_size"]), "cfg": cfg})
+    with warnings.catch_warnings():  # max_restarts has no named parameter yet (Ray 2.60)
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*is deprecated")
+        return ds.map_batches(Predictor, batch_size=cfg.batch_size, fn_constructor_kwargs={"cfg": cfg},
+                              compute=ActorPoolStrategy(size=n_actors), num_cpus=cfg.actor_cpus,
+                              num_gpus=1 if cfg.use_gpu else 0, max_restarts=0)
+
+
+def run(cfg: ScoreConfig) -> dict[str, Any]:
+    """Score every not-yet-scored image of ``cfg.input`` with ``cfg.model``; returns the summary."""
     for key in ("model", "input", "output"):
         if not getattr(cfg, key):
             raise ConfigError(f"config key '{key}' is required (--set {key}=URI)")
@@ -281,17 +360,21 @@ def run(cfg: ScoreConfig) -> dict[str, Any]:
     summary: dict[str, Any] = {
         "run_id": run_id, "model_id": mid, "model_name": meta.get("name"), "model": cfg.model,
         "input": cfg.input, "output": cfg.output, "run_date": run_date, **counts,
-        "scored": 0, "failed": 0, "chunks": 0, "runtime": None,
+        "scored": 0, "failed": 0, "chunks": 0, "runtime": None, "attempts": 0,
     }
-    if refs:
-        n_actors = _default_actors(cfg)
-        ds = (ray.data.from_arrow_refs(refs)
-              .map_batches(decode_batch, batch_size=cfg.batch_size, num_cpus=cfg.decode_cpus,
-                           fn_kwargs={"image_size": int(meta["image_size"]), "cfg": cfg})
-              .map_batches(Predictor, batch_size=cfg.batch_size, fn_constructor_kwargs={"cfg": cfg},
-                           compute=ActorPoolStrategy(size=n_actors), num_cpus=cfg.actor_cpus,
-                           num_gpus=1 if cfg.use_gpu else 0))
-        _gather_and_commit(ds, sizes, cfg, meta, mid, run_id, run_date, summary, t0)
+    finished: set[str] = set()  # chunks committed by this run
+    while todo := [ref for cid, ref in refs if cid not in finished]:
+        summary["attempts"] += 1
+        try:
+            _gather_and_commit(_pipeline(todo, cfg, meta, shrunk=summary["attempts"] > 1), sizes, finished, cfg, meta, mid, run_id,
+                               run_date, summary, t0)
+        except Exception as e:
+            if summary["attempts"] >= cfg.max_attempts or not _system_failure(e):
+                raise
+            log.warning("attempt %d lost part of the cluster (%s: %s); re-running the %d uncommitted "
+                        "chunks on the nodes that remain", summary["attempts"], type(e).__name__,
+                        str(e).splitlines()[0][:300] if str(e) else "", len(sizes) - len(finished))
+            _await_dead(e)
     elapsed = time.time() - t0
     n = summary["scored"] + summary["failed"]
     summary.update(duration_s=round(elapsed, 2), throughput_img_s=round(n / elapsed, 1))
@@ -305,52 +388,56 @@ def run(cfg: ScoreConfig) -> dict[str, Any]:
     return summary
 
 
-def _gather_and_commit(ds: Any, sizes: dict[str, int], cfg: ScoreConfig, meta: dict[str, Any],
-                       mid: str, run_id: str, run_date: str, summary: dict[str, Any], t0: float) -> None:
+def _gather_and_commit(ds: Any, sizes: dict[str, int], finished: set[str], cfg: ScoreConfig,
+                       meta: dict[str, Any], mid: str, run_id: str, run_date: str, summary: dict[str, Any],
+                       t0: float) -> None:
     """Buffer result rows per chunk (de-duplicated by URI: retried tasks may repeat rows) and
-    commit each chunk as soon as all its keys are in."""
+    commit each chunk as soon as all its keys are in; committed chunks are added to ``finished``."""
     import pyarrow.compute as pc
 
     parts: dict[str, list[pa.Table]] = {}
     seen: dict[str, set[str]] = {}
-    finished: set[str] = set()
     total = sum(sizes.values())
     from tqdm import tqdm
 
-    bar = tqdm(total=total, desc="scoring", unit=" img", mininterval=5, disable=None)
-    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-        if "first_result_s" not in summary:  # model load, Ray start-up and listing are behind us
-            summary["first_result_s"] = time.time() - t0
-        for cid in pc.unique(batch["chunk"]).to_pylist():
-            if cid in finished:  # a late duplicate from a retried task
-                continue
-            sub = batch.filter(pc.equal(batch["chunk"], cid))
-            keys = seen.setdefault(cid, set())
-            mask = [u not in keys for u in sub["uri"].to_pylist()]
-            sub = sub.filter(pa.array(mask, pa.bool_()))
-            if not sub.num_rows:
-                continue
-            keys.update(sub["uri"].to_pylist())
-            parts.setdefault(cid, []).append(sub)
-            if len(keys) < sizes[cid]:
-                continue
-            rows = _rows_table(pa.concat_tables(parts.pop(cid)), meta, run_id)
-            uri = commit_chunk(rows, cfg.output, mid, run_date, cfg.storage)
-            del seen[cid]
-            finished.add(cid)
-            ok = rows["error"].null_count
-            summary["scored"] += ok
-            summary["failed"] += rows.num_rows - ok
-            summary["chunks"] += 1
-            summary["runtime"] = rows["runtime"][0].as_py()
-            done = summary["scored"] + summary["failed"]
-            bar.update(rows.num_rows)
-            log.info("committed %s (%d rows): %d/%d images, %.1f img/s", uri, rows.num_rows,
-                     done, total, done / max(time.time() - t0, 1e-9))
-    bar.close()
+    bar = tqdm(total=total, initial=summary["scored"] + summary["failed"], desc="scoring", unit=" img",
+               mininterval=5, disable=None)
+    batches = iter(ds.iter_batches(batch_format="pyarrow", batch_size=None))
+    try:
+        for batch in batches:
+            if "first_result_s" not in summary:  # model load, Ray start-up and listing are behind us
+                summary["first_result_s"] = time.time() - t0
+            for cid in pc.unique(batch["chunk"]).to_pylist():
+                if cid in finished:  # a late duplicate from a retried task
+                    continue
+                sub = batch.filter(pc.equal(batch["chunk"], cid))
+                keys = seen.setdefault(cid, set())
+                mask = [u not in keys for u in sub["uri"].to_pylist()]
+                sub = sub.filter(pa.array(mask, pa.bool_()))
+                if not sub.num_rows:
+                    continue
+                keys.update(sub["uri"].to_pylist())
+                parts.setdefault(cid, []).append(sub)
+                if len(keys) < sizes[cid]:
+                    continue
+                rows = _rows_table(pa.concat_tables(parts.pop(cid)), meta, run_id)
+                uri = commit_chunk(rows, cfg.output, mid, run_date, cfg.storage)
+                del seen[cid]
+                finished.add(cid)
+                ok = rows["error"].null_count
+                summary["scored"] += ok
+                summary["failed"] += rows.num_rows - ok
+                summary["chunks"] += 1
+                summary["runtime"] = rows["runtime"][0].as_py()
+                done = summary["scored"] + summary["failed"]
+                bar.update(rows.num_rows)
+                log.info("committed %s (%d rows): %d/%d images, %.1f img/s", uri, rows.num_rows,
+                         done, total, done / max(time.time() - t0, 1e-9))
+    finally:  # stops this attempt's executor and actors now, not when the traceback is freed
+        batches.close()
+        bar.close()
     if parts:
-        raise RuntimeError(f"{len(parts)} chunks came back incomplete; nothing of them was committed "
-                           "(re-run to score them)")
+        raise IncompleteChunks(f"{len(parts)} chunks came back incomplete; nothing of them was committed")
 
 
 # ---- command line ---------------------------------------------------------------------------------
