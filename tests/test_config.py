@@ -70,3 +70,13 @@ def test_shipped_configs_load():
     for f in sorted(root.glob("*.yaml")):
         if f.name.startswith(("train", "demo", "real")):
             load(TrainConfig, str(f))
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("max_attempts=0", "'max_attempts' must be >= 1"),
+    ("max_attempts=often", "'max_attempts' must be an integer"),
+    ("num_actors=-1", "'num_actors' must be >= 0"),
+])
+def test_bad_score_overrides_name_the_key(override, needle):
+    with pytest.raises(ConfigError, match=needle):
+        load(ScoreConfig, None, [override])
