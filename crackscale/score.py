@@ -300,22 +300,32 @@ def _system_failure(e: BaseException) -> bool:
     return any(isinstance(x, lost) for x in _causes(e))
 
 
-def _await_dead(e: BaseException, timeout_s: float = 120.0) -> None:
-    """Wait until the cluster has declared the actors named in ``e`` dead (with their node, when it
-    went away: a lost node is noticed only after some missed health checks), so that the next
-    attempt's pool is sized to the nodes that really remain."""
-    from ray import exceptions as rx
+def _await_no_actors(timeout_s: float = 120.0) -> None:
+    """After a failed attempt: wait until every model actor of this job is dead.
+
+    The lost one is declared dead with its node (the cluster notices a lost node only after some
+    missed health checks), so the next attempt's pool is sized to the nodes that really remain;
+    the healthy ones die once the failed attempt's executor is garbage-collected (its actor handles
+    hold them), so they do not keep CPUs from the next attempt.
+    """
+    import gc
+
+    import ray
     from ray._private import state  # the GCS actor table (works without a dashboard)
 
-    ids = {x.actor_id for x in _causes(e) if isinstance(x, rx.RayActorError) and x.actor_id}
+    job = ray.JobID.from_hex(ray.get_runtime_context().get_job_id())
     deadline = time.monotonic() + timeout_s
-    while ids and time.monotonic() < deadline:
-        ids = {i for i in ids if state.actors(actor_id=i).get("State") != "DEAD"}
-        if ids:
-            time.sleep(1)
-    if ids:
-        log.warning("actors %s not declared dead after %.0f s; starting the next attempt anyway",
-                    sorted(ids), timeout_s)
+    while True:
+        gc.collect()  # the failed attempt's traceback ↔ frame cycles hold its executor
+        alive = [i for i, a in state.actors(job_id=job).items()
+                 if "Predictor" in a.get("ActorClassName", "") and a.get("State") != "DEAD"]
+        if not alive:
+            return
+        if time.monotonic() > deadline:
+            log.warning("%d model actors of the failed attempt still alive after %.0f s; starting the "
+                        "next attempt anyway", len(alive), timeout_s)
+            return
+        time.sleep(1)
 
 
 def _pipeline(refs: list[Any], cfg: ScoreConfig, meta: dict[str, Any], shrunk: bool) -> Any:
@@ -365,16 +375,18 @@ def run(cfg: ScoreConfig) -> dict[str, Any]:
     finished: set[str] = set()  # chunks committed by this run
     while todo := [ref for cid, ref in refs if cid not in finished]:
         summary["attempts"] += 1
+        failure = ""
         try:
-            _gather_and_commit(_pipeline(todo, cfg, meta, shrunk=summary["attempts"] > 1), sizes, finished, cfg, meta, mid, run_id,
-                               run_date, summary, t0)
+            _gather_and_commit(_pipeline(todo, cfg, meta, shrunk=summary["attempts"] > 1), sizes, finished,
+                               cfg, meta, mid, run_id, run_date, summary, t0)
         except Exception as e:
             if summary["attempts"] >= cfg.max_attempts or not _system_failure(e):
                 raise
-            log.warning("attempt %d lost part of the cluster (%s: %s); re-running the %d uncommitted "
-                        "chunks on the nodes that remain", summary["attempts"], type(e).__name__,
-                        str(e).splitlines()[0][:300] if str(e) else "", len(sizes) - len(finished))
-            _await_dead(e)
+            failure = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+        if failure:  # outside the except block: the traceback (and the attempt's actors) can be freed
+            log.warning("attempt %d lost part of the cluster (%s); re-running the %d uncommitted chunks "
+                        "on the nodes that remain", summary["attempts"], failure, len(sizes) - len(finished))
+            _await_no_actors()
     elapsed = time.time() - t0
     n = summary["scored"] + summary["failed"]
     summary.update(duration_s=round(elapsed, 2), throughput_img_s=round(n / elapsed, 1))
