@@ -300,27 +300,39 @@ def _system_failure(e: BaseException) -> bool:
     return any(isinstance(x, lost) for x in _causes(e))
 
 
-def _await_no_actors(timeout_s: float = 120.0) -> None:
-    """After a failed attempt: wait until every model actor of this job is dead.
+def _failed_actors(e: BaseException) -> set[str]:
+    """IDs of the actors whose loss ``e`` reports."""
+    from ray import exceptions as rx
 
-    The lost one is declared dead with its node (the cluster notices a lost node only after some
-    missed health checks), so the next attempt's pool is sized to the nodes that really remain;
-    the healthy ones die once the failed attempt's executor is garbage-collected (its actor handles
-    hold them), so they do not keep CPUs from the next attempt.
+    return {x.actor_id for x in _causes(e) if isinstance(x, rx.RayActorError) and x.actor_id}
+
+
+def _end_attempt(failed: set[str], timeout_s: float = 120.0) -> None:
+    """After a failed attempt: stop its surviving model actors and wait until all are dead.
+
+    The survivors are killed (the failed attempt's executor does not reliably do it, and one left
+    alive keeps the CPU a decode task of the next attempt needs). The lost ones (``failed``) are
+    not: the cluster declares them dead with their node, after some missed health checks, and
+    waiting for that makes the next attempt's pool sized to the nodes that really remain.
     """
     import gc
 
     import ray
     from ray._private import state  # the GCS actor table (works without a dashboard)
 
+    gc.collect()  # drops the failed attempt's executor where only reference cycles held it
     job = ray.JobID.from_hex(ray.get_runtime_context().get_job_id())
+    core = ray._private.worker.global_worker.core_worker
     deadline = time.monotonic() + timeout_s
+    killed: set[str] = set()
     while True:
-        gc.collect()  # the failed attempt's traceback ↔ frame cycles hold its executor
-        alive = [i for i, a in state.actors(job_id=job).items()
-                 if "Predictor" in a.get("ActorClassName", "") and a.get("State") != "DEAD"]
+        alive = {i for i, a in state.actors(job_id=job).items()
+                 if "Predictor" in a.get("ActorClassName", "") and a.get("State") != "DEAD"}
         if not alive:
             return
+        for i in alive - failed - killed:
+            ray.kill(core.get_actor_handle(ray.ActorID.from_hex(i)), no_restart=True)
+            killed.add(i)
         if time.monotonic() > deadline:
             log.warning("%d model actors of the failed attempt still alive after %.0f s; starting the "
                         "next attempt anyway", len(alive), timeout_s)
@@ -375,7 +387,7 @@ def run(cfg: ScoreConfig) -> dict[str, Any]:
     finished: set[str] = set()  # chunks committed by this run
     while todo := [ref for cid, ref in refs if cid not in finished]:
         summary["attempts"] += 1
-        failure = ""
+        failure, lost = "", set()
         try:
             _gather_and_commit(_pipeline(todo, cfg, meta, shrunk=summary["attempts"] > 1), sizes, finished,
                                cfg, meta, mid, run_id, run_date, summary, t0)
@@ -383,10 +395,11 @@ def run(cfg: ScoreConfig) -> dict[str, Any]:
             if summary["attempts"] >= cfg.max_attempts or not _system_failure(e):
                 raise
             failure = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+            lost = _failed_actors(e)
         if failure:  # outside the except block: the traceback (and the attempt's actors) can be freed
             log.warning("attempt %d lost part of the cluster (%s); re-running the %d uncommitted chunks "
                         "on the nodes that remain", summary["attempts"], failure, len(sizes) - len(finished))
-            _await_no_actors()
+            _end_attempt(lost)
     elapsed = time.time() - t0
     n = summary["scored"] + summary["failed"]
     summary.update(duration_s=round(elapsed, 2), throughput_img_s=round(n / elapsed, 1))
