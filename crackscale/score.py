@@ -248,29 +248,31 @@ def _plan(cfg: ScoreConfig, done: np.ndarray) -> tuple[list[tuple[str, Any]], di
     return refs, sizes, counts
 
 
-def _default_actors(cfg: ScoreConfig, shrunk: bool = False) -> int:
+def _default_actors(cfg: ScoreConfig, nodes: set[str] | None = None) -> int:
     """Model actors for an attempt: ``num_actors``, or one per GPU / per CPU node.
 
-    ``shrunk`` (an attempt after part of the cluster was lost): at most as many as the nodes left
-    can hold with room for one decode task besides. More would take every CPU, and the pool would
-    then wait forever for decoded images that no CPU is left to produce. (A first attempt is not
-    capped: asking for more actors than fit is how a user makes an autoscaling cluster grow.)
+    ``nodes`` (an attempt after part of the cluster was lost): the IDs of the nodes that answered;
+    at most as many actors as they hold with room for one decode task besides. More would take
+    every CPU, and the pool would then wait forever for decoded images that no CPU is left to
+    produce. (A first attempt is not capped: asking for more actors than fit is how a user makes
+    an autoscaling cluster grow.)
     """
     import ray
 
-    alive = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    alive = [n["Resources"] for n in ray.nodes()
+             if n.get("Alive") and (nodes is None or n["NodeID"] in nodes)]
     gpus = int(sum(r.get("GPU", 0) for r in alive))
     if cfg.use_gpu and gpus < 1 and not cfg.num_actors:
         raise ConfigError("config key 'use_gpu' is true but the Ray cluster has no GPUs")
     want = cfg.num_actors or (gpus if cfg.use_gpu else max(1, sum(1 for r in alive if r.get("CPU", 0) > 0)))
-    if not shrunk:
+    if nodes is None:
         return want
     cpus = sum(r.get("CPU", 0) for r in alive)
     fit = int((cpus - cfg.decode_cpus) // cfg.actor_cpus) if cfg.actor_cpus > 0 else want
     fit = min(fit, gpus) if cfg.use_gpu else fit
     if fit < want:
-        log.warning("the remaining cluster (%g CPUs, %d GPUs) holds %d model actors beside a decode task, "
-                    "not %d: using %d", cpus, gpus, max(fit, 1), want, max(fit, 1))
+        log.warning("the remaining cluster (%d nodes, %g CPUs, %d GPUs) holds %d model actors beside a "
+                    "decode task, not %d: using %d", len(alive), cpus, gpus, max(fit, 1), want, max(fit, 1))
     return max(1, min(want, fit))
 
 
@@ -307,13 +309,44 @@ def _failed_actors(e: BaseException) -> set[str]:
     return {x.actor_id for x in _causes(e) if isinstance(x, rx.RayActorError) and x.actor_id}
 
 
-def _end_attempt(failed: set[str], timeout_s: float = 120.0) -> None:
-    """After a failed attempt: stop its surviving model actors and wait until all are dead.
+def _answering_nodes(timeout_s: float) -> tuple[set[str], set[str]]:
+    """(nodes that run a zero-CPU task within ``timeout_s``, nodes the cluster lists alive but do not).
+
+    A node that was just lost stays "alive" in ``ray.nodes()`` until the cluster has missed
+    enough of its health checks; only asking it tells the difference.
+    """
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    def node_id() -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+    probe = ray.remote(num_cpus=0, max_retries=0)(node_id)
+    listed = [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
+    refs = {probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(i, soft=False)).remote(): i
+            for i in listed}
+    ready, late = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
+    for r in late:
+        ray.cancel(r, force=True)
+    answered = set()
+    for r in ready:
+        try:
+            answered.add(ray.get(r))
+        except Exception:  # noqa: BLE001 (a node that fails the probe is not one to size a pool on)
+            pass
+    return answered, set(listed) - answered
+
+
+def _end_attempt(failed: set[str], timeout_s: float = 120.0) -> set[str]:
+    """After a failed attempt: stop its model actors, find the nodes that remain; returns their IDs.
 
     The survivors are killed (the failed attempt's executor does not reliably do it, and one left
     alive keeps the CPU a decode task of the next attempt needs). The lost ones (``failed``) are
-    not: the cluster declares them dead with their node, after some missed health checks, and
-    waiting for that makes the next attempt's pool sized to the nodes that really remain.
+    not: the cluster declares them dead with their node. Then every node listed alive is asked to
+    answer; one that does not is waited for (up to ``timeout_s`` in all) until the cluster declares
+    it dead, so the next attempt neither sizes its pool on it nor sends tasks to it.
     """
     import gc
 
@@ -328,26 +361,33 @@ def _end_attempt(failed: set[str], timeout_s: float = 120.0) -> None:
     while True:
         alive = {i for i, a in state.actors(job_id=job).items()
                  if "Predictor" in a.get("ActorClassName", "") and a.get("State") != "DEAD"}
-        if not alive:
-            return
         for i in alive - failed - killed:
             ray.kill(core.get_actor_handle(ray.ActorID.from_hex(i)), no_restart=True)
             killed.add(i)
-        if time.monotonic() > deadline:
-            log.warning("%d model actors of the failed attempt still alive after %.0f s; starting the "
-                        "next attempt anyway", len(alive), timeout_s)
-            return
+        if not alive or time.monotonic() > deadline:
+            break
         time.sleep(1)
+    if alive:
+        log.warning("%d model actors of the failed attempt still alive after %.0f s", len(alive), timeout_s)
+    answered, silent = _answering_nodes(min(30.0, max(5.0, deadline - time.monotonic())))
+    while silent and time.monotonic() < deadline:
+        log.info("waiting for the cluster to declare %d unanswering node(s) dead", len(silent))
+        time.sleep(2)
+        silent &= {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+    if silent:
+        log.warning("%d node(s) listed alive did not answer; the next attempt does not count them",
+                    len(silent))
+    return answered
 
 
-def _pipeline(refs: list[Any], cfg: ScoreConfig, meta: dict[str, Any], shrunk: bool) -> Any:
+def _pipeline(refs: list[Any], cfg: ScoreConfig, meta: dict[str, Any], nodes: set[str] | None) -> Any:
     """Blocks of keys → read + decode tasks → model actors (sized to the cluster as it is now)."""
     import ray
     from ray.data import ActorPoolStrategy
 
     from crackscale.runtime import Predictor, decode_batch
 
-    n_actors = _default_actors(cfg, shrunk)
+    n_actors = _default_actors(cfg, nodes)
     # max_restarts=0: a model actor lost with its node is not restarted in place. Restarted on a
     # surviving node it can take the CPUs that re-running the lost decode outputs needs, and the
     # pipeline then waits forever; instead the attempt fails and run() starts a new one.
@@ -385,11 +425,12 @@ def run(cfg: ScoreConfig) -> dict[str, Any]:
         "scored": 0, "failed": 0, "chunks": 0, "runtime": None, "attempts": 0,
     }
     finished: set[str] = set()  # chunks committed by this run
+    nodes: set[str] | None = None  # after a failed attempt: the nodes that answered
     while todo := [ref for cid, ref in refs if cid not in finished]:
         summary["attempts"] += 1
         failure, lost = "", set()
         try:
-            _gather_and_commit(_pipeline(todo, cfg, meta, shrunk=summary["attempts"] > 1), sizes, finished,
+            _gather_and_commit(_pipeline(todo, cfg, meta, nodes), sizes, finished,
                                cfg, meta, mid, run_id, run_date, summary, t0)
         except Exception as e:
             if summary["attempts"] >= cfg.max_attempts or not _system_failure(e):
@@ -399,7 +440,7 @@ def run(cfg: ScoreConfig) -> dict[str, Any]:
         if failure:  # outside the except block: the traceback (and the attempt's actors) can be freed
             log.warning("attempt %d lost part of the cluster (%s); re-running the %d uncommitted chunks "
                         "on the nodes that remain", summary["attempts"], failure, len(sizes) - len(finished))
-            _end_attempt(lost)
+            nodes = _end_attempt(lost)
     elapsed = time.time() - t0
     n = summary["scored"] + summary["failed"]
     summary.update(duration_s=round(elapsed, 2), throughput_img_s=round(n / elapsed, 1))

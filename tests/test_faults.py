@@ -240,10 +240,6 @@ def _node_processes(node, needle: str) -> list:
 
 
 @pytest.mark.slow
-@pytest.mark.skip(reason="KNOWN DEFECT (issue 7, open): passes on its own in some runs (attempt 2 on a "
-                  "1-actor pool, every image once, ~95 s), but in others attempt 2 starts before the "
-                  "removed node is declared dead, sizes its pool to 2 actors on the 2-CPU head and "
-                  "stalls (decode gets no CPU); re-running the job still yields every image once")
 def test_node_removed_mid_scoring_every_image_exactly_once(ray_node_to_lose, synth_data, model_artifact,
                                                            tmp_path):
     """Remove the worker node of a 2-node cluster while one model actor runs on it and chunks are
