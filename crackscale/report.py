@@ -324,7 +324,8 @@ def _gallery(page: _Page, top: list[dict[str, Any]], model_uri: str, cfg: Storag
     cams: dict[int, np.ndarray] = {}
     if model is not None:
         sc = ScoreConfig(storage=cfg or StorageConfig())
-        inputs = {i: runtime.decode_image(b, top[i]["uri"], size, sc)[0] for i, b in enumerate(blobs) if b}
+        aa = runtime.resize_antialias(loaded.meta)
+        inputs = {i: runtime.decode_image(b, top[i]["uri"], size, sc, aa)[0] for i, b in enumerate(blobs) if b}
         inputs = {i: x for i, x in inputs.items() if x is not None}
         if inputs:
             maps, _ = gradcam.heatmaps(model, np.stack(list(inputs.values())))

@@ -1,7 +1,7 @@
 """What runs on the Ray workers of a scoring job: read + decode (tasks) and predict (actors).
 
 ``decode_batch`` reads objects and decodes them exactly like training (``crackscale.data.decode``:
-``tf.io.decode_image`` + ``tf.image.resize(antialias=True)``, rounded to uint8 as
+``tf.io.decode_image`` + bilinear ``tf.image.resize`` with the artifact's ``resize_antialias``, rounded to uint8 as
 ``data.tf_dataset`` feeds the model), with EXIF orientation applied and one error string per bad
 file instead of a failed block. ``Predictor`` loads the artifact once per actor.
 
@@ -189,7 +189,7 @@ def select(model: Any, meta: dict[str, Any], kind: str, batch_size: int, threads
 # ---- Ray Data stages ------------------------------------------------------------------------------
 
 _FS: dict[Any, Any] = {}
-_DECODERS: dict[int, Any] = {}
+_DECODERS: dict[tuple[int, bool], Any] = {}
 FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".bmp": "BMP", ".gif": "GIF"}
 
 
@@ -239,10 +239,15 @@ def _read(uri: str, cfg: ScoreConfig, attempts: int = 3) -> bytes | str:
     raise AssertionError("unreachable")
 
 
-def _decoder(image_size: int) -> Any:
+def resize_antialias(meta: dict[str, Any]) -> bool:
+    """How the artifact's training resized images (artifacts without the key: antialiased)."""
+    return bool(meta.get("resize_antialias", True))
+
+
+def _decoder(image_size: int, antialias: bool) -> Any:
     """A compiled bytes+EXIF orientation → uint8 [size, size, 3] function (one per process)."""
-    if image_size in _DECODERS:
-        return _DECODERS[image_size]
+    if (image_size, antialias) in _DECODERS:
+        return _DECODERS[image_size, antialias]
     import tensorflow as tf
 
     if not _DECODERS:
@@ -267,10 +272,10 @@ def _decoder(image_size: int) -> Any:
                  autograph=False)
     def fn(data: Any, orientation: Any) -> Any:
         img = tf.io.decode_image(data, channels=3, expand_animations=False)
-        img = tf.image.resize(orient(img, orientation), (image_size, image_size), antialias=True)
+        img = tf.image.resize(orient(img, orientation), (image_size, image_size), antialias=antialias)
         return tf.cast(tf.round(tf.clip_by_value(img, 0, 255)), tf.uint8)
 
-    _DECODERS[image_size] = fn
+    _DECODERS[image_size, antialias] = fn
     return fn
 
 
@@ -281,8 +286,10 @@ def _clean(e: Exception) -> str:
     return msg.split("[Op:")[0].strip().splitlines()[0] if msg else type(e).__name__
 
 
-def decode_image(data: bytes, uri: str, image_size: int, cfg: ScoreConfig) -> tuple[np.ndarray | None, str]:
-    """(uint8 image, "") or (None, error) for one object; never raises."""
+def decode_image(data: bytes, uri: str, image_size: int, cfg: ScoreConfig,
+                 antialias: bool = False) -> tuple[np.ndarray | None, str]:
+    """(uint8 image, "") or (None, error) for one object; never raises. ``antialias``: the
+    artifact's ``resize_antialias`` (as its training resized)."""
     from PIL import Image, UnidentifiedImageError
 
     ext = os.path.splitext(uri)[1].lower()
@@ -309,13 +316,14 @@ def decode_image(data: bytes, uri: str, image_size: int, cfg: ScoreConfig) -> tu
     if w * h > cfg.max_pixels:
         return None, f"too large: {w}x{h} pixels > max_pixels {cfg.max_pixels}"
     try:
-        img = _decoder(image_size)(data, orientation if 1 <= orientation <= 8 else 1)
+        img = _decoder(image_size, antialias)(data, orientation if 1 <= orientation <= 8 else 1)
         return img.numpy(), ""
     except Exception as e:  # corrupt/truncated data
         return None, f"decode: {_clean(e)}"
 
 
-def decode_batch(batch: dict[str, np.ndarray], image_size: int, cfg: ScoreConfig) -> dict[str, np.ndarray]:
+def decode_batch(batch: dict[str, np.ndarray], image_size: int, cfg: ScoreConfig,
+                 antialias: bool = False) -> dict[str, np.ndarray]:
     """Ray Data task: read + decode a batch; adds ``image`` (zeros on error) and ``error`` ("" if ok)."""
     uris = [str(u) for u in batch["uri"]]
     with ThreadPoolExecutor(max_workers=min(cfg.read_threads, max(1, len(uris)))) as pool:
@@ -329,7 +337,7 @@ def decode_batch(batch: dict[str, np.ndarray], image_size: int, cfg: ScoreConfig
             continue
         if sizes[i] < 0:
             sizes[i] = len(blob)
-        img, err = decode_image(blob, uri, image_size, cfg)
+        img, err = decode_image(blob, uri, image_size, cfg, antialias)
         if img is not None:
             images[i] = img
         errors.append(err)

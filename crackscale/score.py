@@ -385,7 +385,7 @@ def _pipeline(refs: list[Any], cfg: ScoreConfig, meta: dict[str, Any], nodes: se
     import ray
     from ray.data import ActorPoolStrategy
 
-    from crackscale.runtime import Predictor, decode_batch
+    from crackscale.runtime import Predictor, decode_batch, resize_antialias
 
     n_actors = _default_actors(cfg, nodes)
     # max_restarts=0: a model actor lost with its node is not restarted in place. Restarted on a
@@ -393,7 +393,8 @@ def _pipeline(refs: list[Any], cfg: ScoreConfig, meta: dict[str, Any], nodes: se
     # pipeline then waits forever; instead the attempt fails and run() starts a new one.
     ds = ray.data.from_arrow_refs(refs).map_batches(
         decode_batch, batch_size=cfg.batch_size, num_cpus=cfg.decode_cpus,
-        fn_kwargs={"image_size": int(meta["image_size"]), "cfg": cfg})
+        fn_kwargs={"image_size": int(meta["image_size"]), "cfg": cfg,
+                   "antialias": resize_antialias(meta)})
     with warnings.catch_warnings():  # max_restarts has no named parameter yet (Ray 2.60)
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*is deprecated")
         return ds.map_batches(Predictor, batch_size=cfg.batch_size, fn_constructor_kwargs={"cfg": cfg},

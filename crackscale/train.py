@@ -227,8 +227,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "image_size": cfg.image_size,
             "input": {"dtype": "float32", "shape": [None, cfg.image_size, cfg.image_size, 3],
                       "range": [0, 255], "channels": "RGB"},
+            "resize_antialias": data.RESIZE_ANTIALIAS,
             "preprocessing": ("decode JPEG/PNG to RGB, resize to image_size x image_size "
-                              "(bilinear, antialias), float32 0..255; the model applies "
+                              f"(bilinear, antialias={data.RESIZE_ANTIALIAS}), float32 0..255; the model applies "
                               "MobileNetV2 scaling (x/127.5 - 1) itself"),
             "output": "sigmoid probability of crack_class, shape [N, 1]",
             "threshold": val_m["threshold"],

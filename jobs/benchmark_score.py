@@ -123,7 +123,9 @@ def main() -> int:
     work = Path(args.workdir)
     big = replicate(Path(args.data), work / f"images-{args.n}", args.n)
     small = replicate(Path(args.data), work / f"images-{args.small}", args.small)
-    model_dir = work / f"model-{args.image_size}-{args.alpha}"
+    from crackscale import data
+
+    model_dir = work / f"model-{args.image_size}-{args.alpha}-aa{int(data.RESIZE_ANTIALIAS)}"
     if not (model_dir / "model.json").is_file():
         from crackscale import artifact
         from crackscale import model as M
@@ -131,7 +133,8 @@ def main() -> int:
 
         m, _ = M.build(TrainConfig(weights="none", image_size=args.image_size, alpha=args.alpha))
         artifact.save(m, {"name": "bench", "class_names": ["Negative", "Positive"], "crack_class": "Positive",
-                          "image_size": args.image_size, "threshold": 0.5, "preprocessing": "see data.decode"},
+                          "image_size": args.image_size, "threshold": 0.5,
+                          "resize_antialias": data.RESIZE_ANTIALIAS, "preprocessing": "see data.decode"},
                       str(model_dir))
     rows: dict[str, dict] = {}
     a = ceiling(model_dir, small, args.image_size)

@@ -248,7 +248,8 @@ def make_artifact(uri: str, name: str = "test-model", seed: int = 0, image_size:
     artifact.save(m, {
         "name": name, "class_names": ["Negative", "Positive"], "crack_class": "Positive",
         "image_size": image_size, "threshold": threshold,
-        "preprocessing": f"RGB float32 0..255, {image_size}x{image_size}, tf.image.resize antialias bilinear",
+        "resize_antialias": False,
+        "preprocessing": f"RGB float32 0..255, {image_size}x{image_size}, tf.image.resize bilinear",
         "metrics": {}, "config": {}, "versions": {},
     }, uri)
     return _json.loads(storage.read_text(storage.join(uri, "model.json")))

@@ -46,11 +46,16 @@ def test_decode_matches_training_and_flags_bad_files(synth_data):
 
     cfg = ScoreConfig(max_pixels=1_000_000)
     blob = next((synth_data / "Positive").glob("*.jpg")).read_bytes()
-    img, err = runtime.decode_image(blob, "a.jpg", 64, cfg)
-    assert err == "" and img.dtype == np.uint8 and img.shape == (64, 64, 3)
-    # exactly what training feeds the model: data.decode, rounded to uint8 as data.tf_dataset does
-    ref = tf.cast(tf.round(data.decode(blob, 64)), tf.uint8).numpy()
-    assert np.array_equal(img, ref)
+    # exactly what training feeds the model: data.decode, rounded to uint8 as data.tf_dataset does,
+    # with the artifact's resize (artifacts without "resize_antialias" were trained antialiased)
+    assert runtime.resize_antialias({}) is True and runtime.resize_antialias({"resize_antialias": False}) is False
+    imgs = {}
+    for aa in (False, True):
+        img, err = runtime.decode_image(blob, "a.jpg", 64, cfg, aa)
+        assert err == "" and img.dtype == np.uint8 and img.shape == (64, 64, 3)
+        assert np.array_equal(img, tf.cast(tf.round(data.decode(blob, 64, aa)), tf.uint8).numpy())
+        imgs[aa] = img
+    assert not np.array_equal(imgs[False], imgs[True])  # the two resizes differ: the key matters
     for name, content in bad_files().items():
         img, err = runtime.decode_image(content, name, 64, cfg)
         assert img is None and err.startswith(EXPECTED_ERRORS[name]), (name, err)
@@ -68,7 +73,7 @@ def test_decode_matches_training_and_flags_bad_files(synth_data):
         buf = io.BytesIO()
         im.save(buf, "PNG", exif=exif.tobytes())
         upright = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(buf.getvalue()))))
-        want = tf.cast(tf.round(tf.image.resize(upright, (32, 32), antialias=True)), tf.uint8).numpy()
+        want = tf.cast(tf.round(tf.image.resize(upright, (32, 32))), tf.uint8).numpy()
         got, err = runtime.decode_image(buf.getvalue(), "r.png", 32, cfg)
         assert err == "" and np.array_equal(got, want), orientation
 
