@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 import tempfile
 import uuid
 from pathlib import Path
@@ -244,8 +245,10 @@ def resize_antialias(meta: dict[str, Any]) -> bool:
     return bool(meta.get("resize_antialias", True))
 
 
-def _decoder(image_size: int, antialias: bool) -> Any:
-    """A compiled bytes+EXIF orientation → uint8 [size, size, 3] function (one per process)."""
+def _decoder(image_size: int, antialias: bool) -> tuple[Any, Any]:
+    """Compiled decoders (one pair per process): bytes + EXIF orientation → uint8 [size, size, 3],
+    for one image and for a batch (the same ops in a ``tf.map_fn``: one call per batch saves the
+    ≈ 0.5 ms of Python dispatch a per-image call costs, and gives bit-identical pixels)."""
     if (image_size, antialias) in _DECODERS:
         return _DECODERS[image_size, antialias]
     import tensorflow as tf
@@ -268,36 +271,43 @@ def _decoder(image_size: int, antialias: bool) -> Any:
         }
         return tf.switch_case(orientation - 1, [branches[k] for k in range(1, 9)])
 
-    @tf.function(input_signature=[tf.TensorSpec([], tf.string), tf.TensorSpec([], tf.int32)],
-                 autograph=False)
-    def fn(data: Any, orientation: Any) -> Any:
+    def decode(data: Any, orientation: Any) -> Any:
         img = tf.io.decode_image(data, channels=3, expand_animations=False)
         img = tf.image.resize(orient(img, orientation), (image_size, image_size), antialias=antialias)
         return tf.cast(tf.round(tf.clip_by_value(img, 0, 255)), tf.uint8)
 
-    _DECODERS[image_size, antialias] = fn
-    return fn
+    one = tf.function(decode, autograph=False,
+                      input_signature=[tf.TensorSpec([], tf.string), tf.TensorSpec([], tf.int32)])
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string), tf.TensorSpec([None], tf.int32)],
+                 autograph=False)
+    def many(data: Any, orientation: Any) -> Any:
+        return tf.map_fn(lambda x: decode(x[0], x[1]), (data, orientation),
+                         fn_output_signature=tf.TensorSpec((image_size, image_size, 3), tf.uint8))
+
+    _DECODERS[image_size, antialias] = (one, many)
+    return one, many
 
 
 def _clean(e: Exception) -> str:
-    msg = str(getattr(e, "message", "") or e).strip()
-    if "}}" in msg:  # drop TF's "{{function_node …}}" prefix
-        msg = msg.split("}}", 1)[1]
-    return msg.split("[Op:")[0].strip().splitlines()[0] if msg else type(e).__name__
+    """TF's error text without its graph locations (``{{function_node …}}``, ``[[…]]``, ``[Op:…]``)."""
+    msg = str(getattr(e, "message", "") or e)
+    msg = re.sub(r"\{\{[^}]*\}\}|\[\[.*?\]\]|\[Op:[^\]]*\]", " ", msg, flags=re.S)
+    skip = ("Graph execution error", "Detected at node", "File ")  # where the op was defined
+    lines = [ln.strip() for ln in msg.splitlines() if ln.strip() and not ln.strip().startswith(skip)]
+    return lines[0] if lines else type(e).__name__
 
 
-def decode_image(data: bytes, uri: str, image_size: int, cfg: ScoreConfig,
-                 antialias: bool = False) -> tuple[np.ndarray | None, str]:
-    """(uint8 image, "") or (None, error) for one object; never raises. ``antialias``: the
-    artifact's ``resize_antialias`` (as its training resized)."""
+def _header(data: bytes, uri: str, cfg: ScoreConfig) -> tuple[int, str]:
+    """(EXIF orientation 1..8, "") if the object may be decoded, else (0, error); header only."""
     from PIL import Image, UnidentifiedImageError
 
     ext = os.path.splitext(uri)[1].lower()
     allowed = {FORMATS[e.lower()] for e in cfg.extensions if e.lower() in FORMATS}
     if ext not in {e.lower() for e in cfg.extensions}:
-        return None, f"unsupported: extension {ext or '(none)'}"
+        return 0, f"unsupported: extension {ext or '(none)'}"
     if not data:
-        return None, "empty file"
+        return 0, "empty file"
     try:
         with Image.open(io.BytesIO(data)) as im:  # header only: format, size, EXIF
             fmt, (w, h) = im.format, im.size
@@ -306,41 +316,64 @@ def decode_image(data: bytes, uri: str, image_size: int, cfg: ScoreConfig,
             except Exception:
                 orientation = 1
     except UnidentifiedImageError:
-        return None, "decode: not an image"
+        return 0, "decode: not an image"
     except Image.DecompressionBombError as e:  # PIL's own guard (> 2 × its MAX_IMAGE_PIXELS)
-        return None, f"too large: {_clean(e)}"
+        return 0, f"too large: {_clean(e)}"
     except Exception as e:  # PIL raises many kinds on garbage headers
-        return None, f"decode: {_clean(e)}"
+        return 0, f"decode: {_clean(e)}"
     if fmt not in allowed:
-        return None, f"unsupported: format {fmt}"
+        return 0, f"unsupported: format {fmt}"
     if w * h > cfg.max_pixels:
-        return None, f"too large: {w}x{h} pixels > max_pixels {cfg.max_pixels}"
+        return 0, f"too large: {w}x{h} pixels > max_pixels {cfg.max_pixels}"
+    return (orientation if 1 <= orientation <= 8 else 1), ""
+
+
+def decode_image(data: bytes, uri: str, image_size: int, cfg: ScoreConfig,
+                 antialias: bool = False) -> tuple[np.ndarray | None, str]:
+    """(uint8 image, "") or (None, error) for one object; never raises. ``antialias``: the
+    artifact's ``resize_antialias`` (as its training resized)."""
+    orientation, err = _header(data, uri, cfg)
+    if err:
+        return None, err
     try:
-        img = _decoder(image_size, antialias)(data, orientation if 1 <= orientation <= 8 else 1)
-        return img.numpy(), ""
+        return _decoder(image_size, antialias)[0](data, orientation).numpy(), ""
     except Exception as e:  # corrupt/truncated data
         return None, f"decode: {_clean(e)}"
 
 
 def decode_batch(batch: dict[str, np.ndarray], image_size: int, cfg: ScoreConfig,
                  antialias: bool = False) -> dict[str, np.ndarray]:
-    """Ray Data task: read + decode a batch; adds ``image`` (zeros on error) and ``error`` ("" if ok)."""
+    """Ray Data task: read + decode a batch; adds ``image`` (zeros on error) and ``error`` ("" if ok).
+
+    Objects whose header passes are decoded in one call; if that call fails (a corrupt body), each
+    is decoded on its own so that only the bad ones get an error.
+    """
     uris = [str(u) for u in batch["uri"]]
     with ThreadPoolExecutor(max_workers=min(cfg.read_threads, max(1, len(uris)))) as pool:
         blobs = list(pool.map(lambda u: _read(u, cfg), uris))
     images = np.zeros((len(uris), image_size, image_size, 3), np.uint8)
-    errors = []
+    errors = [""] * len(uris)
     sizes = np.asarray(batch["size"], dtype=np.int64).copy()
+    todo: list[tuple[int, bytes, int]] = []
     for i, (uri, blob) in enumerate(zip(uris, blobs)):
         if isinstance(blob, str):
-            errors.append(blob)
+            errors[i] = blob
             continue
         if sizes[i] < 0:
             sizes[i] = len(blob)
-        img, err = decode_image(blob, uri, image_size, cfg, antialias)
-        if img is not None:
-            images[i] = img
-        errors.append(err)
+        orientation, errors[i] = _header(blob, uri, cfg)
+        if not errors[i]:
+            todo.append((i, blob, orientation))
+    if todo:
+        one, many = _decoder(image_size, antialias)
+        try:
+            images[[i for i, _, _ in todo]] = many([b for _, b, _ in todo], [o for _, _, o in todo]).numpy()
+        except Exception:  # at least one corrupt body: find it (them)
+            for i, blob, orientation in todo:
+                try:
+                    images[i] = one(blob, orientation).numpy()
+                except Exception as e:
+                    errors[i] = f"decode: {_clean(e)}"
     return dict(batch, size=sizes, image=images, error=np.array(errors, dtype=object))
 
 

@@ -78,6 +78,26 @@ def test_decode_matches_training_and_flags_bad_files(synth_data):
         assert err == "" and np.array_equal(got, want), orientation
 
 
+def test_decode_batch_is_per_image_decode_and_isolates_bad_files(synth_data, tmp_path):
+    """One batched decode call gives the same pixels as decoding each image; a corrupt body in the
+    batch gets its error row and its neighbours are still decoded."""
+    cfg = ScoreConfig(max_pixels=1_000_000)
+    good = sorted((synth_data / "Positive").glob("*.jpg"))[:6] + sorted((synth_data / "Negative").glob("*.jpg"))[:6]
+    for name, content in bad_files().items():
+        (tmp_path / name).write_bytes(content)
+    for files in (good, good[:6] + sorted(tmp_path.iterdir()) + good[6:]):
+        batch = {"uri": np.array([str(f) for f in files], dtype=object), "size": np.full(len(files), -1)}
+        for aa in (False, True):
+            out = runtime.decode_batch(batch, 48, cfg, aa)
+            for f, img, err in zip(files, out["image"], out["error"]):
+                want, want_err = runtime.decode_image(f.read_bytes(), f.name, 48, cfg, aa)
+                assert err == want_err, f
+                assert np.array_equal(img, want) if want is not None else not img.any(), f
+                if f.name in EXPECTED_ERRORS:
+                    assert err.startswith(EXPECTED_ERRORS[f.name]) and len(err) > len("decode: ")
+        assert list(out["size"]) == [f.stat().st_size for f in files]
+
+
 def score_job(model: str, inp: str, out: str, cache: Path, *extra: str) -> list[str]:
     return ["jobs/score.py", "--model", model, "--input", inp, "--output", out, "--set", "batch_size=8",
             "--set", "chunk_size=8", "--set", f"cache_dir={cache}", *extra]
