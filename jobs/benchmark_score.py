@@ -106,6 +106,8 @@ def crackscale_run(model: str, inp: str, out: str, env: dict | None = None) -> d
                          "--output", out, "--set", "chunk_size=2000"], env)
     s = json.loads(res.stdout.strip().splitlines()[-1])
     s["peak_rss_mib"] = mem
+    if s.get("startup_s") is not None and s["duration_s"] > s["startup_s"]:  # after the first result
+        s["steady_img_s"] = (s["scored"] + s["failed"]) / (s["duration_s"] - s["startup_s"])
     return s
 
 
@@ -185,7 +187,16 @@ def main() -> int:
     for k, v in rows.items():
         f = lambda x, p=0: "" if x is None else f"{x:.{p}f}"  # noqa: E731
         print(f"| {k} | {f(v['img_s'])} | {f(v.get('steady_img_s'))} | {f(v.get('wall_s'), 1)} | {f(v.get('peak_rss_mib'))} |")
-    print(json.dumps(rows))
+    b = rows.get(f"(b) crackscale local → Parquet, N={args.n}", {})
+    c = rows.get(f"(c) image_dataset_from_directory + predict, N={args.n}", {})
+    ratios = {"b_over_a_wall": b.get("img_s", 0) / a["litert"],
+              "b_over_a_steady": (b.get("steady_img_s") or 0) / a["litert"]}
+    if c:
+        ratios.update(b_over_c_wall=b.get("img_s", 0) / c["img_s"],
+                      b_over_c_steady=(b.get("steady_img_s") or 0) / c["img_s"],
+                      a_over_c=a["litert"] / c["img_s"])
+    print("\nratios at N=%d: %s" % (args.n, ", ".join(f"{k} {v:.2f}" for k, v in ratios.items())))
+    print(json.dumps({"rows": rows, "ratios": ratios}))
     return 0
 
 
