@@ -106,7 +106,8 @@ def crackscale_run(model: str, inp: str, out: str, env: dict | None = None) -> d
                          "--output", out, "--set", "chunk_size=2000"], env)
     s = json.loads(res.stdout.strip().splitlines()[-1])
     s["peak_rss_mib"] = mem
-    if s.get("startup_s") is not None and s["duration_s"] > s["startup_s"]:  # after the first result
+    # after the first committed chunk (meaningless with fewer than 3 chunks)
+    if s.get("startup_s") is not None and s["chunks"] >= 3 and s["duration_s"] > s["startup_s"]:
         s["steady_img_s"] = (s["scored"] + s["failed"]) / (s["duration_s"] - s["startup_s"])
     return s
 
