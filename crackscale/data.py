@@ -215,7 +215,8 @@ def decode(data: Any, image_size: int, antialias: bool = RESIZE_ANTIALIAS) -> An
 
 
 def tf_dataset(images: list[bytes], labels: list[int], image_size: int, batch_size: int,
-               shuffle: bool, seed: int, repeat: bool, shard: tuple[int, int] = (1, 0)) -> Any:
+               shuffle: bool, seed: int, repeat: bool, shard: tuple[int, int] = (1, 0),
+               antialias: bool = RESIZE_ANTIALIAS) -> Any:
     """Batched (image, label) dataset; decoding is cached so epochs after the first are cheap."""
     import tensorflow as tf
 
@@ -224,7 +225,7 @@ def tf_dataset(images: list[bytes], labels: list[int], image_size: int, batch_si
     num, index = shard
     if num > 1:
         ds = ds.shard(num, index)
-    ds = ds.map(lambda b, y: (tf.cast(tf.round(decode(b, image_size)), tf.uint8), y),
+    ds = ds.map(lambda b, y: (tf.cast(tf.round(decode(b, image_size, antialias)), tf.uint8), y),
                 num_parallel_calls=tf.data.AUTOTUNE).cache()
     if shuffle:
         ds = ds.shuffle(min(len(images), 4096), seed=seed, reshuffle_each_iteration=True)

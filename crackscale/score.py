@@ -441,7 +441,7 @@ def run(cfg: ScoreConfig) -> dict[str, Any]:
         if failure:  # outside the except block: the traceback (and the attempt's actors) can be freed
             log.warning("attempt %d lost part of the cluster (%s); re-running the %d uncommitted chunks "
                         "on the nodes that remain", summary["attempts"], failure, len(sizes) - len(finished))
-            nodes = _end_attempt(lost)
+            nodes = _end_attempt(lost) or None  # none answered (probe failed): size from ray.nodes()
     elapsed = time.time() - t0
     n = summary["scored"] + summary["failed"]
     summary.update(duration_s=round(elapsed, 2), throughput_img_s=round(n / elapsed, 1))
