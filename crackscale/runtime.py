@@ -26,6 +26,7 @@ from typing import Any, Callable, Protocol
 import numpy as np
 
 from crackscale.config import ScoreConfig
+from crackscale.data import RESIZE_ANTIALIAS
 
 log = logging.getLogger(__name__)
 
@@ -329,7 +330,7 @@ def _header(data: bytes, uri: str, cfg: ScoreConfig) -> tuple[int, str]:
 
 
 def decode_image(data: bytes, uri: str, image_size: int, cfg: ScoreConfig,
-                 antialias: bool = False) -> tuple[np.ndarray | None, str]:
+                 antialias: bool = RESIZE_ANTIALIAS) -> tuple[np.ndarray | None, str]:
     """(uint8 image, "") or (None, error) for one object; never raises. ``antialias``: the
     artifact's ``resize_antialias`` (as its training resized)."""
     orientation, err = _header(data, uri, cfg)
@@ -342,7 +343,7 @@ def decode_image(data: bytes, uri: str, image_size: int, cfg: ScoreConfig,
 
 
 def decode_batch(batch: dict[str, np.ndarray], image_size: int, cfg: ScoreConfig,
-                 antialias: bool = False) -> dict[str, np.ndarray]:
+                 antialias: bool = RESIZE_ANTIALIAS) -> dict[str, np.ndarray]:
     """Ray Data task: read + decode a batch; adds ``image`` (zeros on error) and ``error`` ("" if ok).
 
     Objects whose header passes are decoded in one call; if that call fails (a corrupt body), each

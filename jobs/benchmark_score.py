@@ -87,7 +87,8 @@ def ceiling(model_dir: Path, images: Path, size: int, seconds: float = 10.0) -> 
 
     loaded = artifact.load(str(model_dir))
     cfg = ScoreConfig()
-    batch = np.stack([runtime.decode_image(p.read_bytes(), p.name, size, cfg)[0]
+    aa = runtime.resize_antialias(loaded.meta)
+    batch = np.stack([runtime.decode_image(p.read_bytes(), p.name, size, cfg, aa)[0]
                       for p in sorted(images.glob("*.jpg"))[:64]])
     out = {}
     for kind in ("litert", "tf"):
