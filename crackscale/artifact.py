@@ -2,7 +2,9 @@
 
 ``model.json`` holds everything a scorer needs (classes, crack class, input size, preprocessing,
 threshold) and everything an auditor needs (metrics, resolved config, split manifest hash,
-versions, history), plus the SHA-256 of ``model.keras``: a tampered model is refused. Loading uses
+versions, history), plus the SHA-256 of ``model.keras``: a tampered model is refused.
+``model.tflite`` is the same model exported for LiteRT at save time, with its SHA-256 and its
+measured parity with tf.keras under ``litert`` in model.json: CPU scorers start from it directly. Loading uses
 Keras safe mode (no Lambda layers / arbitrary code from the file).
 """
 
@@ -23,6 +25,7 @@ from crackscale.config import StorageConfig
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.keras"
+LITERT_FILE = "model.tflite"
 META_FILE = "model.json"
 FORMAT_VERSION = 1
 
@@ -49,9 +52,33 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def _export_litert(model: Any, local: Path, check_images: Any = None) -> dict[str, Any]:
+    """Write ``model.tflite`` beside the model and measure max |Δp| against tf.keras on
+    ``check_images`` (uint8 NHWC; training passes real validation images) or synthetic ones.
+    A failed export is recorded, not raised: scorers then convert (and check) on their own."""
+    from crackscale import runtime
+
+    path = local / LITERT_FILE
+    try:
+        runtime.export_litert(model, path)
+        on = "validation images"
+        if check_images is None or not len(check_images):
+            check_images, on = runtime.sample_images(int(model.inputs[0].shape[1]), 32), "synthetic images"
+        diff = runtime.parity(runtime.TFRuntime(model, 16), runtime.LiteRTRuntime(path, 16), check_images)
+    except Exception as e:  # e.g. an op LiteRT lacks
+        path.unlink(missing_ok=True)
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        log.warning("no LiteRT export stored in the artifact: %s", msg)
+        return {"error": msg[:500]}
+    log.info("LiteRT export stored: max |Δp| vs tf.keras = %.2e on %d %s", diff, len(check_images), on)
+    return {"file": LITERT_FILE, "sha256": sha256_file(path), "parity_max_abs_diff": diff,
+            "parity_images": len(check_images), "parity_on": on}
+
+
 def save(model: Any, meta: dict[str, Any], uri: str, extra_dir: str | Path | None = None,
-         cfg: StorageConfig | None = None) -> str:
-    """Write model + model.json (+ files of ``extra_dir``) to ``uri``; model.json is written last."""
+         cfg: StorageConfig | None = None, check_images: Any = None) -> str:
+    """Write model + its LiteRT export + model.json (+ files of ``extra_dir``) to ``uri``;
+    model.json is written last. ``check_images``: uint8 NHWC images for the LiteRT parity check."""
     with tempfile.TemporaryDirectory(prefix="crackscale-art-") as tmp:
         local = Path(tmp) / "artifact"
         if extra_dir and Path(extra_dir).is_dir():
@@ -61,7 +88,8 @@ def save(model: Any, meta: dict[str, Any], uri: str, extra_dir: str | Path | Non
         local.mkdir(exist_ok=True)
         model.save(local / MODEL_FILE)
         meta = dict(meta, format_version=FORMAT_VERSION, model_file=MODEL_FILE,
-                    model_sha256=sha256_file(local / MODEL_FILE))
+                    model_sha256=sha256_file(local / MODEL_FILE),
+                    litert=_export_litert(model, local, check_images))
         meta_text = json.dumps(meta, indent=2, sort_keys=False, default=str)
         storage.upload_dir(local, uri, cfg)
         # model.json last: an artifact without it is incomplete and refused by load()
@@ -78,6 +106,23 @@ def read_meta(uri: str, cfg: StorageConfig | None = None) -> dict[str, Any]:
         return json.loads(storage.read_text(meta_uri, cfg))
     except json.JSONDecodeError as e:
         raise ArtifactError(f"{meta_uri} is not valid JSON: {e}") from None
+
+
+def read_litert(uri: str, meta: dict[str, Any], cfg: StorageConfig | None = None) -> bytes:
+    """The artifact's LiteRT export (``meta["litert"]``), checked against its SHA-256."""
+    lit = meta.get("litert") or {}
+    if lit.get("file") != LITERT_FILE or not lit.get("sha256"):
+        raise ArtifactError(f"artifact {uri} holds no LiteRT export")
+    try:
+        data = storage.read_bytes(storage.join(uri, LITERT_FILE), cfg)
+    except (FileNotFoundError, storage.StorageError) as e:
+        raise ArtifactError(f"LiteRT file missing from artifact {uri}: {e}") from None
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != lit["sha256"]:
+        raise ArtifactError(
+            f"{LITERT_FILE} of {uri} does not match the checksum in {META_FILE} "
+            f"({digest[:12]}… != {str(lit['sha256'])[:12]}…): refusing a tampered artifact")
+    return data
 
 
 @dataclass

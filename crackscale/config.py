@@ -104,6 +104,7 @@ class ScoreConfig:
     max_pixels: int = 50_000_000  # larger images are refused (decompression-bomb guard)
     run_date: str = ""  # YYYY-MM-DD output partition; "" = today (UTC)
     cache_dir: str = ""  # LiteRT export cache (keyed by model SHA-256); "" = <tmp>/crackscale-cache
+    dashboard: bool = False  # with RAY_ADDRESS=local (the job starts its own Ray): start its dashboard too
     storage: StorageConfig = StorageConfig()
 
     def validate(self) -> None:

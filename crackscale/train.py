@@ -258,7 +258,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             import shutil
 
             shutil.copytree(tb_dir, Path(extra, "tensorboard"))
-        artifact.save(plain, meta, config["output"], extra_dir=extra, cfg=cfg.storage)
+        # the LiteRT export's parity check runs on real validation images, decoded as for training
+        check = next(iter(data.tf_dataset(va_x[:64], va_y[:64], cfg.image_size, 64, shuffle=False,
+                                          seed=0, repeat=False)))[0].numpy()
+        artifact.save(plain, meta, config["output"], extra_dir=extra, cfg=cfg.storage, check_images=check)
         final.update({f"test_{k_}": v for k_, v in test_m.items() if isinstance(v, (int, float))})
         final.update({f"val_{k_}": v for k_, v in val_m.items() if isinstance(v, (int, float))})
         final["artifact"] = config["output"]

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+import subprocess
+
 import numpy as np
 import pytest
-from conftest import REAL_DATA
+from conftest import PY, REAL_DATA, ROOT
 
 from crackscale import artifact, runtime
 from crackscale.config import ScoreConfig
@@ -77,3 +81,48 @@ def test_predictor_without_ray_gpu_path_on_cpu(model_artifact, lite_cache):
     assert calls == [model_artifact["uri"]] * 2  # loaded once per actor
     assert np.abs(out["tf"] - out["litert"]).max() <= 1e-4
     assert runtime.configure_tf(use_gpu=True) == 0  # no GPU here: memory-growth loop is a no-op
+
+
+def test_predictor_starts_from_the_artifacts_own_export_without_tensorflow(model_artifact, tmp_path):
+    """CPU actors load ``model.tflite`` (checksummed, parity recorded at save): no TF import, no conversion."""
+    lit = model_artifact["meta"]["litert"]
+    assert lit["file"] == "model.tflite" and lit["parity_on"] == "synthetic images" and lit["parity_images"] == 32
+    assert 0 <= lit["parity_max_abs_diff"] <= 1e-4
+    images = sample(64, 24)
+    np.save(tmp_path / "x.npy", images)
+    code = ("import json, sys, time; import numpy as np; t = time.time()\n"
+            "from crackscale import runtime; from crackscale.config import ScoreConfig\n"
+            "p = runtime.Predictor(ScoreConfig(model=sys.argv[1], batch_size=8)); ready = time.time() - t\n"
+            "x = np.load(sys.argv[2]); b = {'image': x, 'error': np.array([''] * len(x), dtype=object)}\n"
+            "print(json.dumps({'info': p.info, 'tf': 'tensorflow' in sys.modules, 'ready_s': ready,\n"
+            "                  'p': p(b)['crack_probability'].tolist()}))")
+    r = subprocess.run([PY, "-c", code, model_artifact["uri"], str(tmp_path / "x.npy")], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["info"]["runtime"] == "litert" and out["info"]["litert"] == "artifact", out["info"]
+    assert out["tf"] is False, "the LiteRT actor imported TensorFlow"
+    keras = artifact.load(model_artifact["uri"]).model
+    p_keras = keras.predict(images.astype(np.float32), batch_size=8, verbose=0).reshape(-1)
+    assert np.abs(np.array(out["p"]) - p_keras).max() <= 1e-4
+
+
+def test_a_tampered_or_missing_export_is_refused_or_redone(model_artifact, tmp_path):
+    art = tmp_path / "art"
+    shutil.copytree(model_artifact["uri"], art)
+    cfg = ScoreConfig(model=str(art), batch_size=8, cache_dir=str(tmp_path / "cache"))
+    data = bytearray((art / "model.tflite").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (art / "model.tflite").write_bytes(bytes(data))
+    with pytest.raises(artifact.ArtifactError, match="model.tflite of .* does not match the checksum"):
+        runtime.Predictor(cfg)
+    (art / "model.tflite").unlink()
+    with pytest.raises(artifact.ArtifactError, match="LiteRT file missing from artifact"):
+        runtime.Predictor(cfg)
+    # an artifact from before exports were stored (no "litert" key): converted and checked on load
+    meta = json.loads((art / "model.json").read_text())
+    del meta["litert"]
+    (art / "model.json").write_text(json.dumps(meta))
+    pred = runtime.Predictor(cfg)
+    assert pred.info["runtime"] == "litert" and pred.info["litert"] == "converted", pred.info
+    assert pred.info["parity_max_abs_diff"] <= 1e-4

@@ -44,6 +44,10 @@ def test_one_worker_learns_and_writes_a_self_describing_artifact(ray_local, synt
     art = tmp_path / "runs" / "one" / "model"
     assert (art / "config.yaml").is_file() and (art / "manifest.csv").is_file()
     assert list((art / "tensorboard").rglob("events.out.tfevents*")), "TensorBoard logs missing"
+    # its LiteRT export was checked against tf.keras on real validation images at save time
+    lit = meta["litert"]
+    assert lit["parity_on"] == "validation images" and lit["parity_images"] >= 16, lit
+    assert 0 <= lit["parity_max_abs_diff"] <= 1e-4 and artifact.sha256_file(art / "model.tflite") == lit["sha256"]
     # the artifact alone reproduces the reported test metrics
     loaded = artifact.load(str(art))
     prepared = data.scan(cfg, str(synth_data))
