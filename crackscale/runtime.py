@@ -330,17 +330,6 @@ def _decoder(image_size: int, antialias: bool) -> tuple[Any, Any]:
     return one, many
 
 
-def warm_decoder(image_size: int, antialias: bool) -> int:
-    """Import TensorFlow and compile the batch decoder in this worker process (≈ 5 s here), so that
-    the decode tasks that later reuse the process start at once; returns the process id."""
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.new("RGB", (8, 8)).save(buf, format="PNG")
-    _decoder(image_size, antialias)[1]([buf.getvalue()], [1]).numpy()
-    return os.getpid()
-
-
 def _clean(e: Exception) -> str:
     """TF's error text without its graph locations (``{{function_node …}}``, ``[[…]]``, ``[Op:…]``)."""
     msg = str(getattr(e, "message", "") or e)

@@ -402,22 +402,6 @@ def _pipeline(refs: list[Any], cfg: ScoreConfig, meta: dict[str, Any], nodes: se
                               num_gpus=1 if cfg.use_gpu else 0, max_restarts=0)
 
 
-def _warm_decoders(cfg: ScoreConfig, meta: dict[str, Any]) -> list[Any]:
-    """Fire-and-forget tasks, one per decode slot the first attempt will have, that import TF and
-    compile the decoder while the driver lists the input; the decode tasks then run in these warm
-    worker processes (Ray reuses idle workers) instead of paying ≈ 5 s each at start."""
-    import ray
-
-    from crackscale.runtime import resize_antialias, warm_decoder
-
-    cpus = sum(n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive"))
-    free = cpus - _default_actors(cfg, None) * cfg.actor_cpus
-    slots = max(1, min(64, int(free / cfg.decode_cpus)))
-    task = ray.remote(warm_decoder).options(num_cpus=cfg.decode_cpus, max_retries=0,
-                                            scheduling_strategy="SPREAD")
-    return [task.remote(int(meta["image_size"]), resize_antialias(meta)) for _ in range(slots)]
-
-
 def run(cfg: ScoreConfig) -> dict[str, Any]:
     """Score every not-yet-scored image of ``cfg.input`` with ``cfg.model``; returns the summary."""
     for key in ("model", "input", "output"):
@@ -427,7 +411,6 @@ def run(cfg: ScoreConfig) -> dict[str, Any]:
     meta = artifact.read_meta(cfg.model, cfg.storage)
     mid = model_id(meta)
     storage.check_bucket(cfg.output, cfg.storage)
-    warm = _warm_decoders(cfg, meta)  # noqa: F841 (kept until the run ends; results unused)
     now = dt.datetime.now(dt.timezone.utc)
     run_id = now.strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:6]
     run_date = cfg.run_date or now.strftime("%Y-%m-%d")
