@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,6 +30,24 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # Jobs run by tests start their own local Ray unless a test points them at a cluster: never
 # attach to a developer's `ray start` cluster by accident.
 os.environ["RAY_ADDRESS"] = "local"
+
+
+# pytest-xdist (`make test` runs `-n 2 --dist loadgroup`): tests of these modules are independent
+# and heavy, so they are spread one by one, except those sharing an expensive module-scoped
+# cluster; every other module stays on one worker (its module fixtures are built once).
+SPREAD_MODULES = {"test_tune", "test_train_jobs", "test_faults", "test_train", "test_score"}
+SHARED_CLUSTERS = ("ray_head", "ray_tune_local")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1]
+        if module not in SPREAD_MODULES:
+            item.add_marker(pytest.mark.xdist_group(module))
+            continue
+        shared = [f for f in SHARED_CLUSTERS if f in getattr(item, "fixturenames", ())]
+        if shared:
+            item.add_marker(pytest.mark.xdist_group(f"{module}:{shared[0]}"))
 
 
 def free_port() -> int:
@@ -145,7 +164,9 @@ def ray_head(tmp_path_factory, s3_server):
         ray.shutdown()
     port = free_port()
     dash = free_port()
-    tmp = tmp_path_factory.mktemp("rayhead")
+    # a short directory: Ray's unix socket paths under it must stay within 107 bytes (pytest-xdist
+    # puts each worker's tmp_path one level deeper, which overflowed them)
+    tmp = Path(tempfile.mkdtemp(prefix="rh", dir="/tmp"))
     # as after `source .venv/bin/activate`: the job's `python` must be the venv's
     env = dict(os.environ, RAY_AUTH_MODE="token",
                PATH=f"{Path(PY).parent}{os.pathsep}{os.environ.get('PATH', '')}")
@@ -173,6 +194,9 @@ def ray_head(tmp_path_factory, s3_server):
         yield {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dash}", "env": client_env}
     finally:
         stop_ray_under(tmp)
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def stop_ray_under(temp_dir: Path) -> None:

@@ -9,6 +9,7 @@ import os
 import re
 import shlex
 import subprocess
+import tempfile
 import tomllib
 from pathlib import Path
 
@@ -327,7 +328,7 @@ def _script(cmd: list[str], env: dict, timeout: int = 180) -> subprocess.Complet
 def test_local_script_starts_runs_a_job_and_stops(tmp_path_factory):
     ray_port, dash_port = free_port(), free_port()
     # A short directory: Ray's unix socket paths under it must stay within 107 bytes.
-    temp_dir = tmp_path_factory.mktemp("rc")
+    temp_dir = Path(tempfile.mkdtemp(prefix="rc", dir="/tmp"))  # not tmp_path: deeper under xdist
     env = dict(os.environ, RAY=str(Path(PY).parent / "ray"), RAY_PORT=str(ray_port),
                DASHBOARD_PORT=str(dash_port), NUM_CPUS="2", TEMP_DIR=str(temp_dir))
     env.pop("RAY_ADDRESS", None)
