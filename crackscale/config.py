@@ -92,7 +92,8 @@ class ScoreConfig:
     extensions: tuple[str, ...] = (".jpg", ".jpeg", ".png")  # listed files kept (case-insensitive)
     runtime: str = "auto"  # auto (GPU: tf, CPU: litert if parity holds, else tf) | litert | tf
     parity_tolerance: float = 1e-4  # max |Δp| LiteRT vs tf.keras on sample images, else not used
-    batch_size: int = 64  # images per model call (and per decode batch)
+    batch_size: int = 64  # images per model call
+    block_size: int = 256  # images per Ray Data batch: one decode call and one model-actor call each
     chunk_size: int = 2000  # images per committed Parquet file (the unit of exactly-once commit)
     num_actors: int = 0  # model actors; 0 = one per GPU (use_gpu) or one per CPU node
     use_gpu: bool = False  # one actor per GPU (num_gpus=1), tf.keras with memory growth
@@ -113,6 +114,7 @@ class ScoreConfig:
 
         _check(self.runtime in ("auto", "litert", "tf"), "config key 'runtime' must be auto, litert or tf")
         _check(self.batch_size > 0, "config key 'batch_size' must be positive")
+        _check(self.block_size > 0, "config key 'block_size' must be positive")
         _check(self.chunk_size > 0, "config key 'chunk_size' must be positive")
         _check(self.num_actors >= 0, "config key 'num_actors' must be >= 0")
         _check(self.actor_cpus >= 0 and self.decode_cpus > 0, "actor_cpus must be >= 0 and decode_cpus > 0")

@@ -215,7 +215,7 @@ def _plan(cfg: ScoreConfig, done: np.ndarray) -> tuple[list[tuple[str, Any]], di
     refs: list[tuple[str, Any]] = []
     sizes: dict[str, int] = {}
     counts = {"listed": 0, "already_scored": 0}
-    block_rows = max(cfg.batch_size * 4, 256)
+    block_rows = cfg.block_size
     pending: list[dict[str, Any]] = []
 
     def flush(rows: list[dict[str, Any]]) -> None:
@@ -392,12 +392,12 @@ def _pipeline(refs: list[Any], cfg: ScoreConfig, meta: dict[str, Any], nodes: se
     # surviving node it can take the CPUs that re-running the lost decode outputs needs, and the
     # pipeline then waits forever; instead the attempt fails and run() starts a new one.
     ds = ray.data.from_arrow_refs(refs).map_batches(
-        decode_batch, batch_size=cfg.batch_size, num_cpus=cfg.decode_cpus,
+        decode_batch, batch_size=cfg.block_size, num_cpus=cfg.decode_cpus,
         fn_kwargs={"image_size": int(meta["image_size"]), "cfg": cfg,
                    "antialias": resize_antialias(meta)})
     with warnings.catch_warnings():  # max_restarts has no named parameter yet (Ray 2.60)
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*is deprecated")
-        return ds.map_batches(Predictor, batch_size=cfg.batch_size, fn_constructor_kwargs={"cfg": cfg},
+        return ds.map_batches(Predictor, batch_size=cfg.block_size, fn_constructor_kwargs={"cfg": cfg},
                               compute=ActorPoolStrategy(size=n_actors), num_cpus=cfg.actor_cpus,
                               num_gpus=1 if cfg.use_gpu else 0, max_restarts=0)
 

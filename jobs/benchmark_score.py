@@ -123,6 +123,7 @@ def main() -> int:
     ap.add_argument("--image-size", type=int, default=160)
     ap.add_argument("--alpha", type=float, default=1.0)
     ap.add_argument("--workdir", default="/tmp/crackscale-bench")
+    ap.add_argument("--seconds", type=float, default=10.0, help="duration of each ceiling measurement")
     ap.add_argument("--skip", default="", help="comma list of: s3, original, small")
     args = ap.parse_args()
     skip = set(args.skip.split(","))
@@ -146,7 +147,7 @@ def main() -> int:
     rows: dict[str, dict] = {}
     # This machine's speed drifts by up to ±20 % over minutes (shared host), so the ceiling is
     # measured right before and right after the large local run and (b)/(a) uses their mean.
-    a0 = ceiling(model_dir, small, args.image_size)
+    a0 = ceiling(model_dir, small, args.image_size, args.seconds)
     sizes = [args.n] if "small" in skip else [args.small, args.n]
     for n, d in zip(sizes, [small, big] if len(sizes) == 2 else [big]):
         out = work / f"out-local-{n}"
@@ -155,7 +156,7 @@ def main() -> int:
         rows[f"(b) crackscale local → Parquet, N={n}"] = {
             "img_s": s["throughput_img_s"], "steady_img_s": s.get("steady_img_s"),
             "wall_s": s["duration_s"], "startup_s": s.get("startup_s"), "peak_rss_mib": s["peak_rss_mib"]}
-    a1 = ceiling(model_dir, small, args.image_size)
+    a1 = ceiling(model_dir, small, args.image_size, args.seconds)
     a = {k: (a0[k] + a1[k]) / 2 for k in a0}
     rows = {"(a) model only, LiteRT, preloaded tensors (mean of before/after)": {
                 "img_s": a["litert"], "before": a0["litert"], "after": a1["litert"]},

@@ -303,3 +303,22 @@ def test_committed_key_lookup_survives_hashes_ending_in_nul():
     done = np.sort(np.array(hashes, dtype="S17"))
     assert all(_is_in(done, h) for h in hashes)
     assert not any(_is_in(done, key_hash(f"s3://b/other/{i}.jpg")) for i in range(500))
+
+
+@pytest.mark.slow
+def test_benchmark_score_job_prints_rows_and_ratios(synth_data, tmp_path):
+    """jobs/benchmark_score.py end to end at tiny N (the 20,000-image run is a manual benchmark)."""
+    r = run_job(["jobs/benchmark_score.py", "--data", str(synth_data), "--n", "300", "--image-size", "64",
+                 "--alpha", "0.35", "--seconds", "1", "--skip", "s3,small", "--workdir", str(tmp_path)],
+                env=job_env(), timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = last_json(r.stdout)
+    rows, ratios = out["rows"], out["ratios"]
+    a = rows["(a) model only, LiteRT, preloaded tensors (mean of before/after)"]
+    b = rows["(b) crackscale local → Parquet, N=300"]
+    c = rows["(c) image_dataset_from_directory + predict, N=300"]
+    assert a["img_s"] == pytest.approx((a["before"] + a["after"]) / 2) and a["before"] > 0
+    assert b["img_s"] > 0 and b["startup_s"] > 0 and b["peak_rss_mib"] > 100 and c["img_s"] > 0
+    assert ratios["b_over_a_wall"] == pytest.approx(b["img_s"] / a["img_s"])
+    assert ratios["b_over_c_wall"] == pytest.approx(b["img_s"] / c["img_s"])
+    assert "| (b) crackscale local → Parquet, N=300 |" in r.stdout
