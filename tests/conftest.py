@@ -32,36 +32,6 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ["RAY_ADDRESS"] = "local"
 
 
-# pytest-xdist (`make test` runs `-n 2 --dist loadgroup`): tests of these modules are independent
-# and heavy, so they are spread one by one, except those sharing an expensive module-scoped
-# cluster; every other module stays on one worker (its module fixtures are built once).
-SPREAD_MODULES = {"test_tune", "test_train_jobs", "test_faults", "test_train", "test_score"}
-SHARED_CLUSTERS = ("ray_head", "ray_tune_local")
-# the longest modules first (whole modules, so module fixtures stay contiguous): the workers then
-# finish together instead of one running the last long test alone
-FIRST = ["test_tune", "test_train", "test_train_jobs", "test_gradcam", "test_faults", "test_score",
-         "test_report", "test_secrets"]
-
-
-def pytest_itemcollected(item):
-    """The xdist group of each test, set as it is collected (xdist reads the marks afterwards)."""
-    module = item.module.__name__.rsplit(".", 1)[-1]
-    if module not in SPREAD_MODULES:
-        item.add_marker(pytest.mark.xdist_group(module))
-        return
-    shared = [f for f in SHARED_CLUSTERS if f in getattr(item, "fixturenames", ())]
-    if shared:
-        item.add_marker(pytest.mark.xdist_group(f"{module}:{shared[0]}"))
-
-
-def pytest_collection_modifyitems(config, items):
-    def rank(item) -> int:
-        module = item.module.__name__.rsplit(".", 1)[-1]
-        return FIRST.index(module) if module in FIRST else len(FIRST)
-
-    items.sort(key=rank)  # stable: the order inside a module is kept
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

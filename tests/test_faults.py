@@ -43,7 +43,7 @@ def stage_images(synth_data: Path, dest: Path, n: int, bad: bool = True) -> int:
 
 
 def cfg_for(model: str, inp: str, out: str, endpoint: str, tmp_path: Path, **kw) -> ScoreConfig:
-    base = dict(model=model, input=inp, output=out, batch_size=8, chunk_size=10, runtime="tf",
+    base = dict(model=model, input=inp, output=out, batch_size=8, block_size=8, chunk_size=10, runtime="tf",
                 num_actors=1, read_threads=4, cache_dir=str(tmp_path / "cache"),
                 storage=StorageConfig(s3_endpoint=endpoint))
     base.update(kw)
@@ -249,7 +249,7 @@ def test_node_removed_mid_scoring_every_image_exactly_once(ray_node_to_lose, syn
     n = stage_images(synth_data, tmp_path / "imgs", 160)
     out = tmp_path / "scores"
     cfg = cfg_for(model_artifact["uri"], str(tmp_path / "imgs"), str(out), "", tmp_path,
-                  num_actors=2, chunk_size=8, batch_size=4, read_threads=2,
+                  num_actors=2, chunk_size=8, batch_size=4, block_size=4, read_threads=2,
                   storage=StorageConfig())
     removed: dict[str, int] = {}
     stop = threading.Event()

@@ -90,7 +90,7 @@ def hostile_files() -> dict[str, tuple[bytes, str]]:
 
 def score_cfg(**kw) -> ScoreConfig:
     # with .gif listed, GIF is a scored format: an animated GIF is scored on its first frame
-    base = dict(extensions=EXTS, batch_size=8, chunk_size=8, runtime="tf", num_actors=1, read_threads=4)
+    base = dict(extensions=EXTS, batch_size=8, block_size=8, chunk_size=8, runtime="tf", num_actors=1, read_threads=4)
     base.update(kw)
     return ScoreConfig(**base)
 

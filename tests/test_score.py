@@ -99,7 +99,7 @@ def test_decode_batch_is_per_image_decode_and_isolates_bad_files(synth_data, tmp
 
 
 def score_job(model: str, inp: str, out: str, cache: Path, *extra: str) -> list[str]:
-    return ["jobs/score.py", "--model", model, "--input", inp, "--output", out, "--set", "batch_size=8",
+    return ["jobs/score.py", "--model", model, "--input", inp, "--output", out, "--set", "batch_size=8", "--set", "block_size=8",
             "--set", "chunk_size=8", "--set", f"cache_dir={cache}", *extra]
 
 
@@ -219,7 +219,7 @@ def test_kill_and_rerun_exactly_once(synth_data, model_artifact, tmp_path):
     total = n + 1
     out = tmp_path / "scores"
     cmd = score_job(model_artifact["uri"], str(images), str(out), tmp_path / "cache", "--set", "chunk_size=2",
-                    "--set", "batch_size=2")
+                    "--set", "batch_size=2", "--set", "block_size=2")
     # kill points: after the 1st committed file, after more files, and at a fixed delay from start
     # (which may land before anything is committed, during Ray/actor start-up)
     killed_mid_run = 0
@@ -278,7 +278,7 @@ def test_manifest_in_process(ray_local, synth_data, model_artifact, tmp_path):
     manifest = tmp_path / "tonight.txt"
     manifest.write_text("\n".join(lines) + "\n")
     cfg = ScoreConfig(model=model_artifact["uri"], input=str(manifest), output=str(tmp_path / "out"),
-                      batch_size=4, chunk_size=4, runtime="tf", cache_dir=str(tmp_path / "c"))
+                      batch_size=4, block_size=4, chunk_size=4, runtime="tf", cache_dir=str(tmp_path / "c"))
     s = score.run(cfg)
     assert (s["listed"], s["scored"], s["failed"], s["runtime"]) == (8, 6, 2, "tf")
     rows = {r["uri"]: r for r in read_scores(cfg.output).to_pylist()}
