@@ -2,10 +2,10 @@
 
 ``model.json`` holds everything a scorer needs (classes, crack class, input size, preprocessing,
 threshold) and everything an auditor needs (metrics, resolved config, split manifest hash,
-versions, history), plus the SHA-256 of ``model.keras``: a tampered model is refused.
-``model.tflite`` is the same model exported for LiteRT at save time, with its SHA-256 and its
-measured parity with tf.keras under ``litert`` in model.json: CPU scorers start from it directly. Loading uses
-Keras safe mode (no Lambda layers / arbitrary code from the file).
+versions, history), plus the SHA-256 of ``model.keras``: a tampered model is refused. Loading uses
+Keras safe mode (no Lambda layers / arbitrary code from the file). ``model.tflite`` is the same
+model exported for LiteRT at save time; ``litert`` in model.json holds its SHA-256 and its measured
+parity with tf.keras, so CPU scorers start from it directly.
 """
 
 from __future__ import annotations
