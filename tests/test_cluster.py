@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import tempfile
 import tomllib
@@ -367,3 +368,4 @@ def test_local_script_starts_runs_a_job_and_stops(tmp_path_factory):
     finally:
         # Stops only this test's cluster (by its GCS port); other Ray clusters on the machine live on.
         _script(["down"], env)
+        shutil.rmtree(temp_dir, ignore_errors=True)
