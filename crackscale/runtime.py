@@ -117,8 +117,9 @@ class LiteRTRuntime:
         return np.concatenate(out).astype(np.float32) if out else np.zeros(0, np.float32)
 
 
-def litert_bytes(model: Any) -> bytes:
-    """An fp32 ``.tflite`` flatbuffer of a tf.keras model (inference mode, any batch size).
+def export_litert(model: Any, path: str | Path) -> Path:
+    """Convert a tf.keras model to an fp32 ``.tflite`` file (inference mode, any batch size;
+    atomic write).
 
     Converted from one concrete function whose only tracked state is the model's variables:
     ``TFLiteConverter.from_keras_model`` first writes a Keras SavedModel, tracing every layer's
@@ -131,12 +132,7 @@ def litert_bytes(model: Any) -> bytes:
     holder.variables_ = list(model.variables)
     holder.serve = tf.function(lambda x: model(x, training=False), input_signature=[spec])
     conv = tf.lite.TFLiteConverter.from_concrete_functions([holder.serve.get_concrete_function()], holder)
-    return conv.convert()
-
-
-def export_litert(model: Any, path: str | Path) -> Path:
-    """Convert a tf.keras model to an fp32 ``.tflite`` file (atomic write)."""
-    data = litert_bytes(model)
+    data = conv.convert()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -135,7 +136,7 @@ def ray_node_to_lose(s3_server):
 
 
 @pytest.fixture(scope="module")
-def ray_head(tmp_path_factory, s3_server):
+def ray_head(s3_server):
     """A real ``ray start --head`` cluster with token auth, as the README starts it.
 
     Yields a dict with the dashboard address and the env a client needs for ``ray job submit``.
@@ -176,8 +177,6 @@ def ray_head(tmp_path_factory, s3_server):
         yield {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dash}", "env": client_env}
     finally:
         stop_ray_under(tmp)
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
 
 
