@@ -17,6 +17,7 @@ import io
 import logging
 import os
 import re
+import sys
 import tempfile
 import uuid
 from pathlib import Path
@@ -282,13 +283,45 @@ def resize_antialias(meta: dict[str, Any]) -> bool:
     return bool(meta.get("resize_antialias", True))
 
 
+TF_IMPORT_CUT_SHORT_EXIT = 75  # exit status of a worker process whose TensorFlow import was cut short
+
+
+def tf_import_cut_short() -> bool:
+    """True in a process where ``import tensorflow`` was interrupted half-way.
+
+    Python drops the failed ``tensorflow`` package but keeps the submodules already loaded, with
+    their registries: every later ``import tensorflow`` in the process then fails ("Name
+    tf.RaggedTensorSpec has already been registered"). Ray cancels a failed attempt's read/decode
+    tasks (KeyboardInterrupt in the worker) and reuses the worker process for later tasks.
+    """
+    return "tensorflow" not in sys.modules and any(m.startswith("tensorflow.") for m in sys.modules)
+
+
+def import_tf_or_exit() -> Any:
+    """``import tensorflow`` for a Ray task. In a process where an earlier import was cut short and
+    importing again fails, the process ends itself (status ``TF_IMPORT_CUT_SHORT_EXIT``): only a
+    new process can import TensorFlow, and Ray Data retries a task whose worker died elsewhere."""
+    cut_short = tf_import_cut_short()
+    try:
+        import tensorflow as tf
+    except Exception as e:
+        if not cut_short:
+            raise
+        log.error("TensorFlow import was cut short earlier in this process (a cancelled task) and "
+                  "fails now (%s: %s); exiting so that the task is retried in a new worker process",
+                  type(e).__name__, str(e)[:200])
+        logging.shutdown()
+        os._exit(TF_IMPORT_CUT_SHORT_EXIT)
+    return tf
+
+
 def _decoder(image_size: int, antialias: bool) -> tuple[Any, Any]:
     """Compiled decoders (one pair per process): bytes + EXIF orientation → uint8 [size, size, 3],
     for one image and for a batch (the same ops in a ``tf.map_fn``: one call per batch saves the
     ≈ 0.5 ms of Python dispatch a per-image call costs, and gives bit-identical pixels)."""
     if (image_size, antialias) in _DECODERS:
         return _DECODERS[image_size, antialias]
-    import tensorflow as tf
+    tf = import_tf_or_exit()
 
     if not _DECODERS:
         try:  # per-image ops: one thread each; parallelism comes from Ray tasks

@@ -77,12 +77,33 @@ def upload_tree(endpoint: str, local: Path, bucket: str, prefix: str) -> int:
     return n
 
 
+def shared_dir(tmp_path_factory, name: str, make) -> Path:
+    """A directory built once per test session, also across pytest-xdist workers.
+
+    ``make(path)`` fills ``path`` (it must not exist yet); the first worker to ask builds it under a
+    file lock in the run's shared base temp dir, the others wait and reuse it. Users of a shared
+    directory must not change it (copy it first).
+    """
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # pytest-of-<user>/pytest-N: common to every worker of this run
+    path, done = base / f"shared-{name}", base / f"shared-{name}.done"
+    with FileLock(str(base / f"shared-{name}.lock")):
+        if not done.exists():
+            shutil.rmtree(path, ignore_errors=True)
+            make(path)
+            done.touch()
+    return path
+
+
 @pytest.fixture(scope="session")
 def synth_data(tmp_path_factory) -> Path:
     """150 synthetic images per class (Negative/Positive), 227 px JPEGs."""
     from crackscale import synth
 
-    return synth.generate(tmp_path_factory.mktemp("synth"), per_class=150, seed=7)
+    return shared_dir(tmp_path_factory, "synth", lambda p: synth.generate(p, per_class=150, seed=7))
 
 
 @pytest.fixture(scope="session")
@@ -260,18 +281,23 @@ def make_artifact(uri: str, name: str = "test-model", seed: int = 0, image_size:
     return _json.loads(storage.read_text(storage.join(uri, "model.json")))
 
 
+def _shared_artifact(tmp_path_factory, name: str, **kwargs) -> dict:
+    import json as _json
+
+    uri = str(shared_dir(tmp_path_factory, name, lambda p: make_artifact(str(p / "model"), **kwargs)) / "model")
+    return {"uri": uri, "meta": _json.loads(Path(uri, "model.json").read_text())}
+
+
 @pytest.fixture(scope="session")
 def model_artifact(tmp_path_factory) -> dict:
-    """A local model artifact (64 px, α 0.35, untrained); dict with uri and meta."""
-    uri = str(tmp_path_factory.mktemp("artifact") / "model")
-    return {"uri": uri, "meta": make_artifact(uri)}
+    """A local model artifact (64 px, α 0.35, untrained); dict with uri and meta. Don't modify it."""
+    return _shared_artifact(tmp_path_factory, "artifact")
 
 
 @pytest.fixture(scope="session")
 def model_artifact_v2(tmp_path_factory) -> dict:
     """A second model version (different weights, so a different model_sha256)."""
-    uri = str(tmp_path_factory.mktemp("artifact2") / "model")
-    return {"uri": uri, "meta": make_artifact(uri, name="test-model", seed=1)}
+    return _shared_artifact(tmp_path_factory, "artifact2", name="test-model", seed=1)
 
 
 def small_train_config(data, tmp_path, **overrides):
@@ -284,6 +310,45 @@ def small_train_config(data, tmp_path, **overrides):
                 fine_tune_lr=1e-4, patience=5, storage_path=str(tmp_path / "runs"), name="t")
     base.update(overrides)
     return TrainConfig(**base)
+
+
+def check_learned(summary: dict, meta: dict) -> None:
+    """A training run learned: held-out test split well above chance and better than before training.
+
+    The decision threshold favours recall, so accuracy is judged at 0.5 and threshold-free."""
+    assert summary["test"]["accuracy_at_0.5"] >= 0.8, summary
+    assert summary["test"]["roc_auc"] >= 0.9, summary
+    assert summary["test"]["recall"] >= 0.9, summary
+    before = summary["test_before"]["roc_auc"]
+    assert before != before or summary["test"]["roc_auc"] > before  # NaN: one class predicted before
+    losses = [h["loss"] for h in meta["history"]]
+    assert min(losses[-3:]) < losses[0], losses
+
+
+@pytest.fixture(scope="session")
+def trained_run(synth_data, tmp_path_factory) -> dict:
+    """One real training run, shared by every test that needs a trained model (don't modify it).
+
+    ``jobs/train.py`` with ``small_train_config(name="one")`` (1 worker, its own local Ray), run
+    once per test session; dict with ``cfg`` (the TrainConfig), ``summary`` (the job's JSON) and
+    ``artifact`` (the model directory).
+    """
+    import json as _json
+
+    from crackscale.config import dump
+
+    def make(path: Path) -> None:
+        path.mkdir(parents=True)
+        cfg = small_train_config(synth_data, path, name="one")
+        (path / "train.yaml").write_text(dump(cfg))
+        r = run_job(["jobs/train.py", "--config", str(path / "train.yaml")])
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+        (path / "summary.json").write_text(_json.dumps(last_json(r.stdout)))
+
+    path = shared_dir(tmp_path_factory, "trained", make)
+    return {"cfg": small_train_config(synth_data, path, name="one"),
+            "summary": _json.loads((path / "summary.json").read_text()),
+            "artifact": path / "runs" / "one" / "model"}
 
 
 # ---- tuning fixtures (crackscale.tune tests) ----------------------------------------------------

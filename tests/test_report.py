@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import PY, ROOT, last_json, small_train_config, upload_tree
+from conftest import PY, ROOT, last_json, upload_tree
 from PIL import Image
 
-from crackscale import query, report, score, train
+from crackscale import query, report, score
 from crackscale.config import ScoreConfig
 
 CHROMIUM = "/usr/bin/chromium"
@@ -97,11 +97,11 @@ def f4(v: float) -> str:
 
 
 @pytest.fixture(scope="module")
-def trained(ray_local, synth_data, tmp_path_factory) -> str:
-    """A real (small) two-phase training run; returns its model artifact."""
-    cfg = small_train_config(synth_data, tmp_path_factory.mktemp("rep"), head_epochs=3, fine_tune_epochs=1,
-                             limit_per_class=50, name="rep")
-    return train.run(cfg)["artifact"]
+def trained(trained_run, tmp_path_factory) -> str:
+    """A copy (reports are written into it) of the shared real two-phase training run's artifact."""
+    dest = tmp_path_factory.mktemp("rep") / "model"
+    shutil.copytree(trained_run["artifact"], dest)
+    return str(dest)
 
 
 def test_training_report(trained, chromium, tmp_path, s3_server, s3_bucket):
@@ -160,7 +160,7 @@ def test_training_report(trained, chromium, tmp_path, s3_server, s3_bucket):
 def night(synth_data: Path, dest: Path, neg: slice, pos: slice, bad: bool = False) -> Path:
     dest.mkdir(parents=True)
     for cls, sl in (("Negative", neg), ("Positive", pos)):
-        for p in sorted((synth_data / cls).glob("*.jpg"))[sl]:  # beyond the 50 per class trained on
+        for p in sorted((synth_data / cls).glob("*.jpg"))[sl]:
             shutil.copy(p, dest / f"{cls}-{p.name}")
     if bad:
         (dest / "empty.jpg").write_bytes(b"")
@@ -173,7 +173,7 @@ def ks(a: np.ndarray, b: np.ndarray) -> float:
     return max(abs((a <= x).mean() - (b <= x).mean()) for x in np.r_[a, b])
 
 
-def test_scoring_report(trained, synth_data, chromium, tmp_path, s3_server, s3_bucket):
+def test_scoring_report(ray_local, trained, synth_data, chromium, tmp_path, s3_server, s3_bucket):
     out = str(tmp_path / "scores")
     runs = {}
     for date, d in (("2026-11-23", night(synth_data, tmp_path / "n1", slice(100, 115), slice(100, 105))),
