@@ -33,6 +33,35 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ["RAY_ADDRESS"] = "local"
 
 
+# The longest tests (several minutes each on 2 cores), longest first: pytest-xdist hands tests out
+# in collection order, so starting these first keeps one of them from running alone at the end.
+LONGEST_FIRST = [
+    "test_tune.py::test_asha_stops_weak_trials_and_exports_a_best_artifact_that_scores",
+    "test_train_jobs.py::test_two_workers_on_two_nodes_learn",
+    "test_tune.py::test_interrupted_run_resumes_without_redoing_finished_trials",
+    "test_tune.py::test_pbt_exploits_and_reports_the_schedule",
+    "test_train.py::test_one_worker_learns_and_writes_a_self_describing_artifact",
+    "test_train_jobs.py::test_killed_run_resumes_without_redoing_epochs",
+    "test_secrets.py::test_no_secret_in_any_output_or_log",
+    "test_train_jobs.py::test_benchmark_train_prints_both_rates",
+    "test_train_jobs.py::test_ray_job_submit_to_a_ray_start_head_cluster",
+    "test_score.py::test_s3_incremental_and_new_model",
+]
+
+
+def pytest_collection_modifyitems(session, config, items) -> None:
+    """The longest tests first, then the other slow ones, then the rest (stable within each)."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+
+    def key(item) -> tuple[int, int]:
+        name = f"{Path(str(item.fspath)).name}::{item.name}"
+        if name in rank:
+            return 0, rank[name]
+        return (1 if item.get_closest_marker("slow") else 2), 0
+
+    items.sort(key=key)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
