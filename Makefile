@@ -22,10 +22,11 @@ demo: venv
 	RAY_ADDRESS=$${RAY_ADDRESS:-local} $(BIN)/python jobs/train.py --config jobs/configs/demo.yaml
 
 ## The whole suite, slow tests included (starts its own Ray clusters and S3 server on 127.0.0.1);
-## TEST_WORKERS pytest-xdist processes, one test at a time each (tests wait on Ray/TF start-up about half the time)
+## TEST_WORKERS pytest-xdist processes, one test at a time each (tests wait on Ray/TF start-up about half the time);
+## --maxschedchunk 1: each worker takes the next test in collection order (longest first) when it frees up
 TEST_WORKERS ?= 2
 test: venv
-	$(BIN)/python -m pytest -v --durations=25 -n $(TEST_WORKERS) --dist load tests
+	$(BIN)/python -m pytest -v --durations=25 -n $(TEST_WORKERS) --dist load --maxschedchunk 1 tests
 
 ## Everything but the slow tests
 test-fast: venv

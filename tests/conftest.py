@@ -33,8 +33,9 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ["RAY_ADDRESS"] = "local"
 
 
-# The longest tests (several minutes each on 2 cores), longest first: pytest-xdist hands tests out
-# in collection order, so starting these first keeps one of them from running alone at the end.
+# The longest tests (several minutes each on 2 cores), longest first: pytest-xdist (`make test`:
+# --dist load --maxschedchunk 1) hands tests out one at a time in collection order, so starting
+# these first keeps one of them from running alone at the end.
 LONGEST_FIRST = [
     "test_tune.py::test_asha_stops_weak_trials_and_exports_a_best_artifact_that_scores",
     "test_train_jobs.py::test_two_workers_on_two_nodes_learn",
