@@ -256,7 +256,7 @@ def stop_ray_under(temp_dir: Path) -> None:
         p.kill()
 
 
-def run_job(args: list[str], env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
+def run_job(args: list[str], env: dict | None = None, timeout: int = 1500) -> subprocess.CompletedProcess:
     """Run a jobs/ script as a user would (``python jobs/x.py ...``) from the project root."""
     return subprocess.run([PY, *args], cwd=ROOT, env=env or dict(os.environ), capture_output=True,
                           text=True, timeout=timeout)
@@ -311,10 +311,10 @@ def make_artifact(uri: str, name: str = "test-model", seed: int = 0, image_size:
     return _json.loads(storage.read_text(storage.join(uri, "model.json")))
 
 
-def _shared_artifact(tmp_path_factory, name: str, **kwargs) -> dict:
+def _shared_artifact(tmp_path_factory, key: str, **kwargs) -> dict:
     import json as _json
 
-    uri = str(shared_dir(tmp_path_factory, name, lambda p: make_artifact(str(p / "model"), **kwargs)) / "model")
+    uri = str(shared_dir(tmp_path_factory, key, lambda p: make_artifact(str(p / "model"), **kwargs)) / "model")
     return {"uri": uri, "meta": _json.loads(Path(uri, "model.json").read_text())}
 
 

@@ -331,7 +331,8 @@ def test_a_worker_whose_tensorflow_import_was_cut_short_exits_for_a_retry():
     """Ray cancels a failed attempt's decode tasks (KeyboardInterrupt) and reuses their processes;
     one cancelled during ``import tensorflow`` may never import it again. Such a process must end
     itself (Ray Data then retries the task in a new worker), not fail every later task. The cut is
-    made at increasing delays, one process each, until one lands where a re-import fails."""
+    made at increasing delays (shares of a whole import's time), one process each, until one lands
+where a re-import fails."""
     code = """
 import signal, sys
 from crackscale import runtime
@@ -355,10 +356,15 @@ if not runtime.tf_import_cut_short():
 runtime.import_tf_or_exit()
 print("re-import worked")
 """
+    # cut points spread over how long a whole import takes on this machine now
+    t0 = time.monotonic()
+    full = subprocess.run([PY, "-c", code, "1000"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    took = time.monotonic() - t0
+    assert full.returncode == 0 and "not cut short" in full.stdout, full.stdout + full.stderr[-3000:]
     seen = []
     for i in range(30):
-        r = subprocess.run([PY, "-c", code, str(0.3 + 0.13 * i)], cwd=ROOT, capture_output=True, text=True,
-                           timeout=300)
+        r = subprocess.run([PY, "-c", code, str(took * (0.1 + 0.03 * i))], cwd=ROOT, capture_output=True,
+                           text=True, timeout=300)
         if r.returncode == runtime.TF_IMPORT_CUT_SHORT_EXIT:
             assert "TensorFlow import was cut short" in r.stderr and "re-import worked" not in r.stdout
             break
