@@ -100,7 +100,7 @@ def test_killed_run_resumes_without_redoing_epochs(synth_data, tmp_path):
             return []
         return [r["metrics"]["epoch"] for r in d.get("checkpoint_results", [])]
 
-    deadline = time.time() + 600
+    deadline = time.time() + 1200
     try:
         while time.time() < deadline and len(committed_epochs()) < 2:
             assert proc.poll() is None, "training finished before it could be killed"

@@ -162,7 +162,7 @@ def test_interrupted_run_resumes_without_redoing_finished_trials(synth_data, tmp
     proc = subprocess.Popen([PY, "jobs/tune.py", "--config", str(config)], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True, env=dict(os.environ))
     # interrupt once one trial has finished and another has a checkpoint but is still running
-    deadline = time.time() + 600
+    deadline = time.time() + 1200
     while time.time() < deadline and proc.poll() is None:
         # finished = Tune has its final report (the one naming the artifact)
         done = {p.parent.name for p in exp.glob("*_0000*/result.json") if '"artifact"' in p.read_text()}
@@ -174,7 +174,7 @@ def test_interrupted_run_resumes_without_redoing_finished_trials(synth_data, tmp
         time.sleep(0.5)
     assert proc.poll() is None, "the search ended before it could be interrupted"
     proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=300)
+    out, _ = proc.communicate(timeout=600)
     first = last_json(out)
     assert first["status"] == "interrupted", first
     finished = [r["trial"] for r in first["table"] if r["stop_reason"] == "completed"]
