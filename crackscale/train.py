@@ -1,7 +1,8 @@
-"""Distributed two-phase MobileNetV2 training with Ray Train (TensorflowTrainer + MWMS).
+"""Distributed two-phase MobileNetV2 training with Ray Train (DataParallelTrainer + MWMS).
 
 Driver: scan/dedup/split the data once, put the image bytes in Ray's object store (so workers on
-any node get them without shared storage), start a ``TensorflowTrainer``. Each worker: a
+any node get them without shared storage), start a ``DataParallelTrainer`` whose backend
+(``crackscale.tf_backend``) gives each worker its ``TF_CONFIG``. Each worker: a
 ``MultiWorkerMirroredStrategy`` over all workers and their local GPUs, its shard of the data, head
 phase (Adam, base frozen when pretrained) then fine-tune phase (RMSprop, base from
 ``fine_tune_at``), EarlyStopping per phase, a checkpoint every epoch. Rank 0 evaluates before and
@@ -324,16 +325,21 @@ def absolute_paths(cfg: TrainConfig) -> TrainConfig:
 
 
 def make_trainer(cfg: TrainConfig, loop_config: dict[str, Any], run_config: Any = None) -> Any:
-    """The TensorflowTrainer for ``cfg`` (shared by ``run`` and the Tune driver function)."""
+    """The Ray Train trainer for ``cfg`` (shared by ``run`` and the Tune driver function): a
+    ``DataParallelTrainer`` with the MWMS backend of ``crackscale.tf_backend`` (what
+    ``TensorflowTrainer`` does, without importing TensorFlow in the driver and the controller)."""
     from ray.train import ScalingConfig
-    from ray.train.tensorflow import TensorflowTrainer
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+    from crackscale.tf_backend import MWMSConfig
 
     workers, gpus = auto_workers(cfg)
     resources = {"CPU": cfg.cpus_per_worker}
     if cfg.use_gpu:
         resources["GPU"] = gpus
-    return TensorflowTrainer(
+    return DataParallelTrainer(
         train_loop_per_worker, train_loop_config=loop_config, run_config=run_config,
+        backend_config=MWMSConfig(),
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker=resources),
     )

@@ -2,7 +2,7 @@
 
 Driver: scan/split the data once and put it in the object store (``train.prepare``), then a
 ``Tuner`` over a driver function (Train V2 pattern). Each trial builds the same
-``TensorflowTrainer`` as ``jobs/train.py`` (``train.make_trainer``) with its own config and calls
+Ray Train trainer as ``jobs/train.py`` (``train.make_trainer``) with its own config and calls
 ``fit()``. A Train callback relays each epoch's metrics *and checkpoint* to Tune (Ray's
 ``TuneReportCallback`` relays metrics only; PBT and ``--resume`` need Tune to hold checkpoints). A
 trial that Tune restores (PBT exploit, ``--resume``) starts a fresh Train run from

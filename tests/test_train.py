@@ -2,13 +2,15 @@
 (2 workers on 2 nodes: test_train_jobs.py)."""
 
 import json
+import os
+import subprocess
 
 import numpy as np
 import pytest
 
 from crackscale import artifact, data, train
 from crackscale import model as M
-from conftest import check_learned, small_train_config, upload_tree
+from conftest import PY, ROOT, check_learned, last_json, small_train_config, upload_tree
 
 pytestmark = pytest.mark.slow
 
@@ -85,3 +87,31 @@ def test_tampered_artifact_is_refused(model_artifact, tmp_path):
     (art / "model.json").write_text(json.dumps(meta))
     with pytest.raises(artifact.ArtifactError, match="does not match the checksum"):
         artifact.load(str(art))
+
+
+TRAINER_WITHOUT_TF = """
+import json, os, sys
+import ray
+from ray import cloudpickle
+from crackscale import train, tf_backend
+from crackscale.config import TrainConfig
+
+ray.init(num_cpus=1, include_dashboard=False)
+trainer = train.make_trainer(TrainConfig(num_workers=2), {})
+cloudpickle.loads(cloudpickle.dumps(trainer))  # what the Train controller receives
+tf_backend.set_tf_config(["10.0.0.1:1234", "10.0.0.2:5678"], 1)
+print(json.dumps({"tf": "tensorflow" in sys.modules, "TF_CONFIG": json.loads(os.environ["TF_CONFIG"]),
+                  "legacy": os.environ["TF_USE_LEGACY_KERAS"], "backend": type(trainer.backend_config).__name__}))
+ray.shutdown()
+"""
+
+
+def test_building_the_trainer_does_not_import_tensorflow():
+    # the driver (a Tune trial's) and the Train controller never run a TF op: no 5 s import there
+    r = subprocess.run([PY, "-c", TRAINER_WITHOUT_TF], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, RAY_ADDRESS="local"))  # its own Ray
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = last_json(r.stdout)
+    assert out["tf"] is False and out["backend"] == "MWMSConfig" and out["legacy"] == "1"
+    assert out["TF_CONFIG"] == {"cluster": {"worker": ["10.0.0.1:1234", "10.0.0.2:5678"]},
+                                "task": {"type": "worker", "index": 1}}
