@@ -332,7 +332,7 @@ def test_a_worker_whose_tensorflow_import_was_cut_short_exits_for_a_retry():
     one cancelled during ``import tensorflow`` may never import it again. Such a process must end
     itself (Ray Data then retries the task in a new worker), not fail every later task. The cut is
     made at increasing delays (shares of a whole import's time), one process each, until one lands
-where a re-import fails."""
+    where a re-import fails."""
     code = """
 import signal, sys
 from crackscale import runtime
