@@ -47,6 +47,7 @@ class TrainConfig:
     synth_dir: str = "demo/data"  # where synthetic demo data is written when data == ""
     # model
     image_size: int = 160
+    resize_antialias: bool = False  # antialiased bilinear resize (2x the decode CPU); recorded in model.json
     alpha: float = 1.0
     weights: str = "imagenet"  # imagenet | none | path or s3:// URI of a MobileNetV2 no-top .h5
     bn_momentum: float = 0.0  # 0 = auto: 0.999 with pretrained weights, 0.9 from scratch

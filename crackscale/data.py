@@ -198,10 +198,11 @@ def manifest_csv(manifest: list[dict[str, Any]]) -> str:
 
 # ---- tf.data (imported lazily: the driver need not load TensorFlow) -----------------------------
 
-# Resize as the original script's image_dataset_from_directory did: bilinear, no antialiasing
-# (half the CPU of an antialiased resize: 0.8 vs 1.6 ms per 227 px JPEG on one core here).
-# Recorded in model.json as "resize_antialias"; artifacts without the key were trained with True.
-RESIZE_ANTIALIAS = False
+# The default resize (TrainConfig.resize_antialias): bilinear without antialiasing, as the original
+# script's image_dataset_from_directory did (half the CPU of an antialiased resize: 0.8 vs 1.6 ms per
+# 227 px JPEG on one core here). Recorded in model.json as "resize_antialias"; artifacts without the
+# key were trained with True.
+RESIZE_ANTIALIAS: bool = TrainConfig.resize_antialias
 
 
 def decode(data: Any, image_size: int, antialias: bool = RESIZE_ANTIALIAS) -> Any:

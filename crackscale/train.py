@@ -41,7 +41,8 @@ def _distributed(strategy: Any, images: list[bytes], labels: list[int], cfg: Tra
     def fn(ctx: Any) -> Any:
         return data.tf_dataset(images, labels, cfg.image_size, per_replica, shuffle=training,
                                seed=cfg.seed + ctx.input_pipeline_id, repeat=True,
-                               shard=(ctx.num_input_pipelines, ctx.input_pipeline_id))
+                               shard=(ctx.num_input_pipelines, ctx.input_pipeline_id),
+                               antialias=cfg.resize_antialias)
 
     return strategy.distribute_datasets_from_function(fn)
 
@@ -50,7 +51,8 @@ def _evaluate(mdl: Any, images: list[bytes], labels: list[int], cfg: TrainConfig
               threshold: float | None = None) -> tuple[dict[str, Any], np.ndarray]:
     if not images:
         return {}, np.zeros(0)
-    ds = data.tf_dataset(images, labels, cfg.image_size, 64, shuffle=False, seed=0, repeat=False)
+    ds = data.tf_dataset(images, labels, cfg.image_size, 64, shuffle=False, seed=0, repeat=False,
+                         antialias=cfg.resize_antialias)
     p = M.predict(mdl, ds)
     y = np.asarray(labels)
     thr = threshold if threshold is not None else M.threshold_for_recall(y, p, cfg.target_recall)
@@ -228,9 +230,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "image_size": cfg.image_size,
             "input": {"dtype": "float32", "shape": [None, cfg.image_size, cfg.image_size, 3],
                       "range": [0, 255], "channels": "RGB"},
-            "resize_antialias": data.RESIZE_ANTIALIAS,
+            "resize_antialias": cfg.resize_antialias,
             "preprocessing": ("decode JPEG/PNG to RGB, resize to image_size x image_size "
-                              f"(bilinear, antialias={data.RESIZE_ANTIALIAS}), float32 0..255; the model applies "
+                              f"(bilinear, antialias={cfg.resize_antialias}), float32 0..255; the model applies "
                               "MobileNetV2 scaling (x/127.5 - 1) itself"),
             "output": "sigmoid probability of crack_class, shape [N, 1]",
             "threshold": val_m["threshold"],
@@ -261,7 +263,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             shutil.copytree(tb_dir, Path(extra, "tensorboard"))
         # the LiteRT export's parity check runs on real validation images, decoded as for training
         check = next(iter(data.tf_dataset(va_x[:64], va_y[:64], cfg.image_size, 64, shuffle=False,
-                                          seed=0, repeat=False)))[0].numpy()
+                                          seed=0, repeat=False, antialias=cfg.resize_antialias)))[0].numpy()
         artifact.save(plain, meta, config["output"], extra_dir=extra, cfg=cfg.storage, check_images=check)
         final.update({f"test_{k_}": v for k_, v in test_m.items() if isinstance(v, (int, float))})
         final.update({f"val_{k_}": v for k_, v in val_m.items() if isinstance(v, (int, float))})

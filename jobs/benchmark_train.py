@@ -29,9 +29,9 @@ def plain_fit(cfg: TrainConfig, prepared: data.Prepared) -> list[float]:
     mdl, base = M.build(cfg)
     M.set_phase(cfg, mdl, base, "head")
     tr = data.tf_dataset(prepared.images["train"], prepared.labels["train"], cfg.image_size,
-                         cfg.batch_size, shuffle=True, seed=0, repeat=True)
+                         cfg.batch_size, shuffle=True, seed=0, repeat=True, antialias=cfg.resize_antialias)
     va = data.tf_dataset(prepared.images["val"], prepared.labels["val"], cfg.image_size,
-                         cfg.batch_size, shuffle=False, seed=0, repeat=True)
+                         cfg.batch_size, shuffle=False, seed=0, repeat=True, antialias=cfg.resize_antialias)
     times: list[float] = []
 
     class Timer(k.callbacks.Callback):

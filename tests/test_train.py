@@ -31,6 +31,7 @@ def test_one_worker_learns_and_writes_a_self_describing_artifact(trained_run):
                 "versions", "model_sha256", "data_stats"):
         assert key in meta, key
     assert meta["versions"]["ray"] == "2.60.0" and meta["config"]["image_size"] == 96
+    assert meta["resize_antialias"] is False and "antialias=False" in meta["preprocessing"]  # the default
     assert meta["strategy"] == "default (one device)" and meta["num_replicas"] == 1
     for cm in (meta["metrics"]["after"]["test"]["confusion_matrix"], meta["metrics"]["before"]["test"]["confusion_matrix"]):
         assert set(cm) == {"tn", "fp", "fn", "tp"}
@@ -57,6 +58,26 @@ def test_cosine_lr_decays_within_a_phase():
     lrs = [train.cosine_lr(1e-3, i, 4) for i in range(4)]
     assert lrs[0] == pytest.approx(1e-3) and all(a > b > 0 for a, b in zip(lrs, lrs[1:]))
     assert lrs[2] == pytest.approx(0.5e-3)
+
+
+def test_training_and_evaluation_resize_as_configured(synth_data):
+    """`resize_antialias` reaches the training input pipeline and the evaluation that sets the threshold."""
+    import tensorflow as tf
+
+    from crackscale.config import TrainConfig, replace
+
+    pos = sorted((synth_data / "Positive").glob("*.jpg"))[:2]
+    neg = sorted((synth_data / "Negative").glob("*.jpg"))[:2]
+    images, labels = [p.read_bytes() for p in pos + neg], [1, 1, 0, 0]
+    mean_pixel = lambda x, training: tf.reduce_mean(x, axis=[1, 2, 3]) / 255.0  # noqa: E731 (a stand-in model)
+    decoded = {aa: np.stack([tf.round(data.decode(b, 96, aa)).numpy() for b in images]) for aa in (False, True)}
+    assert np.abs(decoded[True] - decoded[False]).max() > 10  # the two resizes differ on these images
+    for aa in (False, True):
+        cfg = replace(TrainConfig(), image_size=96, batch_size=4, resize_antialias=aa)
+        x = next(iter(train._distributed(tf.distribute.get_strategy(), images, labels, cfg, training=False)))[0]
+        np.testing.assert_array_equal(x.numpy(), decoded[aa])
+        _, p = train._evaluate(mean_pixel, images, labels, cfg)
+        np.testing.assert_allclose(p, decoded[aa].mean(axis=(1, 2, 3)) / 255.0, rtol=1e-5)
 
 
 def test_s3_data_in_artifact_out(ray_local, s3_server, s3_bucket, synth_data, tmp_path):

@@ -117,7 +117,7 @@ def test_asha_stops_weak_trials_and_exports_a_best_artifact_that_scores(ray_tune
 
 def test_pbt_exploits_and_reports_the_schedule(ray_tune_local, synth_data, tmp_path):
     cfg = small_tune_config(synth_data, tmp_path, name="pbt", scheduler="pbt", num_samples=2,
-                            perturbation_interval=3, pbt_synch=True,
+                            perturbation_interval=3, pbt_synch=True, train={"resize_antialias": True},
                             search_space={"dropout": {"uniform": [0.1, 0.5]}},
                             pbt_mutations={"head_lr": {"loguniform": [1e-4, 3e-2]}})
     s = tune.run(cfg)
@@ -132,6 +132,7 @@ def test_pbt_exploits_and_reports_the_schedule(ray_tune_local, synth_data, tmp_p
     assert [e["from_epoch"] for e in schedule] == sorted({e["from_epoch"] for e in schedule})
     meta = artifact.read_meta(s["artifact"])
     assert meta["tune"]["pbt"]["schedule"] == schedule
+    assert meta["resize_antialias"] is True  # the trials' train config reached the artifact
     assert all(e["from_epoch"] <= s["best"]["epochs"] for e in schedule)
     # an exploited trial restarted from its donor's checkpoint: its epochs keep counting
     assert {p[0] for p in policy}
