@@ -80,3 +80,18 @@ def test_shipped_configs_load():
 def test_bad_score_overrides_name_the_key(override, needle):
     with pytest.raises(ConfigError, match=needle):
         load(ScoreConfig, None, [override])
+
+
+def test_every_config_key_is_documented_in_the_readme():
+    import dataclasses
+
+    from conftest import ROOT
+    from crackscale.config import StorageConfig, TuneConfig
+
+    readme = (ROOT / "README.md").read_text()
+    for cls in (TrainConfig, ScoreConfig, TuneConfig):
+        for f in dataclasses.fields(cls):
+            keys = ([f"storage.{s.name}" for s in dataclasses.fields(StorageConfig)] if f.name == "storage"
+                    else [f.name])
+            for key in keys:
+                assert f"`{key}`" in readme, f"{cls.__name__}.{key} is not in the README"
