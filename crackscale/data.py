@@ -216,9 +216,12 @@ def decode(data: Any, image_size: int, antialias: bool = RESIZE_ANTIALIAS) -> An
 
 
 def tf_dataset(images: list[bytes], labels: list[int], image_size: int, batch_size: int,
-               shuffle: bool, seed: int, repeat: bool, shard: tuple[int, int] = (1, 0),
-               antialias: bool = RESIZE_ANTIALIAS) -> Any:
-    """Batched (image, label) dataset; decoding is cached so epochs after the first are cheap."""
+               shuffle: bool, seed: int, repeat: bool, shard: tuple[int, int] = (1, 0), *,
+               antialias: bool) -> Any:
+    """Batched (image, label) dataset; decoding is cached so epochs after the first are cheap.
+
+    ``antialias`` has no default: every caller passes the config's (or artifact's) resize, so no
+    run trains with one resize and records the other."""
     import tensorflow as tf
 
     ds = tf.data.Dataset.from_tensor_slices((tf.constant(images, dtype=tf.string),

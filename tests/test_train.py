@@ -45,7 +45,8 @@ def test_one_worker_learns_and_writes_a_self_describing_artifact(trained_run):
     loaded = artifact.load(str(art))
     prepared = data.scan(cfg, str(cfg.data))
     assert prepared.manifest_hash == meta["manifest_hash"]
-    ds = data.tf_dataset(prepared.images["test"], prepared.labels["test"], 96, 64, False, 0, False)
+    ds = data.tf_dataset(prepared.images["test"], prepared.labels["test"], 96, 64, False, 0, False,
+                         antialias=meta["resize_antialias"])
     p = M.predict(loaded.model, ds)
     m = M.metrics(np.array(prepared.labels["test"]), p, meta["threshold"])
     assert m["accuracy"] == pytest.approx(summary["test"]["accuracy"])

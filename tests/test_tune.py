@@ -95,7 +95,8 @@ def test_asha_stops_weak_trials_and_exports_a_best_artifact_that_scores(ray_tune
     from crackscale.config import replace
 
     prepared = data.scan(replace(cfg.train), str(synth_data))
-    ds = data.tf_dataset(prepared.images["test"], prepared.labels["test"], 64, 64, False, 0, False)
+    ds = data.tf_dataset(prepared.images["test"], prepared.labels["test"], 64, 64, False, 0, False,
+                         antialias=loaded.meta["resize_antialias"])
     p = M.predict(loaded.model, ds)
     assert p.shape == (len(prepared.labels["test"]),) and np.all((p >= 0) & (p <= 1))
     table = json.loads((tmp_path / "tune" / "asha" / "best-model" / "tune_results.json").read_text())
