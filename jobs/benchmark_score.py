@@ -103,15 +103,15 @@ def ceiling(model_dir: Path, images: Path, size: int, seconds: float = 10.0) -> 
     return out
 
 
-def crackscale_run(model: str, inp: str, out: str, env: dict | None = None) -> dict:
+def crackscale_run(model: str, inp: str, out: str, env: dict | None = None, chunk_size: int = 2000) -> dict:
     env = dict(env or os.environ, RAY_ADDRESS="local")  # a fresh Ray per run, never a running cluster
     res, mem = peak_rss([sys.executable, "jobs/score.py", "--model", model, "--input", inp,
-                         "--output", out, "--set", "chunk_size=2000"], env)
+                         "--output", out, "--set", f"chunk_size={chunk_size}"], env)
     s = json.loads(res.stdout.strip().splitlines()[-1])
     s["peak_rss_mib"] = mem
-    # after the first committed chunk (meaningless with fewer than 3 chunks)
+    # after the first result batch, whose images count as start-up (meaningless with < 3 chunks)
     if s.get("startup_s") is not None and s["chunks"] >= 3 and s["duration_s"] > s["startup_s"]:
-        s["steady_img_s"] = (s["scored"] + s["failed"]) / (s["duration_s"] - s["startup_s"])
+        s["steady_img_s"] = (s["scored"] + s["failed"] - s["startup_images"]) / (s["duration_s"] - s["startup_s"])
     return s
 
 
@@ -125,6 +125,7 @@ def main() -> int:
     ap.add_argument("--workdir", default="/tmp/crackscale-bench")
     ap.add_argument("--seconds", type=float, default=10.0, help="duration of each ceiling measurement")
     ap.add_argument("--skip", default="", help="comma list of: s3, original, small")
+    ap.add_argument("--chunk-size", type=int, default=2000, help="scoring chunk_size (steady img/s needs >= 3 chunks)")
     args = ap.parse_args()
     skip = set(args.skip.split(","))
     work = Path(args.workdir)
@@ -152,7 +153,7 @@ def main() -> int:
     for n, d in zip(sizes, [small, big] if len(sizes) == 2 else [big]):
         out = work / f"out-local-{n}"
         shutil.rmtree(out, ignore_errors=True)
-        s = crackscale_run(str(model_dir), str(d), str(out))
+        s = crackscale_run(str(model_dir), str(d), str(out), chunk_size=args.chunk_size)
         rows[f"(b) crackscale local → Parquet, N={n}"] = {
             "img_s": s["throughput_img_s"], "steady_img_s": s.get("steady_img_s"),
             "wall_s": s["duration_s"], "startup_s": s.get("startup_s"), "peak_rss_mib": s["peak_rss_mib"]}
@@ -180,7 +181,7 @@ def main() -> int:
         s3.create_bucket(Bucket="bench")
         with ThreadPoolExecutor(16) as pool:
             list(pool.map(lambda p: s3.upload_file(str(p), "bench", f"images/{p.name}"), sorted(big.glob("*.jpg"))))
-        s = crackscale_run(str(model_dir), "s3://bench/images/", "s3://bench/scores/", env)
+        s = crackscale_run(str(model_dir), "s3://bench/images/", "s3://bench/scores/", env, args.chunk_size)
         rows[f"(b) crackscale S3 (moto) → S3 Parquet, N={args.n}"] = {
             "img_s": s["throughput_img_s"], "steady_img_s": s.get("steady_img_s"),
             "wall_s": s["duration_s"], "startup_s": s.get("startup_s"), "peak_rss_mib": s["peak_rss_mib"]}

@@ -283,6 +283,8 @@ def test_manifest_in_process(ray_local, synth_data, model_artifact, tmp_path):
                       batch_size=4, block_size=4, chunk_size=4, runtime="tf", cache_dir=str(tmp_path / "c"))
     s = score.run(cfg)
     assert (s["listed"], s["scored"], s["failed"], s["runtime"]) == (8, 6, 2, "tf")
+    # start-up ends with the first result batch (at most one block): its images are counted
+    assert 0 < s["startup_s"] <= s["duration_s"] and 1 <= s["startup_images"] <= cfg.block_size
     rows = {r["uri"]: r for r in read_scores(cfg.output).to_pylist()}
     assert rows[str(other)]["error"] == "unsupported: extension .tiff"
     assert rows[str(tmp_path / "gone.jpg")]["error"] == "read: not found"
@@ -310,20 +312,24 @@ def test_committed_key_lookup_survives_hashes_ending_in_nul():
 @pytest.mark.slow
 def test_benchmark_score_job_prints_rows_and_ratios(synth_data, tmp_path):
     """jobs/benchmark_score.py end to end at tiny N (the 20,000-image run is a manual benchmark)."""
-    r = run_job(["jobs/benchmark_score.py", "--data", str(synth_data), "--n", "300", "--image-size", "64",
-                 "--alpha", "0.35", "--seconds", "1", "--skip", "s3,small", "--workdir", str(tmp_path)],
+    r = run_job(["jobs/benchmark_score.py", "--data", str(synth_data), "--n", "600", "--image-size", "64",
+                 "--alpha", "0.35", "--seconds", "1", "--skip", "s3,small", "--chunk-size", "100",
+                 "--workdir", str(tmp_path)],
                 env=job_env(), timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     out = last_json(r.stdout)
     rows, ratios = out["rows"], out["ratios"]
     a = rows["(a) model only, LiteRT, preloaded tensors (mean of before/after)"]
-    b = rows["(b) crackscale local → Parquet, N=300"]
-    c = rows["(c) image_dataset_from_directory + predict, N=300"]
+    b = rows["(b) crackscale local → Parquet, N=600"]
+    c = rows["(c) image_dataset_from_directory + predict, N=600"]
     assert a["img_s"] == pytest.approx((a["before"] + a["after"]) / 2) and a["before"] > 0
     assert b["img_s"] > 0 and b["startup_s"] > 0 and b["peak_rss_mib"] > 100 and c["img_s"] > 0
+    # 6 chunks of 100 (decoded in two blocks): a steady rate, over the images after the first
+    # result batch only
+    assert b["steady_img_s"] > 0 and b["wall_s"] > b["startup_s"]
     assert ratios["b_over_a_wall"] == pytest.approx(b["img_s"] / a["img_s"])
     assert ratios["b_over_c_wall"] == pytest.approx(b["img_s"] / c["img_s"])
-    assert "| (b) crackscale local → Parquet, N=300 |" in r.stdout
+    assert "| (b) crackscale local → Parquet, N=600 |" in r.stdout
 
 
 @pytest.mark.slow
