@@ -447,7 +447,6 @@ def run(cfg: ScoreConfig) -> dict[str, Any]:
     summary.update(duration_s=round(elapsed, 2), throughput_img_s=round(n / elapsed, 1))
     if "first_result_s" in summary:  # Ray start-up, listing, model load and parity check
         summary["startup_s"] = round(summary.pop("first_result_s"), 2)
-        summary["startup_images"] = summary.pop("first_result_images")  # the first result batch
     base = storage.join(cfg.output, "_runs", run_id)
     summary["summary_uri"] = base + ".json"
     storage.write_text(base + ".yaml", dump(cfg), cfg.storage)
@@ -475,7 +474,7 @@ def _gather_and_commit(ds: Any, sizes: dict[str, int], finished: set[str], cfg: 
         for batch in batches:
             if "first_result_s" not in summary:  # model load, Ray start-up and listing are behind us
                 summary["first_result_s"] = time.time() - t0
-                summary["first_result_images"] = batch.num_rows
+                summary["startup_images"] = batch.num_rows  # counted in the start-up period
             for cid in pc.unique(batch["chunk"]).to_pylist():
                 if cid in finished:  # a late duplicate from a retried task
                     continue
