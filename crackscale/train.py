@@ -126,10 +126,35 @@ def make_strategy(world_size: int) -> tuple[Any, str]:
     import tensorflow as tf
 
     if world_size > 1:
+        _per_device_datasets_without_autotune()
         return tf.distribute.MultiWorkerMirroredStrategy(), "MultiWorkerMirroredStrategy"
     if len(tf.config.list_logical_devices("GPU")) > 1:
+        _per_device_datasets_without_autotune()
         return tf.distribute.MirroredStrategy(), "MirroredStrategy"
     return tf.distribute.get_strategy(), "default (one device)"
+
+
+def _per_device_datasets_without_autotune() -> None:
+    """A strategy's distributed iterator (a MultiDeviceIterator, whatever the InputOptions) builds
+    one small dataset per device with default options, so each gets its own tf.data autotuning
+    thread, and with it the teardown stall ``data.no_autotune_options`` explains. TensorFlow has no
+    option for those datasets, so this wraps its private builder (once per process) to add ours.
+    Without the builder (another TensorFlow version) training still works, with the stall."""
+    from tensorflow.python.data.ops import multi_device_iterator_ops as mdi
+
+    build = getattr(mdi, "_create_device_dataset", None)
+    if build is None:
+        log.warning("tf.data per-device datasets keep autotuning (no _create_device_dataset in this "
+                    "TensorFlow): expect a stall of up to 60 s at the end of each training phase")
+        return
+    if getattr(build, "crackscale_no_autotune", False):
+        return
+
+    def without_autotune(*args: Any, **kwargs: Any) -> Any:
+        return build(*args, **kwargs).with_options(data.no_autotune_options())
+
+    without_autotune.crackscale_no_autotune = True  # type: ignore[attr-defined]
+    mdi._create_device_dataset = without_autotune
 
 
 def save_weights(weights: list[np.ndarray], path: str) -> None:
