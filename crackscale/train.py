@@ -37,22 +37,31 @@ WEIGHTS_FILE = "weights.npz"
 def _distributed(strategy: Any, images: list[bytes], labels: list[int], cfg: TrainConfig,
                  training: bool) -> Any:
     per_replica = max(1, cfg.batch_size // strategy.num_replicas_in_sync)
+    autotune = not _multi_device(strategy)
 
     def fn(ctx: Any) -> Any:
         return data.tf_dataset(images, labels, cfg.image_size, per_replica, shuffle=training,
                                seed=cfg.seed + ctx.input_pipeline_id, repeat=True,
                                shard=(ctx.num_input_pipelines, ctx.input_pipeline_id),
-                               antialias=cfg.resize_antialias)
+                               antialias=cfg.resize_antialias, autotune=autotune)
 
     return strategy.distribute_datasets_from_function(fn)
 
 
+def _multi_device(strategy: Any) -> bool:
+    """True under MWMS or MirroredStrategy: their input goes through a MultiDeviceIterator, and its
+    pipelines run without tf.data autotuning (see data.no_autotune_options)."""
+    import tensorflow as tf
+
+    return isinstance(strategy, (tf.distribute.MultiWorkerMirroredStrategy, tf.distribute.MirroredStrategy))
+
+
 def _evaluate(mdl: Any, images: list[bytes], labels: list[int], cfg: TrainConfig,
-              threshold: float | None = None) -> tuple[dict[str, Any], np.ndarray]:
+              threshold: float | None = None, autotune: bool = True) -> tuple[dict[str, Any], np.ndarray]:
     if not images:
         return {}, np.zeros(0)
     ds = data.tf_dataset(images, labels, cfg.image_size, 64, shuffle=False, seed=0, repeat=False,
-                         antialias=cfg.resize_antialias)
+                         antialias=cfg.resize_antialias, autotune=autotune)
     p = M.predict(mdl, ds)
     y = np.asarray(labels)
     thr = threshold if threshold is not None else M.threshold_for_recall(y, p, cfg.target_recall)
@@ -209,6 +218,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     for gpu in tf.config.list_physical_devices("GPU"):
         tf.config.experimental.set_memory_growth(gpu, True)
     strategy, strategy_name = make_strategy(ctx.get_world_size())
+    autotune = not _multi_device(strategy)
     splits = ray.get(config["data"])
     (tr_x, tr_y), (va_x, va_y), (te_x, te_y) = splits["train"], splits["val"], splits["test"]
 
@@ -229,8 +239,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # all workers (a chief-only predict desynchronises collectives). Only rank 0 keeps results.
     before: dict[str, Any] = state.get("before") or {}
     if not before:
-        before = {"val": _evaluate(mdl, va_x, va_y, cfg, 0.5)[0],
-                  "test": _evaluate(mdl, te_x, te_y, cfg, 0.5)[0]}
+        before = {"val": _evaluate(mdl, va_x, va_y, cfg, 0.5, autotune)[0],
+                  "test": _evaluate(mdl, te_x, te_y, cfg, 0.5, autotune)[0]}
         state["before"] = before
 
     train_ds = _distributed(strategy, tr_x, tr_y, cfg, training=True)
@@ -242,8 +252,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                            rank, tb_dir)
 
     final: dict[str, Any] = {"epochs_run": state["epoch"]}
-    val_m, _ = _evaluate(mdl, va_x, va_y, cfg)
-    test_m, test_p = _evaluate(mdl, te_x, te_y, cfg, val_m["threshold"])
+    val_m, _ = _evaluate(mdl, va_x, va_y, cfg, autotune=autotune)
+    test_m, test_p = _evaluate(mdl, te_x, te_y, cfg, val_m["threshold"], autotune)
     weights = mdl.get_weights()  # on every rank (a collective under MWMS)
     if rank == 0:
         after = {"val": val_m, "test": test_m}
