@@ -94,13 +94,14 @@ class ScoreConfig:
     runtime: str = "auto"  # auto (GPU: tf, CPU: litert if parity holds, else tf) | litert | tf
     parity_tolerance: float = 1e-4  # max |Δp| LiteRT vs tf.keras on sample images, else not used
     batch_size: int = 64  # images per model call
-    block_size: int = 256  # images per Ray Data batch: one decode call and one model-actor call each
+    block_size: int = 256  # images per Ray Data batch: one model-actor call (and decode-task call) each
     chunk_size: int = 2000  # images per committed Parquet file (the unit of exactly-once commit)
     num_actors: int = 0  # model actors; 0 = one per GPU (use_gpu) or one per CPU node
     use_gpu: bool = False  # one actor per GPU (num_gpus=1), tf.keras with memory growth
     actor_cpus: float = 1.0  # Ray CPUs reserved per model actor (≠ decode_cpus: keeps decode in its own tasks)
     threads: int = 0  # inference threads per actor; 0 = all cores of the actor's node
     decode_cpus: float = 0.5  # Ray CPUs per read+decode task (single-threaded; 0.5 overlaps I/O and decode)
+    decode: str = "auto"  # where images are read + decoded: actor | tasks | auto (actor on CPU, tasks with use_gpu)
     read_threads: int = 16  # concurrent object reads per decode task (S3 latency, not bandwidth)
     max_attempts: int = 3  # pipeline attempts: after a lost actor/node the uncommitted chunks run again
     max_pixels: int = 50_000_000  # larger images are refused (decompression-bomb guard)
@@ -114,6 +115,7 @@ class ScoreConfig:
         import re
 
         _check(self.runtime in ("auto", "litert", "tf"), "config key 'runtime' must be auto, litert or tf")
+        _check(self.decode in ("auto", "tasks", "actor"), "config key 'decode' must be auto, tasks or actor")
         _check(self.batch_size > 0, "config key 'batch_size' must be positive")
         _check(self.block_size > 0, "config key 'block_size' must be positive")
         _check(self.chunk_size > 0, "config key 'chunk_size' must be positive")

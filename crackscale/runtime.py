@@ -1,4 +1,5 @@
-"""What runs on the Ray workers of a scoring job: read + decode (tasks) and predict (actors).
+"""What runs on the Ray workers of a scoring job: read + decode, and predict (``Predictor`` actors;
+with ``decode: actor`` they read and decode too, else ``decode_batch`` runs in tasks before them).
 
 ``decode_batch`` reads objects and decodes them exactly like training (``crackscale.data.decode``:
 ``tf.io.decode_image`` + bilinear ``tf.image.resize`` with the artifact's ``resize_antialias``, rounded to uint8 as
@@ -448,32 +449,45 @@ def decode_batch(batch: dict[str, np.ndarray], image_size: int, cfg: ScoreConfig
 
 
 class Predictor:
-    """Ray Data actor: loads the artifact once (``loader`` is injectable for tests), then P(crack)."""
+    """Ray Data actor: loads the artifact once (``loader`` is injectable for tests), then P(crack).
 
-    def __init__(self, cfg: ScoreConfig, loader: Callable[..., Any] | None = None) -> None:
+    ``decode`` (the keyword arguments of ``decode_batch``): batches hold URIs, and the actor reads
+    and decodes them itself before predicting. Calls may then run two at a time (one decoding while
+    the other predicts); the model runs one batch at a time.
+    """
+
+    def __init__(self, cfg: ScoreConfig, loader: Callable[..., Any] | None = None,
+                 decode: dict[str, Any] | None = None) -> None:
+        import threading
+
         from crackscale import artifact
 
+        self.decode = decode
+        self._model_lock = threading.Lock()
+        ready = None
         if loader is None and not cfg.use_gpu and cfg.runtime in ("auto", "litert"):
-            ready = artifact_litert(cfg)  # the artifact's checked export: no TF in this actor
-            if ready is not None:
-                self.runtime, self.info = ready
-                log.info("predictor ready: %s", self.info)
-                return
-        n_gpus = configure_tf(cfg.use_gpu, cfg.threads)  # before the model's first TF op
-        loaded = (loader or artifact.load)(cfg.model, cfg.storage)
-        self.runtime, self.info = select(
-            loaded.model, loaded.meta, cfg.runtime, cfg.batch_size, cfg.threads, n_gpus,
-            cfg.cache_dir, cfg.parity_tolerance)
+            ready = artifact_litert(cfg)  # the artifact's checked export: no Keras model in this actor
+        if ready is None:
+            n_gpus = configure_tf(cfg.use_gpu, cfg.threads)  # before the model's first TF op
+            loaded = (loader or artifact.load)(cfg.model, cfg.storage)
+            ready = select(loaded.model, loaded.meta, cfg.runtime, cfg.batch_size, cfg.threads, n_gpus,
+                           cfg.cache_dir, cfg.parity_tolerance)
+        self.runtime, self.info = ready
+        if decode:  # compile the decoders now (after the model set TF's threads): not in the first batch
+            _decoder(int(decode["image_size"]), bool(decode.get("antialias", RESIZE_ANTIALIAS)))
         log.info("predictor ready: %s", self.info)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import time
 
+        if self.decode:
+            batch = decode_batch(batch, **self.decode)
         errors = np.asarray(batch["error"], dtype=object)
         ok = np.array([not e for e in errors], dtype=bool)
         p = np.full(len(errors), np.nan, np.float32)
         if ok.any():
-            p[ok] = self.runtime.predict(np.asarray(batch["image"])[ok])
+            with self._model_lock:
+                p[ok] = self.runtime.predict(np.asarray(batch["image"])[ok])
         out = {k: v for k, v in batch.items() if k != "image"}
         n = len(errors)
         out.update(crack_probability=p, error=errors,

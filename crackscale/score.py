@@ -252,9 +252,9 @@ def _default_actors(cfg: ScoreConfig, nodes: set[str] | None = None) -> int:
     """Model actors for an attempt: ``num_actors``, or one per GPU / per CPU node.
 
     ``nodes`` (an attempt after part of the cluster was lost): the IDs of the nodes that answered;
-    at most as many actors as they hold with room for one decode task besides. More would take
-    every CPU, and the pool would then wait forever for decoded images that no CPU is left to
-    produce. (A first attempt is not capped: asking for more actors than fit is how a user makes
+    at most as many actors as they hold (with ``decode: tasks``, with room for one decode task
+    besides: more would take every CPU, and the pool would then wait forever for decoded images
+    that no CPU is left to produce). (A first attempt is not capped: asking for more actors than fit is how a user makes
     an autoscaling cluster grow.)
     """
     import ray
@@ -267,8 +267,8 @@ def _default_actors(cfg: ScoreConfig, nodes: set[str] | None = None) -> int:
     want = cfg.num_actors or (gpus if cfg.use_gpu else max(1, sum(1 for r in alive if r.get("CPU", 0) > 0)))
     if nodes is None:
         return want
-    cpus = sum(r.get("CPU", 0) for r in alive)
-    fit = int((cpus - cfg.decode_cpus) // cfg.actor_cpus) if cfg.actor_cpus > 0 else want
+    cpus = sum(r.get("CPU", 0) for r in alive) - (0 if decode_in_actor(cfg) else cfg.decode_cpus)
+    fit = int(cpus // cfg.actor_cpus) if cfg.actor_cpus > 0 else want
     fit = min(fit, gpus) if cfg.use_gpu else fit
     if fit < want:
         log.warning("the remaining cluster (%d nodes, %g CPUs, %d GPUs) holds %d model actors beside a "
@@ -381,25 +381,38 @@ def _end_attempt(failed: set[str], timeout_s: float = 120.0) -> set[str]:
 
 
 def _pipeline(refs: list[Any], cfg: ScoreConfig, meta: dict[str, Any], nodes: set[str] | None) -> Any:
-    """Blocks of keys → read + decode tasks → model actors (sized to the cluster as it is now)."""
+    """Blocks of keys → model actors that read, decode and predict (``decode: actor``), or read +
+    decode tasks → model actors (``decode: tasks``); actors sized to the cluster as it is now."""
     import ray
     from ray.data import ActorPoolStrategy
 
     from crackscale.runtime import Predictor, decode_batch, resize_antialias
 
     n_actors = _default_actors(cfg, nodes)
+    decode = {"image_size": int(meta["image_size"]), "cfg": cfg, "antialias": resize_antialias(meta)}
+    ds = ray.data.from_arrow_refs(refs)
+    if in_actor := decode_in_actor(cfg):
+        # two calls at a time per actor: one reads + decodes (TensorFlow, one thread) while the
+        # other runs the model (its own lock): no decoded image crosses the object store
+        compute = ActorPoolStrategy(size=n_actors, max_concurrent_calls_per_actor=2,
+                                    enable_true_multi_threading=True)
+    else:
+        ds = ds.map_batches(decode_batch, batch_size=cfg.block_size, num_cpus=cfg.decode_cpus, fn_kwargs=decode)
+        compute = ActorPoolStrategy(size=n_actors)
     # max_restarts=0: a model actor lost with its node is not restarted in place. Restarted on a
     # surviving node it can take the CPUs that re-running the lost decode outputs needs, and the
     # pipeline then waits forever; instead the attempt fails and run() starts a new one.
-    ds = ray.data.from_arrow_refs(refs).map_batches(
-        decode_batch, batch_size=cfg.block_size, num_cpus=cfg.decode_cpus,
-        fn_kwargs={"image_size": int(meta["image_size"]), "cfg": cfg,
-                   "antialias": resize_antialias(meta)})
     with warnings.catch_warnings():  # max_restarts has no named parameter yet (Ray 2.60)
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*is deprecated")
-        return ds.map_batches(Predictor, batch_size=cfg.block_size, fn_constructor_kwargs={"cfg": cfg},
-                              compute=ActorPoolStrategy(size=n_actors), num_cpus=cfg.actor_cpus,
+        return ds.map_batches(Predictor, batch_size=cfg.block_size,
+                              fn_constructor_kwargs={"cfg": cfg, "decode": decode if in_actor else None},
+                              compute=compute, num_cpus=cfg.actor_cpus,
                               num_gpus=1 if cfg.use_gpu else 0, max_restarts=0)
+
+
+def decode_in_actor(cfg: ScoreConfig) -> bool:
+    """``decode`` resolved: ``auto`` decodes in the model actors on CPU, in tasks with GPUs."""
+    return cfg.decode == "actor" or (cfg.decode == "auto" and not cfg.use_gpu)
 
 
 def run(cfg: ScoreConfig) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -81,6 +82,37 @@ def test_predictor_without_ray_gpu_path_on_cpu(model_artifact, lite_cache):
     assert calls == [model_artifact["uri"]] * 2  # loaded once per actor
     assert np.abs(out["tf"] - out["litert"]).max() <= 1e-4
     assert runtime.configure_tf(use_gpu=True) == 0  # no GPU here: memory-growth loop is a no-op
+
+
+def test_predictor_that_decodes_equals_decode_tasks_then_predictor(model_artifact, synth_data, tmp_path):
+    """``decode: actor``: the actor reads + decodes its batch itself (two calls may run at once,
+    the model one batch at a time); same rows as ``decode_batch`` in a task followed by the actor."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    bad = tmp_path / "truncated.jpg"
+    good = sorted((synth_data / "Positive").glob("*.jpg"))[:6] + sorted((synth_data / "Negative").glob("*.jpg"))[:6]
+    bad.write_bytes(good[0].read_bytes()[:300])
+    uris = [str(p) for p in good[:6]] + [str(bad)] + [str(p) for p in good[6:]]
+    batch = {"uri": np.array(uris, dtype=object), "size": np.full(len(uris), -1, np.int64),
+             "chunk": np.array(["c0"] * len(uris), dtype=object)}
+    cfg = ScoreConfig(model=model_artifact["uri"], runtime="litert", batch_size=4)
+    decode = {"image_size": model_artifact["meta"]["image_size"], "cfg": cfg,
+              "antialias": runtime.resize_antialias(model_artifact["meta"])}
+    split = runtime.Predictor(cfg)(runtime.decode_batch(batch, **decode))
+    fused = runtime.Predictor(cfg, decode=decode)
+    one = fused(batch)
+    assert "image" not in one and set(one) == set(split)
+    assert list(one["error"]) == list(split["error"]) and one["error"][6].startswith("decode:")
+    assert list(one["size"]) == [Path(u).stat().st_size for u in uris]
+    np.testing.assert_array_equal(one["crack_probability"], split["crack_probability"])
+    # concurrent calls (as Ray Data makes them with two calls per actor) give the same answers
+    halves = [{k: v[:7] for k, v in batch.items()}, {k: v[7:] for k, v in batch.items()}] * 3
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(fused, halves))
+    for part, res in zip(halves, results):
+        n = len(part["uri"])
+        expect = split["crack_probability"][:n] if n == 7 else split["crack_probability"][7:]
+        np.testing.assert_allclose(res["crack_probability"], expect, rtol=0, atol=1e-6)
 
 
 def test_predictor_starts_from_the_artifacts_own_export_without_tensorflow(model_artifact, tmp_path):

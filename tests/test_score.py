@@ -270,9 +270,11 @@ def test_kill_and_rerun_exactly_once(synth_data, model_artifact, tmp_path):
     assert (s["already_scored"], s["scored"], s["failed"]) == (total, 0, 0)
 
 
-def test_manifest_in_process(ray_local, synth_data, model_artifact, tmp_path):
+@pytest.mark.parametrize("decode", ["actor", "tasks"])
+def test_manifest_in_process(ray_local, synth_data, model_artifact, tmp_path, decode):
     """score.run() in-process on a local Ray; input from a .txt manifest that also names an
-    unsupported file, a missing object and a duplicate line."""
+    unsupported file, a missing object and a duplicate line. Images decoded in the model actors
+    (the CPU default) or in tasks before them (the GPU default)."""
     imgs = sorted((synth_data / "Negative").glob("*.jpg"))[:6]
     other = tmp_path / "scan.tiff"
     other.write_bytes(b"II*\x00")
@@ -280,7 +282,9 @@ def test_manifest_in_process(ray_local, synth_data, model_artifact, tmp_path):
     manifest = tmp_path / "tonight.txt"
     manifest.write_text("\n".join(lines) + "\n")
     cfg = ScoreConfig(model=model_artifact["uri"], input=str(manifest), output=str(tmp_path / "out"),
-                      batch_size=4, block_size=4, chunk_size=4, runtime="tf", cache_dir=str(tmp_path / "c"))
+                      batch_size=4, block_size=4, chunk_size=4, runtime="tf", cache_dir=str(tmp_path / "c"),
+                      decode=decode)
+    assert score.decode_in_actor(cfg) == (decode == "actor")
     s = score.run(cfg)
     assert (s["listed"], s["scored"], s["failed"], s["runtime"]) == (8, 6, 2, "tf")
     # start-up ends with the first result batch (at most one block): its images are counted
