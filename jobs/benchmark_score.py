@@ -6,7 +6,9 @@ original one-process script, and peak memory at a small and a large N.
 (a) ceiling: the fastest runtime (LiteRT/XNNPACK) on preloaded, decoded tensors, batch 64; measured
     before and after the local runs (this host's speed drifts), (b)/(a) uses the mean.
 (b) crackscale: ``jobs/score.py`` from storage to committed Parquet (local folder, and an S3 server
-    on 127.0.0.1 started here), a fresh Ray per run, timings from its summary.
+    on 127.0.0.1 started here), a fresh Ray per run, timings from its summary; images decoded in
+    the model actor (``decode: auto`` on CPU), and at the large N also in separate decode tasks
+    (``decode: tasks``, the GPU layout) for comparison.
 (c) original: ``image_dataset_from_directory`` + ``model.predict`` in one process.
 Peak memory: the largest total RSS of the process tree (driver + Ray + workers), sampled at 5 Hz.
 """
@@ -103,10 +105,11 @@ def ceiling(model_dir: Path, images: Path, size: int, seconds: float = 10.0) -> 
     return out
 
 
-def crackscale_run(model: str, inp: str, out: str, env: dict | None = None, chunk_size: int = 2000) -> dict:
+def crackscale_run(model: str, inp: str, out: str, env: dict | None = None, chunk_size: int = 2000,
+                   decode: str = "auto") -> dict:
     env = dict(env or os.environ, RAY_ADDRESS="local")  # a fresh Ray per run, never a running cluster
     res, mem = peak_rss([sys.executable, "jobs/score.py", "--model", model, "--input", inp,
-                         "--output", out, "--set", f"chunk_size={chunk_size}"], env)
+                         "--output", out, "--set", f"chunk_size={chunk_size}", "--set", f"decode={decode}"], env)
     s = json.loads(res.stdout.strip().splitlines()[-1])
     s["peak_rss_mib"] = mem
     # after the first result batch, whose images count as start-up (meaningless with < 3 chunks)
@@ -124,7 +127,7 @@ def main() -> int:
     ap.add_argument("--alpha", type=float, default=1.0)
     ap.add_argument("--workdir", default="/tmp/crackscale-bench")
     ap.add_argument("--seconds", type=float, default=10.0, help="duration of each ceiling measurement")
-    ap.add_argument("--skip", default="", help="comma list of: s3, original, small")
+    ap.add_argument("--skip", default="", help="comma list of: s3, original, small, tasks")
     ap.add_argument("--chunk-size", type=int, default=2000, help="scoring chunk_size (steady img/s needs >= 3 chunks)")
     args = ap.parse_args()
     skip = set(args.skip.split(","))
@@ -155,6 +158,12 @@ def main() -> int:
         shutil.rmtree(out, ignore_errors=True)
         s = crackscale_run(str(model_dir), str(d), str(out), chunk_size=args.chunk_size)
         rows[f"(b) crackscale local → Parquet, N={n}"] = {
+            "img_s": s["throughput_img_s"], "steady_img_s": s.get("steady_img_s"),
+            "wall_s": s["duration_s"], "startup_s": s.get("startup_s"), "peak_rss_mib": s["peak_rss_mib"]}
+    if "tasks" not in skip:
+        shutil.rmtree(out, ignore_errors=True)
+        s = crackscale_run(str(model_dir), str(big), str(out), chunk_size=args.chunk_size, decode="tasks")
+        rows[f"(b) crackscale local → Parquet, N={args.n}, decode: tasks"] = {
             "img_s": s["throughput_img_s"], "steady_img_s": s.get("steady_img_s"),
             "wall_s": s["duration_s"], "startup_s": s.get("startup_s"), "peak_rss_mib": s["peak_rss_mib"]}
     a1 = ceiling(model_dir, small, args.image_size, args.seconds)

@@ -334,6 +334,8 @@ def test_benchmark_score_job_prints_rows_and_ratios(synth_data, tmp_path):
     assert ratios["b_over_a_wall"] == pytest.approx(b["img_s"] / a["img_s"])
     assert ratios["b_over_c_wall"] == pytest.approx(b["img_s"] / c["img_s"])
     assert "| (b) crackscale local → Parquet, N=600 |" in r.stdout
+    # the same run with decode tasks before the model actor (the GPU layout), side by side
+    assert rows["(b) crackscale local → Parquet, N=600, decode: tasks"]["img_s"] > 0
 
 
 @pytest.mark.slow
