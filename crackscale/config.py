@@ -98,11 +98,11 @@ class ScoreConfig:
     chunk_size: int = 2000  # images per committed Parquet file (the unit of exactly-once commit)
     num_actors: int = 0  # model actors; 0 = one per GPU (use_gpu) or one per CPU node
     use_gpu: bool = False  # one actor per GPU (num_gpus=1), tf.keras with memory growth
-    actor_cpus: float = 1.0  # Ray CPUs reserved per model actor (≠ decode_cpus: keeps decode in its own tasks)
+    actor_cpus: float = 1.0  # Ray CPUs reserved per model actor (decode: tasks: keep ≠ decode_cpus, or Ray fuses them)
     threads: int = 0  # inference threads per actor; 0 = all cores of the actor's node
     decode_cpus: float = 0.5  # Ray CPUs per read+decode task (single-threaded; 0.5 overlaps I/O and decode)
     decode: str = "auto"  # where images are read + decoded: actor | tasks | auto (actor on CPU, tasks with use_gpu)
-    read_threads: int = 16  # concurrent object reads per decode task (S3 latency, not bandwidth)
+    read_threads: int = 16  # concurrent object reads per decode call (S3 latency, not bandwidth)
     max_attempts: int = 3  # pipeline attempts: after a lost actor/node the uncommitted chunks run again
     max_pixels: int = 50_000_000  # larger images are refused (decompression-bomb guard)
     run_date: str = ""  # YYYY-MM-DD output partition; "" = today (UTC)

@@ -254,8 +254,8 @@ def _default_actors(cfg: ScoreConfig, nodes: set[str] | None = None) -> int:
     ``nodes`` (an attempt after part of the cluster was lost): the IDs of the nodes that answered;
     at most as many actors as they hold (with ``decode: tasks``, with room for one decode task
     besides: more would take every CPU, and the pool would then wait forever for decoded images
-    that no CPU is left to produce). (A first attempt is not capped: asking for more actors than fit is how a user makes
-    an autoscaling cluster grow.)
+    that no CPU is left to produce). A first attempt is not capped: asking for more actors than
+    fit is how a user makes an autoscaling cluster grow.
     """
     import ray
 
@@ -271,8 +271,8 @@ def _default_actors(cfg: ScoreConfig, nodes: set[str] | None = None) -> int:
     fit = int(cpus // cfg.actor_cpus) if cfg.actor_cpus > 0 else want
     fit = min(fit, gpus) if cfg.use_gpu else fit
     if fit < want:
-        log.warning("the remaining cluster (%d nodes, %g CPUs, %d GPUs) holds %d model actors beside a "
-                    "decode task, not %d: using %d", len(alive), cpus, gpus, max(fit, 1), want, max(fit, 1))
+        log.warning("the remaining cluster (%d nodes, %g CPUs free for actors, %d GPUs) holds %d model actors, "
+                    "not %d: using %d", len(alive), cpus, gpus, max(fit, 1), want, max(fit, 1))
     return max(1, min(want, fit))
 
 
