@@ -6,9 +6,9 @@ with ``decode: actor`` they read and decode too, else ``decode_batch`` runs in t
 ``data.tf_dataset`` feeds the model), with EXIF orientation applied and one error string per bad
 file instead of a failed block. ``Predictor`` loads the artifact once per actor.
 
-Model runtimes: tf.keras (GPU or CPU) and LiteRT/XNNPACK (CPU: 3-4× tf.keras on an AVX2 host, 1.5× on an
-AVX-512 one; README "Benchmark"). Both take a batch of RGB images of the artifact's ``image_size`` (uint8 or float32, 0..255) and
-return P(crack) as float32 of shape (N,). LiteRT is exported from the artifact's own Keras model,
+Model runtimes: tf.keras (GPU or CPU) and LiteRT/XNNPACK (CPU: 3-4× tf.keras on an AVX2 host, 1.5×
+on an AVX-512 one; README "Benchmark"). Both take a batch of RGB images of the artifact's
+``image_size`` (uint8 or float32, 0..255) and return P(crack) as float32 of shape (N,). LiteRT is exported from the artifact's own Keras model,
 cached by the model's SHA-256, and only used after its probabilities match tf.keras on sample
 images within a tolerance (``parity``); otherwise the scorer falls back to tf.keras with a warning.
 """
@@ -234,14 +234,47 @@ _DECODERS: dict[tuple[int, bool], Any] = {}
 FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".bmp": "BMP", ".gif": "GIF"}
 
 
-def _filesystem(uri: str, cfg: ScoreConfig) -> tuple[Any, str]:
-    from crackscale import storage
+def _s3_client(cfg: ScoreConfig) -> Any:
+    """One boto3 S3 client per worker process (thread-safe), with bounded retries and timeouts."""
+    key = ("boto3", cfg.storage, cfg.read_threads)
+    if key not in _FS:
+        import boto3
+        import botocore.config
 
-    if not storage.is_s3(uri):
-        return storage.resolve(uri)
-    if cfg.storage not in _FS:  # one S3 client per worker process, not per object
-        _FS[cfg.storage] = storage.s3_filesystem(cfg.storage)
-    return _FS[cfg.storage], uri[len("s3://"):]
+        from crackscale.storage import S3Settings
+
+        s = S3Settings.resolve(cfg.storage)
+        config = botocore.config.Config(  # the same bounds as storage.s3_filesystem
+            retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=5, read_timeout=30,
+            max_pool_connections=2 * cfg.read_threads)  # two decode calls at a time per actor
+        _FS[key] = boto3.client("s3", endpoint_url=s.endpoint or None, region_name=s.region, config=config)
+    return _FS[key]
+
+
+def _get_object(uri: str, cfg: ScoreConfig) -> bytes:
+    """An S3 object's bytes in one GET (pyarrow's streams send a HEAD first: twice the requests).
+
+    Raises FileNotFoundError (no such key), PermissionError or ValueError (an answer about the
+    object: its error row), or OSError (transient: throttling, 5xx, connection lost)."""
+    import botocore.exceptions as bx
+    import urllib3.exceptions
+
+    bucket, _, key = uri[len("s3://"):].partition("/")
+    try:
+        return _s3_client(cfg).get_object(Bucket=bucket, Key=key)["Body"].read()
+    except bx.ClientError as e:
+        err, meta = e.response.get("Error", {}), e.response.get("ResponseMetadata", {})
+        code, status = str(err.get("Code", "")), int(meta.get("HTTPStatusCode") or 0)
+        msg = f"{code or status}: {err.get('Message') or e}"
+        if code in ("NoSuchKey", "NotFound", "404") or status == 404:
+            raise FileNotFoundError(uri) from None
+        if code in ("AccessDenied", "403") or status == 403:
+            raise PermissionError(f"ACCESS_DENIED {msg}") from None
+        if status >= 500 or status == 429 or "SlowDown" in code or "Throttl" in code or not status:
+            raise OSError(msg) from None
+        raise ValueError(msg) from None  # 400, InvalidObjectState, …: about this object
+    except (bx.BotoCoreError, urllib3.exceptions.HTTPError, ConnectionError) as e:  # refused, reset, timeout, cut body
+        raise OSError(f"{type(e).__name__}: {e}") from None
 
 
 # S3 answers that are about the object, not the endpoint: they become the image's error row
@@ -252,17 +285,19 @@ def _read(uri: str, cfg: ScoreConfig, attempts: int = 3) -> bytes | str:
     """The object's bytes, or an error string (missing/denied object).
 
     A transient S3 failure (throttling, 5xx, connection reset, timeout) that outlasts the
-    filesystem's own retries is retried ``attempts`` times with backoff and then raised: it fails
+    client's own retries is retried ``attempts`` times with backoff and then raised: it fails
     the task, and so the run, instead of marking a good image as failed forever (the commit
     protocol would never score it again).
     """
     import time
 
-    from crackscale.storage import S3Settings, StorageError, is_s3
+    from crackscale.storage import S3Settings, StorageError, is_s3, resolve
 
     for attempt in range(attempts):
         try:
-            fs, path = _filesystem(uri, cfg)
+            if is_s3(uri):
+                return _get_object(uri, cfg)
+            fs, path = resolve(uri)
             with fs.open_input_stream(path) as f:
                 return f.read()
         except FileNotFoundError:
