@@ -8,9 +8,10 @@ file instead of a failed block. ``Predictor`` loads the artifact once per actor.
 
 Model runtimes: tf.keras (GPU or CPU) and LiteRT/XNNPACK (CPU: 3-4× tf.keras on an AVX2 host, 1.5×
 on an AVX-512 one; README "Benchmark"). Both take a batch of RGB images of the artifact's
-``image_size`` (uint8 or float32, 0..255) and return P(crack) as float32 of shape (N,). LiteRT is exported from the artifact's own Keras model,
-cached by the model's SHA-256, and only used after its probabilities match tf.keras on sample
-images within a tolerance (``parity``); otherwise the scorer falls back to tf.keras with a warning.
+``image_size`` (uint8 or float32, 0..255) and return P(crack) as float32 of shape (N,). LiteRT is
+exported from the artifact's own Keras model, cached by the model's SHA-256, and only used after
+its probabilities match tf.keras on sample images within a tolerance (``parity``); otherwise the
+scorer falls back to tf.keras with a warning.
 """
 
 from __future__ import annotations

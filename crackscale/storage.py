@@ -1,8 +1,10 @@
 """One storage API for local paths and S3-compatible object stores (AWS S3, MinIO, Ceph).
 
-Everything goes through ``pyarrow.fs`` so Ray Data, pyarrow datasets and DuckDB see the same
-filesystem. The endpoint comes from config, else ``AWS_ENDPOINT_URL``; credentials always come from
-the standard AWS chain (env, ~/.aws, instance role) and are never stored or logged.
+Everything here goes through ``pyarrow.fs`` so Ray Data, pyarrow datasets and DuckDB see the same
+filesystem. Scoring lists S3 prefixes with boto3's paginator and reads each image with one boto3
+``get_object`` (``runtime._get_object``: pyarrow's streams send a HEAD first). The endpoint comes
+from config, else ``AWS_ENDPOINT_URL``; credentials always come from the standard AWS chain (env,
+~/.aws, instance role) and are never stored or logged.
 """
 
 from __future__ import annotations
