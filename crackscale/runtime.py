@@ -246,7 +246,7 @@ def _s3_client(cfg: ScoreConfig) -> Any:
 
         s = S3Settings.resolve(cfg.storage)
         config = botocore.config.Config(  # the same bounds as storage.s3_filesystem
-            retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=5, read_timeout=30,
+            retries={"total_max_attempts": 5, "mode": "standard"}, connect_timeout=5, read_timeout=30,
             max_pool_connections=2 * cfg.read_threads)  # two decode calls at a time per actor
         _FS[key] = boto3.client("s3", endpoint_url=s.endpoint or None, region_name=s.region, config=config)
     return _FS[key]

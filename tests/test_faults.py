@@ -89,6 +89,31 @@ def test_flaky_s3_every_image_exactly_once(ray_local, s3_server, s3_bucket, faul
     assert scores_direct(out, s3_server).num_rows == n
 
 
+def test_an_s3_object_read_is_one_get_and_its_failures_are_classified(s3_server, s3_bucket, faulty_s3, tmp_path):
+    """runtime._read on S3: one GET per object (no HEAD); a missing key and a denied read become
+    the image's error row; a transient fault is retried, and one that never ends is raised."""
+    import boto3
+
+    from crackscale import runtime
+
+    boto3.client("s3", endpoint_url=s3_server).put_object(Bucket=s3_bucket, Key="a.jpg", Body=b"jpeg bytes")
+    uri = f"s3://{s3_bucket}/a.jpg"
+    proxy = faulty_s3(rate=0.0)
+    cfg = cfg_for("", "", "", proxy.endpoint, tmp_path)
+    assert runtime._read(uri, cfg) == b"jpeg bytes"
+    assert [m for m, p in proxy.faulted_requests] == [] and proxy.forwarded == 1  # one request: a GET
+    assert runtime._read(f"s3://{s3_bucket}/gone.jpg", cfg) == "read: not found"
+    flaky = faulty_s3(rate=0.0, fail_first=True)  # every request's first attempt fails
+    assert runtime._read(uri, cfg_for("", "", "", flaky.endpoint, tmp_path)) == b"jpeg bytes"
+    assert len(flaky.faulted_requests) == 1 and flaky.forwarded == 1
+    denied = runtime._read(uri, cfg_for("", "", "", faulty_s3(mode="deny").endpoint, tmp_path))
+    assert denied.startswith("read: ACCESS_DENIED"), denied
+    dead = faulty_s3(rate=1.0, max_consecutive=0)
+    with pytest.raises(storage.StorageError, match=rf"cannot read {uri} \(endpoint {dead.endpoint}\) after 1 rounds"):
+        runtime._read(uri, cfg_for("", "", "", dead.endpoint, tmp_path), attempts=1)
+    assert len(dead.faulted_requests) == 5  # the client's own 5 attempts
+
+
 @pytest.mark.slow
 def test_endpoint_dies_mid_run_then_rerun_completes(ray_local, s3_server, s3_bucket, faulty_s3,
                                                     synth_data, model_artifact, tmp_path):
