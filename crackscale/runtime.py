@@ -230,15 +230,15 @@ def artifact_litert(cfg: ScoreConfig) -> tuple[Runtime, dict[str, Any]] | None:
 
 # ---- Ray Data stages ------------------------------------------------------------------------------
 
-_FS: dict[Any, Any] = {}
+_S3_CLIENTS: dict[Any, Any] = {}
 _DECODERS: dict[tuple[int, bool], Any] = {}
 FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".bmp": "BMP", ".gif": "GIF"}
 
 
 def _s3_client(cfg: ScoreConfig) -> Any:
     """One boto3 S3 client per worker process (thread-safe), with bounded retries and timeouts."""
-    key = ("boto3", cfg.storage, cfg.read_threads)
-    if key not in _FS:
+    key = (cfg.storage, cfg.read_threads)
+    if key not in _S3_CLIENTS:
         import boto3
         import botocore.config
 
@@ -248,8 +248,8 @@ def _s3_client(cfg: ScoreConfig) -> Any:
         config = botocore.config.Config(  # the same bounds as storage.s3_filesystem
             retries={"total_max_attempts": 5, "mode": "standard"}, connect_timeout=5, read_timeout=30,
             max_pool_connections=2 * cfg.read_threads)  # two decode calls at a time per actor
-        _FS[key] = boto3.client("s3", endpoint_url=s.endpoint or None, region_name=s.region, config=config)
-    return _FS[key]
+        _S3_CLIENTS[key] = boto3.client("s3", endpoint_url=s.endpoint or None, region_name=s.region, config=config)
+    return _S3_CLIENTS[key]
 
 
 def _get_object(uri: str, cfg: ScoreConfig) -> bytes:

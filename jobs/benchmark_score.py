@@ -118,6 +118,12 @@ def crackscale_run(model: str, inp: str, out: str, env: dict | None = None, chun
     return s
 
 
+def row(s: dict) -> dict:
+    """A (b) table row from a run summary of ``crackscale_run``."""
+    return {"img_s": s["throughput_img_s"], "steady_img_s": s.get("steady_img_s"), "wall_s": s["duration_s"],
+            "startup_s": s.get("startup_s"), "peak_rss_mib": s["peak_rss_mib"]}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "concrete-crack"))
@@ -157,15 +163,11 @@ def main() -> int:
         out = work / f"out-local-{n}"
         shutil.rmtree(out, ignore_errors=True)
         s = crackscale_run(str(model_dir), str(d), str(out), chunk_size=args.chunk_size)
-        rows[f"(b) crackscale local → Parquet, N={n}"] = {
-            "img_s": s["throughput_img_s"], "steady_img_s": s.get("steady_img_s"),
-            "wall_s": s["duration_s"], "startup_s": s.get("startup_s"), "peak_rss_mib": s["peak_rss_mib"]}
+        rows[f"(b) crackscale local → Parquet, N={n}"] = row(s)
     if "tasks" not in skip:
         shutil.rmtree(out, ignore_errors=True)
         s = crackscale_run(str(model_dir), str(big), str(out), chunk_size=args.chunk_size, decode="tasks")
-        rows[f"(b) crackscale local → Parquet, N={args.n}, decode: tasks"] = {
-            "img_s": s["throughput_img_s"], "steady_img_s": s.get("steady_img_s"),
-            "wall_s": s["duration_s"], "startup_s": s.get("startup_s"), "peak_rss_mib": s["peak_rss_mib"]}
+        rows[f"(b) crackscale local → Parquet, N={args.n}, decode: tasks"] = row(s)
     a1 = ceiling(model_dir, small, args.image_size, args.seconds)
     a = {k: (a0[k] + a1[k]) / 2 for k in a0}
     rows = {"(a) model only, LiteRT, preloaded tensors (mean of before/after)": {
@@ -191,9 +193,7 @@ def main() -> int:
         with ThreadPoolExecutor(16) as pool:
             list(pool.map(lambda p: s3.upload_file(str(p), "bench", f"images/{p.name}"), sorted(big.glob("*.jpg"))))
         s = crackscale_run(str(model_dir), "s3://bench/images/", "s3://bench/scores/", env, args.chunk_size)
-        rows[f"(b) crackscale S3 (moto) → S3 Parquet, N={args.n}"] = {
-            "img_s": s["throughput_img_s"], "steady_img_s": s.get("steady_img_s"),
-            "wall_s": s["duration_s"], "startup_s": s.get("startup_s"), "peak_rss_mib": s["peak_rss_mib"]}
+        rows[f"(b) crackscale S3 (moto) → S3 Parquet, N={args.n}"] = row(s)
         server.stop()
     if "original" not in skip:
         for n, d in zip(sizes, [small, big] if len(sizes) == 2 else [big]):
