@@ -230,26 +230,8 @@ def artifact_litert(cfg: ScoreConfig) -> tuple[Runtime, dict[str, Any]] | None:
 
 # ---- Ray Data stages ------------------------------------------------------------------------------
 
-_S3_CLIENTS: dict[Any, Any] = {}
 _DECODERS: dict[tuple[int, bool], Any] = {}
 FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".bmp": "BMP", ".gif": "GIF"}
-
-
-def _s3_client(cfg: ScoreConfig) -> Any:
-    """One boto3 S3 client per worker process (thread-safe), with bounded retries and timeouts."""
-    key = (cfg.storage, cfg.read_threads)
-    if key not in _S3_CLIENTS:
-        import boto3
-        import botocore.config
-
-        from crackscale.storage import S3Settings
-
-        s = S3Settings.resolve(cfg.storage)
-        config = botocore.config.Config(  # the same bounds as storage.s3_filesystem
-            retries={"total_max_attempts": 5, "mode": "standard"}, connect_timeout=5, read_timeout=30,
-            max_pool_connections=2 * cfg.read_threads)  # two decode calls at a time per actor
-        _S3_CLIENTS[key] = boto3.client("s3", endpoint_url=s.endpoint or None, region_name=s.region, config=config)
-    return _S3_CLIENTS[key]
 
 
 def _get_object(uri: str, cfg: ScoreConfig) -> bytes:
@@ -260,9 +242,12 @@ def _get_object(uri: str, cfg: ScoreConfig) -> bytes:
     import botocore.exceptions as bx
     import urllib3.exceptions
 
+    from crackscale.storage import s3_client
+
     bucket, _, key = uri[len("s3://"):].partition("/")
     try:
-        return _s3_client(cfg).get_object(Bucket=bucket, Key=key)["Body"].read()
+        client = s3_client(cfg.storage, pool=2 * cfg.read_threads)  # two decode calls at a time per actor
+        return client.get_object(Bucket=bucket, Key=key)["Body"].read()
     except bx.ClientError as e:
         err, meta = e.response.get("Error", {}), e.response.get("ResponseMetadata", {})
         code, status = str(err.get("Code", "")), int(meta.get("HTTPStatusCode") or 0)

@@ -87,12 +87,11 @@ def list_input(cfg: ScoreConfig) -> Iterator[dict[str, Any]]:
 
 
 def _list_s3(uri: str, cfg: StorageConfig) -> Iterator[dict[str, Any]]:
-    import boto3
     import botocore.exceptions
 
     s = storage.S3Settings.resolve(cfg)
     bucket, _, prefix = uri[len("s3://"):].partition("/")
-    client = boto3.client("s3", endpoint_url=s.endpoint or None, region_name=s.region)
+    client = storage.s3_client(cfg)
     try:
         for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
             for o in page.get("Contents", []):

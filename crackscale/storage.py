@@ -2,7 +2,8 @@
 
 Everything here goes through ``pyarrow.fs`` so Ray Data, pyarrow datasets and DuckDB see the same
 filesystem. Scoring lists S3 prefixes with boto3's paginator and reads each image with one boto3
-``get_object`` (``runtime._get_object``: pyarrow's streams send a HEAD first). The endpoint comes
+``get_object`` (``runtime._get_object``: pyarrow's streams send a HEAD first), both through
+:func:`s3_client`, bounded like :func:`s3_filesystem`. The endpoint comes
 from config, else ``AWS_ENDPOINT_URL``; credentials always come from the standard AWS chain (env,
 ~/.aws, instance role) and are never stored or logged.
 """
@@ -74,6 +75,26 @@ def s3_filesystem(cfg: StorageConfig | None = None) -> pafs.S3FileSystem:
             raise StorageError(f"S3 endpoint {s.endpoint!r} must look like http(s)://host:port")
         kwargs.update(endpoint_override=u.netloc, scheme=u.scheme, force_virtual_addressing=False)
     return pafs.S3FileSystem(**kwargs)
+
+
+_S3_CLIENTS: dict = {}
+
+
+def s3_client(cfg: StorageConfig | None = None, pool: int = 10):
+    """One boto3 S3 client per (config, pool size) per process (boto3 clients are thread-safe),
+    with the same bounds as :func:`s3_filesystem`: 5 attempts in standard retry mode, 5 s to
+    connect, 30 s per read. ``pool`` is the most connections it keeps open."""
+    key = (cfg, pool)
+    if key not in _S3_CLIENTS:
+        import boto3
+        import botocore.config
+
+        s = S3Settings.resolve(cfg)
+        config = botocore.config.Config(
+            retries={"total_max_attempts": 5, "mode": "standard"}, connect_timeout=5, read_timeout=30,
+            max_pool_connections=pool)
+        _S3_CLIENTS[key] = boto3.client("s3", endpoint_url=s.endpoint or None, region_name=s.region, config=config)
+    return _S3_CLIENTS[key]
 
 
 def resolve(uri: str, cfg: StorageConfig | None = None) -> tuple[pafs.FileSystem, str]:

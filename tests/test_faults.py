@@ -123,6 +123,24 @@ def test_an_s3_object_read_is_one_get_and_its_failures_are_classified(s3_server,
     assert len(dead.faulted_requests) == 5  # the client's own 5 attempts
 
 
+def test_s3_listing_shares_the_bounded_client(s3_server, s3_bucket, faulty_s3, tmp_path):
+    """Listing pages through storage.s3_client: a fault is retried, and an endpoint that never
+    answers well fails the listing after the same 5 attempts, with an error naming it."""
+    import boto3
+
+    for k in ("in/a.jpg", "in/b.png", "in/c.txt", "in/sub/d.jpeg"):
+        boto3.client("s3", endpoint_url=s3_server).put_object(Bucket=s3_bucket, Key=k, Body=b"x")
+    flaky = faulty_s3(rate=0.0, fail_first=True)
+    cfg = cfg_for("", f"s3://{s3_bucket}/in/", "", flaky.endpoint, tmp_path)
+    got = [o["uri"] for o in score.list_input(cfg)]
+    assert got == [f"s3://{s3_bucket}/in/{k}" for k in ("a.jpg", "b.png", "sub/d.jpeg")]
+    assert len(flaky.faulted_requests) == 1
+    dead = faulty_s3(rate=1.0, max_consecutive=0)
+    with pytest.raises(storage.StorageError, match=rf"cannot list s3://{s3_bucket}/in/ \(endpoint {dead.endpoint}\)"):
+        list(score.list_input(cfg_for("", f"s3://{s3_bucket}/in/", "", dead.endpoint, tmp_path)))
+    assert len(dead.faulted_requests) == 5
+
+
 @pytest.mark.slow
 def test_endpoint_dies_mid_run_then_rerun_completes(ray_local, s3_server, s3_bucket, faulty_s3,
                                                     synth_data, model_artifact, tmp_path):
