@@ -93,13 +93,13 @@ class ScoreConfig:
     extensions: tuple[str, ...] = (".jpg", ".jpeg", ".png")  # listed files kept (case-insensitive)
     runtime: str = "auto"  # auto (GPU: tf, CPU: litert if parity holds, else tf) | litert | tf
     parity_tolerance: float = 1e-4  # max |Δp| LiteRT vs tf.keras on sample images, else not used
-    batch_size: int = 64  # images per model call
+    batch_size: int = 0  # images per model call; 0 = per runtime: LiteRT 4 (CPU caches), tf.keras 64
     block_size: int = 256  # images per Ray Data batch: one model-actor call (and decode-task call) each
     chunk_size: int = 2000  # images per committed Parquet file (the unit of exactly-once commit)
-    num_actors: int = 0  # model actors; 0 = one per GPU (use_gpu) or one per CPU node
+    num_actors: int = 0  # model actors; 0 = one per GPU (use_gpu), else one per actor_cpus CPUs (decode: actor) or per CPU node (tasks)
     use_gpu: bool = False  # one actor per GPU (num_gpus=1), tf.keras with memory growth
     actor_cpus: float = 1.0  # Ray CPUs reserved per model actor (decode: tasks: keep ≠ decode_cpus, or Ray fuses them)
-    threads: int = 0  # inference threads per actor; 0 = all cores of the actor's node
+    threads: int = 0  # inference threads per actor; 0 = the cluster's CPUs / actors (decode: actor), else all cores of its node
     decode_cpus: float = 0.5  # Ray CPUs per read+decode task (single-threaded; 0.5 overlaps I/O and decode)
     decode: str = "auto"  # where images are read + decoded: actor | tasks | auto (actor on CPU, tasks with use_gpu)
     read_threads: int = 16  # concurrent object reads per decode call (S3 latency, not bandwidth)
@@ -116,7 +116,7 @@ class ScoreConfig:
 
         _check(self.runtime in ("auto", "litert", "tf"), "config key 'runtime' must be auto, litert or tf")
         _check(self.decode in ("auto", "tasks", "actor"), "config key 'decode' must be auto, tasks or actor")
-        _check(self.batch_size > 0, "config key 'batch_size' must be positive")
+        _check(self.batch_size >= 0, "config key 'batch_size' must be >= 0 (0 = per runtime)")
         _check(self.block_size > 0, "config key 'block_size' must be positive")
         _check(self.chunk_size > 0, "config key 'chunk_size' must be positive")
         _check(self.num_actors >= 0, "config key 'num_actors' must be >= 0")

@@ -14,6 +14,7 @@ attempts re-run the uncommitted chunks on what remains of the cluster. See READM
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import hashlib
 import io
@@ -247,8 +248,14 @@ def _plan(cfg: ScoreConfig, done: np.ndarray) -> tuple[list[tuple[str, Any]], di
     return refs, sizes, counts
 
 
-def _default_actors(cfg: ScoreConfig, nodes: set[str] | None = None) -> int:
-    """Model actors for an attempt: ``num_actors``, or one per GPU / per CPU node.
+def _layout(cfg: ScoreConfig, nodes: set[str] | None = None) -> tuple[int, int]:
+    """(model actors, inference threads per actor) for an attempt.
+
+    Actors: ``num_actors``, else one per GPU (``use_gpu``); on CPU with ``decode: actor`` one per
+    ``actor_cpus`` CPUs (each reads, decodes and predicts on its own core: measured faster than one
+    multi-threaded actor per node, whose threads stall on each other while a decode takes a core),
+    with ``decode: tasks`` one per CPU node. Threads: ``threads``, else the cluster's CPUs / actors
+    with ``decode: actor`` on CPU, else 0 (all cores of the actor's node).
 
     ``nodes`` (an attempt after part of the cluster was lost): the IDs of the nodes that answered;
     at most as many actors as they hold (with ``decode: tasks``, with room for one decode task
@@ -263,16 +270,25 @@ def _default_actors(cfg: ScoreConfig, nodes: set[str] | None = None) -> int:
     gpus = int(sum(r.get("GPU", 0) for r in alive))
     if cfg.use_gpu and gpus < 1 and not cfg.num_actors:
         raise ConfigError("config key 'use_gpu' is true but the Ray cluster has no GPUs")
-    want = cfg.num_actors or (gpus if cfg.use_gpu else max(1, sum(1 for r in alive if r.get("CPU", 0) > 0)))
-    if nodes is None:
-        return want
-    cpus = sum(r.get("CPU", 0) for r in alive) - (0 if decode_in_actor(cfg) else cfg.decode_cpus)
-    fit = int(cpus // cfg.actor_cpus) if cfg.actor_cpus > 0 else want
-    fit = min(fit, gpus) if cfg.use_gpu else fit
-    if fit < want:
-        log.warning("the remaining cluster (%d nodes, %g CPUs free for actors, %d GPUs) holds %d model actors, "
-                    "not %d: using %d", len(alive), cpus, gpus, max(fit, 1), want, max(fit, 1))
-    return max(1, min(want, fit))
+    node_cpus = [r.get("CPU", 0) for r in alive if r.get("CPU", 0) > 0]
+    per_core = decode_in_actor(cfg) and not cfg.use_gpu
+    if cfg.num_actors or cfg.use_gpu:
+        want = cfg.num_actors or gpus
+    elif per_core and cfg.actor_cpus > 0:
+        want = sum(max(1, int(c // cfg.actor_cpus)) for c in node_cpus) or 1
+    else:
+        want = max(1, len(node_cpus))
+    n = want
+    if nodes is not None:
+        cpus = sum(node_cpus) - (0 if decode_in_actor(cfg) else cfg.decode_cpus)
+        fit = int(cpus // cfg.actor_cpus) if cfg.actor_cpus > 0 else want
+        fit = min(fit, gpus) if cfg.use_gpu else fit
+        if fit < want:
+            log.warning("the remaining cluster (%d nodes, %g CPUs free for actors, %d GPUs) holds %d model actors, "
+                        "not %d: using %d", len(alive), cpus, gpus, max(fit, 1), want, max(fit, 1))
+        n = max(1, min(want, fit))
+    threads = cfg.threads or (max(1, int(sum(node_cpus) // n)) if per_core else 0)
+    return n, threads
 
 
 class IncompleteChunks(RuntimeError):
@@ -387,7 +403,9 @@ def _pipeline(refs: list[Any], cfg: ScoreConfig, meta: dict[str, Any], nodes: se
 
     from crackscale.runtime import Predictor, decode_batch, resize_antialias
 
-    n_actors = _default_actors(cfg, nodes)
+    n_actors, threads = _layout(cfg, nodes)
+    cfg = dataclasses.replace(cfg, threads=threads)
+    log.info("%d model actors, %s inference threads each", n_actors, threads or "all the node's cores as")
     decode = {"image_size": int(meta["image_size"]), "cfg": cfg, "antialias": resize_antialias(meta)}
     ds = ray.data.from_arrow_refs(refs)
     if in_actor := decode_in_actor(cfg):

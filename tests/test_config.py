@@ -60,7 +60,7 @@ def test_configs_are_data_not_code(tmp_path):
     f.write_text("name: !!python/object/apply:os.system ['echo pwned']\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load(TrainConfig, str(f))
-    assert load(ScoreConfig, None, []).batch_size > 0
+    assert load(ScoreConfig, None, []).block_size > 0
 
 
 def test_shipped_configs_load():

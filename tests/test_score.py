@@ -323,10 +323,13 @@ def test_benchmark_score_job_prints_rows_and_ratios(synth_data, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     out = last_json(r.stdout)
     rows, ratios = out["rows"], out["ratios"]
-    a = rows["(a) model only, LiteRT, preloaded tensors (mean of before/after)"]
+    a = rows["(a) model only, LiteRT, preloaded tensors (fastest layout, mean of before/after)"]
     b = rows["(b) crackscale local → Parquet, N=600"]
     c = rows["(c) image_dataset_from_directory + predict, N=600"]
     assert a["img_s"] == pytest.approx((a["before"] + a["after"]) / 2) and a["before"] > 0
+    # the ceiling is the fastest of the swept layouts: 2 layouts × 4 batch sizes, each measured
+    for sweep, fastest, layout in zip(a["sweep"], (a["before"], a["after"]), a["layout"]):
+        assert len(sweep) == 8 and min(sweep.values()) > 0 and fastest == max(sweep.values()) == sweep[layout]
     assert b["img_s"] > 0 and b["startup_s"] > 0 and b["peak_rss_mib"] > 100 and c["img_s"] > 0
     # 6 chunks of 100 (decoded in two blocks): a steady rate, over the images after the first
     # result batch only
