@@ -448,9 +448,14 @@ def decode_batch(batch: dict[str, np.ndarray], image_size: int, cfg: ScoreConfig
     Objects whose header passes are decoded in one call; if that call fails (a corrupt body), each
     is decoded on its own so that only the bad ones get an error.
     """
+    from crackscale.storage import is_s3
+
     uris = [str(u) for u in batch["uri"]]
-    with ThreadPoolExecutor(max_workers=min(cfg.read_threads, max(1, len(uris)))) as pool:
-        blobs = list(pool.map(lambda u: _read(u, cfg), uris))
+    if any(is_s3(u) for u in uris):  # latency-bound: many requests at once
+        with ThreadPoolExecutor(max_workers=min(cfg.read_threads, max(1, len(uris)))) as pool:
+            blobs = list(pool.map(lambda u: _read(u, cfg), uris))
+    else:  # local files: a thread pool cost 9× the CPU of reading them in turn (0.16 vs 0.018 ms each)
+        blobs = [_read(u, cfg) for u in uris]
     images = np.zeros((len(uris), image_size, image_size, 3), np.uint8)
     errors = [""] * len(uris)
     sizes = np.asarray(batch["size"], dtype=np.int64).copy()

@@ -50,8 +50,9 @@ def test_parity_guard_refuses_a_wrong_export(model_artifact, model_artifact_v2, 
     """A cached .tflite that is not this model (stale/corrupt cache) is caught by the parity check."""
     v1, v2 = artifact.load(model_artifact["uri"]), artifact.load(model_artifact_v2["uri"])
     runtime.export_litert(v2.model, runtime.cache_path(str(tmp_path), v1.meta["model_sha256"]))
-    rt, info = runtime.select(v1.model, v1.meta, "auto", 8, cache_dir=str(tmp_path))
+    rt, info = runtime.select(v1.model, v1.meta, "auto", 0, cache_dir=str(tmp_path))
     assert rt.name == "tf" and info["parity_max_abs_diff"] > 1e-4
+    assert rt.batch_size == runtime.DEFAULT_BATCH["tf"] == 64  # batch_size 0: tf.keras's own default
     with pytest.raises(ValueError, match="runtime: litert was requested"):
         runtime.select(v1.model, v1.meta, "litert", 8, cache_dir=str(tmp_path))
 
@@ -124,9 +125,10 @@ def test_predictor_starts_from_the_artifacts_own_export_without_tensorflow(model
     np.save(tmp_path / "x.npy", images)
     code = ("import json, sys, time; import numpy as np; t = time.time()\n"
             "from crackscale import runtime; from crackscale.config import ScoreConfig\n"
-            "p = runtime.Predictor(ScoreConfig(model=sys.argv[1], batch_size=8)); ready = time.time() - t\n"
+            "p = runtime.Predictor(ScoreConfig(model=sys.argv[1])); ready = time.time() - t\n"
             "x = np.load(sys.argv[2]); b = {'image': x, 'error': np.array([''] * len(x), dtype=object)}\n"
             "print(json.dumps({'info': p.info, 'tf': 'tensorflow' in sys.modules, 'ready_s': ready,\n"
+            "                  'batch': p.runtime.batch_size,\n"
             "                  'p': p(b)['crack_probability'].tolist()}))")
     r = subprocess.run([PY, "-c", code, model_artifact["uri"], str(tmp_path / "x.npy")], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
@@ -134,6 +136,7 @@ def test_predictor_starts_from_the_artifacts_own_export_without_tensorflow(model
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["info"]["runtime"] == "litert" and out["info"]["litert"] == "artifact", out["info"]
     assert out["tf"] is False, "the LiteRT actor imported TensorFlow"
+    assert out["batch"] == runtime.DEFAULT_BATCH["litert"] == 4  # batch_size 0: LiteRT's own default
     keras = artifact.load(model_artifact["uri"]).model
     p_keras = keras.predict(images.astype(np.float32), batch_size=8, verbose=0).reshape(-1)
     assert np.abs(np.array(out["p"]) - p_keras).max() <= 1e-4

@@ -17,7 +17,7 @@ from conftest import PY, ROOT, last_json, run_job, upload_tree
 from PIL import Image, ImageOps
 
 from crackscale import query, runtime, score, storage
-from crackscale.config import ScoreConfig
+from crackscale.config import ConfigError, ScoreConfig
 
 
 def bad_files() -> dict[str, bytes]:
@@ -311,6 +311,22 @@ def test_committed_key_lookup_survives_hashes_ending_in_nul():
     done = np.sort(np.array(hashes, dtype="S17"))
     assert all(_is_in(done, h) for h in hashes)
     assert not any(_is_in(done, key_hash(f"s3://b/other/{i}.jpg")) for i in range(500))
+
+
+def test_cpu_layout_is_one_single_threaded_actor_per_core(ray_local):
+    """num_actors / threads 0 on CPU: with decode: actor, one actor per actor_cpus Ray CPUs, sharing
+    the CPUs as threads; with decode: tasks, one actor per node on all its cores; set values win."""
+    def layout(**kw):
+        return score._layout(ScoreConfig(**kw))
+
+    assert ray_local.cluster_resources()["CPU"] == 4
+    assert layout() == (4, 1)
+    assert layout(actor_cpus=2.0) == (2, 2)
+    assert layout(num_actors=1) == (1, 4)
+    assert layout(num_actors=3, threads=2) == (3, 2)
+    assert layout(decode="tasks") == (1, 0)
+    with pytest.raises(ConfigError, match="'use_gpu' is true but the Ray cluster has no GPUs"):
+        layout(use_gpu=True)
 
 
 @pytest.mark.slow
