@@ -5,8 +5,8 @@ original one-process script, and peak memory at a small and a large N.
 
 (a) ceiling: the fastest runtime (LiteRT/XNNPACK) on preloaded, decoded tensors: the fastest of one
     interpreter on all cores and one single-threaded interpreter per core (own processes), each at
-    batch 1, 4, 16 and 64; measured before and after the local runs (this host's speed drifts),
-    (b)/(a) uses the mean.
+    batch 1, 4, 16 and 64; measured right before and right after the large local run (this host's
+    speed drifts), (b)/(a) uses the mean.
 (b) crackscale: ``jobs/score.py`` from storage to committed Parquet (local folder, and an S3 server
     on 127.0.0.1 started here), a fresh Ray per run, timings from its summary; images decoded in
     the model actor (``decode: auto`` on CPU), and at the large N also in separate decode tasks
@@ -196,25 +196,28 @@ def main() -> int:
                           "resize_antialias": data.RESIZE_ANTIALIAS, "preprocessing": "see data.decode"},
                       str(model_dir))
     rows: dict[str, dict] = {}
-    # This machine's speed drifts by up to ±20 % over minutes (shared host), so the ceiling is
-    # measured right before and right after the large local run and (b)/(a) uses their mean.
-    a0 = ceiling(model_dir, small, args.image_size, args.seconds)
-    sizes = [args.n] if "small" in skip else [args.small, args.n]
-    for n, d in zip(sizes, [small, big] if len(sizes) == 2 else [big]):
+
+    def local(n: int, images: Path, decode: str = "auto") -> None:
         out = work / f"out-local-{n}"
         shutil.rmtree(out, ignore_errors=True)
-        s = crackscale_run(str(model_dir), str(d), str(out), chunk_size=args.chunk_size)
-        rows[f"(b) crackscale local → Parquet, N={n}"] = row(s)
-    if "tasks" not in skip:
-        shutil.rmtree(out, ignore_errors=True)
-        s = crackscale_run(str(model_dir), str(big), str(out), chunk_size=args.chunk_size, decode="tasks")
-        rows[f"(b) crackscale local → Parquet, N={args.n}, decode: tasks"] = row(s)
+        s = crackscale_run(str(model_dir), str(images), str(out), chunk_size=args.chunk_size, decode=decode)
+        rows[f"(b) crackscale local → Parquet, N={n}" + ("" if decode == "auto" else f", decode: {decode}")] = row(s)
+
+    # This machine's speed drifts by up to ±20 % over minutes (shared host), so the ceiling is
+    # measured right before and right after the large local run, and (b)/(a) uses their mean.
+    a0 = ceiling(model_dir, small, args.image_size, args.seconds)
+    local(args.n, big)
     a1 = ceiling(model_dir, small, args.image_size, args.seconds)
+    if "small" not in skip:
+        local(args.small, small)
+    if "tasks" not in skip:
+        local(args.n, big, decode="tasks")
     a = {k: (a0[k] + a1[k]) / 2 for k in ("litert", "tf")}
     rows = {"(a) model only, LiteRT, preloaded tensors (fastest layout, mean of before/after)": {
                 "img_s": a["litert"], "before": a0["litert"], "after": a1["litert"],
                 "layout": [a0["layout"], a1["layout"]], "sweep": [a0["sweep"], a1["sweep"]]},
-            "(a') model only, tf.keras graph, preloaded": {"img_s": a["tf"]}, **rows}
+            "(a') model only, tf.keras graph, preloaded": {"img_s": a["tf"]},
+            **dict(sorted(rows.items(), key=lambda kv: ("tasks" in kv[0], int(kv[0].split("N=")[1].split(",")[0]))))}
     if "s3" not in skip:
         from moto.server import ThreadedMotoServer
 
@@ -238,7 +241,7 @@ def main() -> int:
         rows[f"(b) crackscale S3 (moto) → S3 Parquet, N={args.n}"] = row(s)
         server.stop()
     if "original" not in skip:
-        for n, d in zip(sizes, [small, big] if len(sizes) == 2 else [big]):
+        for n, d in ([] if "small" in skip else [(args.small, small)]) + [(args.n, big)]:
             res, mem = peak_rss([sys.executable, "-c", ORIGINAL, str(d), str(model_dir / "model.keras"),
                                  str(args.image_size)])
             cnt, secs = res.stdout.split()[-2:]
