@@ -96,10 +96,10 @@ class ScoreConfig:
     batch_size: int = 0  # images per model call; 0 = per runtime: LiteRT 4 (CPU caches), tf.keras 64
     block_size: int = 256  # images per Ray Data batch: one model-actor call (and decode-task call) each
     chunk_size: int = 2000  # images per committed Parquet file (the unit of exactly-once commit)
-    num_actors: int = 0  # model actors; 0 = one per GPU (use_gpu), else one per actor_cpus CPUs (decode: actor) or per CPU node (tasks)
+    num_actors: int = 0  # 0 = one per GPU (use_gpu), per actor_cpus CPUs (decode: actor), per CPU node (tasks)
     use_gpu: bool = False  # one actor per GPU (num_gpus=1), tf.keras with memory growth
     actor_cpus: float = 1.0  # Ray CPUs reserved per model actor (decode: tasks: keep ≠ decode_cpus, or Ray fuses them)
-    threads: int = 0  # inference threads per actor; 0 = the cluster's CPUs / actors (decode: actor), else all cores of its node
+    threads: int = 0  # inference threads per actor; 0 = CPUs / actors (decode: actor), all of its node's (tasks)
     decode_cpus: float = 0.5  # Ray CPUs per read+decode task (single-threaded; 0.5 overlaps I/O and decode)
     decode: str = "auto"  # where images are read + decoded: actor | tasks | auto (actor on CPU, tasks with use_gpu)
     read_threads: int = 16  # concurrent object reads per decode call (S3 latency, not bandwidth)

@@ -66,8 +66,8 @@ def configure_tf(use_gpu: bool, threads: int = 0) -> int:
 
 
 # images per model call when ``batch_size`` is 0. LiteRT/XNNPACK on CPU runs fastest on small
-# batches (their activations stay in cache): on the Zen 4 host, batch 1–8 gave 440–530 img/s and
-# batch 64 360–400 (README "Benchmark"). tf.keras (GPU) wants large ones.
+# batches (their activations stay in cache): on the Zen 4 host, batch 1–8 gave 417–529 img/s and
+# batch 64 359–401 (README "Benchmark"). tf.keras (GPU) wants large ones.
 DEFAULT_BATCH = {"litert": 4, "tf": 64}
 
 

@@ -197,11 +197,14 @@ def main() -> int:
                       str(model_dir))
     rows: dict[str, dict] = {}
 
+    def local_key(n: int, decode: str = "auto") -> str:
+        return f"(b) crackscale local → Parquet, N={n}" + ("" if decode == "auto" else f", decode: {decode}")
+
     def local(n: int, images: Path, decode: str = "auto") -> None:
         out = work / f"out-local-{n}"
         shutil.rmtree(out, ignore_errors=True)
         s = crackscale_run(str(model_dir), str(images), str(out), chunk_size=args.chunk_size, decode=decode)
-        rows[f"(b) crackscale local → Parquet, N={n}" + ("" if decode == "auto" else f", decode: {decode}")] = row(s)
+        rows[local_key(n, decode)] = row(s)
 
     # This machine's speed drifts by up to ±20 % over minutes (shared host), so the ceiling is
     # measured right before and right after the large local run, and (b)/(a) uses their mean.
@@ -217,7 +220,7 @@ def main() -> int:
                 "img_s": a["litert"], "before": a0["litert"], "after": a1["litert"],
                 "layout": [a0["layout"], a1["layout"]], "sweep": [a0["sweep"], a1["sweep"]]},
             "(a') model only, tf.keras graph, preloaded": {"img_s": a["tf"]},
-            **dict(sorted(rows.items(), key=lambda kv: ("tasks" in kv[0], int(kv[0].split("N=")[1].split(",")[0]))))}
+            **{k: rows[k] for k in (local_key(args.small), local_key(args.n), local_key(args.n, "tasks")) if k in rows}}
     if "s3" not in skip:
         from moto.server import ThreadedMotoServer
 
