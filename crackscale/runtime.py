@@ -270,10 +270,6 @@ def _get_object(uri: str, cfg: ScoreConfig) -> bytes:
         raise OSError(f"{type(e).__name__}: {e}") from None
 
 
-# S3 answers that are about the object, not the endpoint: they become the image's error row
-_PERMANENT = ("ACCESS_DENIED", "NO_SUCH_KEY", "HTTP status 403", "HTTP status 404")
-
-
 def _read(uri: str, cfg: ScoreConfig, attempts: int = 3) -> bytes | str:
     """The object's bytes, or an error string (missing/denied object).
 
@@ -298,7 +294,7 @@ def _read(uri: str, cfg: ScoreConfig, attempts: int = 3) -> bytes | str:
         except Exception as e:  # permanent (denied, invalid key, local I/O): this image's error row
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             transient = isinstance(e, OSError) and not isinstance(e, PermissionError)
-            if not is_s3(uri) or not transient or any(p in msg for p in _PERMANENT):
+            if not is_s3(uri) or not transient:  # _get_object raises OSError only for transient faults
                 return f"read: {msg}"
             if attempt + 1 == attempts:
                 raise StorageError(f"cannot read {uri} (endpoint {S3Settings.resolve(cfg.storage).describe()}) "
