@@ -102,6 +102,7 @@ class ScoreConfig:
     threads: int = 0  # inference threads per actor; 0 = CPUs / actors (decode: actor), all of its node's (tasks)
     decode_cpus: float = 0.5  # Ray CPUs per read+decode task (single-threaded; 0.5 overlaps I/O and decode)
     decode: str = "auto"  # where images are read + decoded: actor | tasks | auto (actor on CPU, tasks with use_gpu)
+    decoder: str = "auto"  # auto: JPEGs without TensorFlow (same pixels; crackscale.jpeg) where proven, else tf | tf
     read_threads: int = 16  # concurrent object reads per decode call (S3 latency, not bandwidth)
     max_attempts: int = 3  # pipeline attempts: after a lost actor/node the uncommitted chunks run again
     max_pixels: int = 50_000_000  # larger images are refused (decompression-bomb guard)
@@ -116,6 +117,7 @@ class ScoreConfig:
 
         _check(self.runtime in ("auto", "litert", "tf"), "config key 'runtime' must be auto, litert or tf")
         _check(self.decode in ("auto", "tasks", "actor"), "config key 'decode' must be auto, tasks or actor")
+        _check(self.decoder in ("auto", "tf"), "config key 'decoder' must be auto or tf")
         _check(self.batch_size >= 0, "config key 'batch_size' must be >= 0 (0 = per runtime)")
         _check(self.block_size > 0, "config key 'block_size' must be positive")
         _check(self.chunk_size > 0, "config key 'chunk_size' must be positive")

@@ -2,7 +2,8 @@
 
 Checks, each OK / WARN / FAIL / SKIP with a fix: Python version; installed packages against the
 pins of this package (tf-keras must match TensorFlow's minor version); TensorFlow imports and
-which GPUs it sees; the Ray cluster is reachable (GCS ``host:port`` or the dashboard/job server
+which GPUs it sees; JPEGs decode without TensorFlow to TensorFlow's pixels (``crackscale.jpeg``);
+the Ray cluster is reachable (GCS ``host:port`` or the dashboard/job server
 ``http://host:8265``, whose token auth is recognised); the S3 endpoint answers and the credentials
 are accepted (and the bucket exists, with ``--bucket``). Exit status 1 when anything failed.
 """
@@ -213,13 +214,32 @@ def check_s3(endpoint: str, bucket: str) -> Check:
     return Check("s3", "ok", f"{where}: credentials accepted" + (f", bucket {bucket} exists" if bucket else ""))
 
 
+def check_jpeg() -> Check:
+    """Scoring actors decode JPEGs without TensorFlow only where the check image gives its pixels."""
+    import logging
+
+    from crackscale import jpeg
+
+    logging.getLogger(jpeg.__name__).setLevel(logging.ERROR)  # the finding is this check's detail
+    try:
+        got = jpeg.check_digests()
+    except Exception as e:  # noqa: BLE001 - a missing or broken library is the finding
+        return Check("jpeg decoder", "warn", f"unavailable ({type(e).__name__}: {e}): scoring decodes with TensorFlow",
+                     "pip install -e .  (simplejpeg and numba, as pinned)")
+    bad = sorted(k for k, v in jpeg.CHECK_DIGESTS.items() if got.get(k) != v)
+    if bad:
+        return Check("jpeg decoder", "warn", f"other pixels than TensorFlow's (sizes {bad}): scoring decodes with TensorFlow",
+                     "install the pinned simplejpeg and numba wheels, or set decoder: tf to silence")
+    return Check("jpeg decoder", "ok", "JPEGs decode without TensorFlow, to its pixels (checked)")
+
+
 def run(ray_address: str = "", s3_endpoint: str = "", bucket: str = "") -> list[Check]:
     """All checks; the slow ones (TensorFlow import, Ray connect) run concurrently."""
     with ThreadPoolExecutor(max_workers=3) as pool:
         ray_f = pool.submit(check_ray, ray_address)
         s3_f = pool.submit(check_s3, s3_endpoint, bucket)
         tf_checks = check_tensorflow()
-        return [check_python(), *check_packages(), *tf_checks, ray_f.result(), s3_f.result()]
+        return [check_python(), *check_packages(), *tf_checks, check_jpeg(), ray_f.result(), s3_f.result()]
 
 
 def render(checks: list[Check]) -> str:

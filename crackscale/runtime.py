@@ -4,7 +4,9 @@ with ``decode: actor`` they read and decode too, else ``decode_batch`` runs in t
 ``decode_batch`` reads objects and decodes them exactly like training (``crackscale.data.decode``:
 ``tf.io.decode_image`` + bilinear ``tf.image.resize`` with the artifact's ``resize_antialias``, rounded to uint8 as
 ``data.tf_dataset`` feeds the model), with EXIF orientation applied and one error string per bad
-file instead of a failed block. ``Predictor`` loads the artifact once per actor.
+file instead of a failed block. JPEGs of models trained without antialiasing (the default) are
+decoded without TensorFlow, to the same pixels (``crackscale.jpeg``). ``Predictor`` loads the artifact
+once per actor.
 
 Model runtimes: tf.keras (GPU or CPU) and LiteRT/XNNPACK (CPU: 3-4× tf.keras on an AVX2 host, 1.5×
 on an AVX-512 one; README "Benchmark"). Both take a batch of RGB images of the artifact's
@@ -394,16 +396,17 @@ def _clean(e: Exception) -> str:
     return lines[0] if lines else type(e).__name__
 
 
-def _header(data: bytes, uri: str, cfg: ScoreConfig) -> tuple[int, str]:
-    """(EXIF orientation 1..8, "") if the object may be decoded, else (0, error); header only."""
+def _header(data: bytes, uri: str, cfg: ScoreConfig) -> tuple[int, str, str]:
+    """(EXIF orientation 1..8, "", PIL format) if the object may be decoded, else (0, error, "");
+    header only."""
     from PIL import Image, UnidentifiedImageError
 
     ext = os.path.splitext(uri)[1].lower()
     allowed = {FORMATS[e.lower()] for e in cfg.extensions if e.lower() in FORMATS}
     if ext not in {e.lower() for e in cfg.extensions}:
-        return 0, f"unsupported: extension {ext or '(none)'}"
+        return 0, f"unsupported: extension {ext or '(none)'}", ""
     if not data:
-        return 0, "empty file"
+        return 0, "empty file", ""
     try:
         with Image.open(io.BytesIO(data)) as im:  # header only: format, size, EXIF
             fmt, (w, h) = im.format, im.size
@@ -412,25 +415,41 @@ def _header(data: bytes, uri: str, cfg: ScoreConfig) -> tuple[int, str]:
             except Exception:
                 orientation = 1
     except UnidentifiedImageError:
-        return 0, "decode: not an image"
+        return 0, "decode: not an image", ""
     except Image.DecompressionBombError as e:  # PIL's own guard (> 2 × its MAX_IMAGE_PIXELS)
-        return 0, f"too large: {_clean(e)}"
+        return 0, f"too large: {_clean(e)}", ""
     except Exception as e:  # PIL raises many kinds on garbage headers
-        return 0, f"decode: {_clean(e)}"
+        return 0, f"decode: {_clean(e)}", ""
     if fmt not in allowed:
-        return 0, f"unsupported: format {fmt}"
+        return 0, f"unsupported: format {fmt}", ""
     if w * h > cfg.max_pixels:
-        return 0, f"too large: {w}x{h} pixels > max_pixels {cfg.max_pixels}"
-    return (orientation if 1 <= orientation <= 8 else 1), ""
+        return 0, f"too large: {w}x{h} pixels > max_pixels {cfg.max_pixels}", ""
+    return (orientation if 1 <= orientation <= 8 else 1), "", str(fmt)
+
+
+def fast_jpeg(cfg: ScoreConfig, antialias: bool) -> bool:
+    """Whether JPEGs are decoded without TensorFlow (``crackscale.jpeg``): ``decoder: auto``, a model
+    trained without antialiasing, and the check image gives TensorFlow's pixels on this node."""
+    if cfg.decoder != "auto" or antialias:
+        return False
+    from crackscale import jpeg
+
+    return jpeg.available()
 
 
 def decode_image(data: bytes, uri: str, image_size: int, cfg: ScoreConfig,
                  antialias: bool = RESIZE_ANTIALIAS) -> tuple[np.ndarray | None, str]:
     """(uint8 image, "") or (None, error) for one object; never raises. ``antialias``: the
     artifact's ``resize_antialias`` (as its training resized)."""
-    orientation, err = _header(data, uri, cfg)
+    orientation, err, fmt = _header(data, uri, cfg)
     if err:
         return None, err
+    if fmt == "JPEG" and fast_jpeg(cfg, antialias):
+        from crackscale import jpeg
+
+        img = jpeg.decode(data, image_size, orientation)
+        if img is not None:
+            return img, ""
     try:
         return _decoder(image_size, antialias)[0](data, orientation).numpy(), ""
     except Exception as e:  # corrupt/truncated data
@@ -441,8 +460,9 @@ def decode_batch(batch: dict[str, np.ndarray], image_size: int, cfg: ScoreConfig
                  antialias: bool = RESIZE_ANTIALIAS) -> dict[str, np.ndarray]:
     """Ray Data task: read + decode a batch; adds ``image`` (zeros on error) and ``error`` ("" if ok).
 
-    Objects whose header passes are decoded in one call; if that call fails (a corrupt body), each
-    is decoded on its own so that only the bad ones get an error.
+    JPEGs are decoded without TensorFlow where ``fast_jpeg`` allows. The other objects whose header
+    passes (and JPEGs libjpeg warns about) are decoded by TensorFlow in one call; if that call fails
+    (a corrupt body), each is decoded on its own so that only the bad ones get an error.
     """
     from crackscale.storage import is_s3
 
@@ -456,15 +476,22 @@ def decode_batch(batch: dict[str, np.ndarray], image_size: int, cfg: ScoreConfig
     errors = [""] * len(uris)
     sizes = np.asarray(batch["size"], dtype=np.int64).copy()
     todo: list[tuple[int, bytes, int]] = []
+    fast = fast_jpeg(cfg, antialias)
+    if fast:
+        from crackscale import jpeg
     for i, (uri, blob) in enumerate(zip(uris, blobs)):
         if isinstance(blob, str):
             errors[i] = blob
             continue
         if sizes[i] < 0:
             sizes[i] = len(blob)
-        orientation, errors[i] = _header(blob, uri, cfg)
-        if not errors[i]:
-            todo.append((i, blob, orientation))
+        orientation, errors[i], fmt = _header(blob, uri, cfg)
+        if errors[i]:
+            continue
+        if fast and fmt == "JPEG" and (img := jpeg.decode(blob, image_size, orientation)) is not None:
+            images[i] = img
+            continue
+        todo.append((i, blob, orientation))
     if todo:
         one, many = _decoder(image_size, antialias)
         try:
@@ -503,8 +530,10 @@ class Predictor:
             ready = select(loaded.model, loaded.meta, cfg.runtime, cfg.batch_size, cfg.threads, n_gpus,
                            cfg.cache_dir, cfg.parity_tolerance)
         self.runtime, self.info = ready
-        if decode:  # compile the decoders now (after the model set TF's threads): not in the first batch
-            _decoder(int(decode["image_size"]), bool(decode.get("antialias", RESIZE_ANTIALIAS)))
+        if decode:  # ready the decoder now, not in the first batch (TF's: after the model set its threads)
+            size, aa = int(decode["image_size"]), bool(decode.get("antialias", RESIZE_ANTIALIAS))
+            if not fast_jpeg(cfg, aa):  # else TensorFlow is imported only if a PNG/GIF/BMP (or damaged JPEG) comes
+                _decoder(size, aa)
         log.info("predictor ready: %s", self.info)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -31,6 +31,7 @@ def test_doctor_all_good(ray_local, s3_server, s3_bucket):
     assert checks["tensorflow"]["detail"].startswith("2.21")
     assert checks["ray cluster"]["status"] == "ok" and "1 node(s), 4 CPUs" in checks["ray cluster"]["detail"]
     assert checks["s3"]["status"] == "ok" and f"bucket {s3_bucket} exists" in checks["s3"]["detail"]
+    assert checks["jpeg decoder"]["status"] == "ok", checks["jpeg decoder"]
     assert checks["gpus"]["status"] in ("ok", "warn")  # CPU-only machines get a warning, not a failure
     assert not [c for c in checks.values() if c["status"] == "fail"]
 

@@ -1,0 +1,170 @@
+"""JPEG decode + resize without TensorFlow, bit-identical to training's (``data.decode`` with
+``resize_antialias: false``: ``tf.io.decode_image`` + bilinear ``tf.image.resize``, rounded to uint8).
+
+Why: a scoring actor that decodes with TensorFlow imports it (≈ 3.5 s of CPU and ≈ 600 MiB per
+process here) only for that. With the artifact's LiteRT export, the model needs no TensorFlow either,
+so a CPU actor that decodes this way never imports it.
+
+- Decode: libjpeg-turbo through ``simplejpeg`` with the settings TensorFlow's decoder uses: the
+  integer fast DCT and fancy (smooth) chroma upsampling. ``strict``: any libjpeg warning (a truncated
+  or damaged file) raises, and the caller lets TensorFlow decide on that file, as before.
+- Resize: TensorFlow's ``ResizeBilinear`` CPU kernel (half-pixel centres; float32 lerps, horizontal
+  first, in its order of operations), compiled by numba without fast-math, then clip and round half to
+  even as ``tf.round``.
+- ``available()`` proves it on this node before the first use: the package's ``decode_check.jpg``
+  must decode and resize to the SHA-256 digests TensorFlow gives (``CHECK_DIGESTS``; a test checks
+  them against TensorFlow). A different libjpeg-turbo or numba build that differs turns this path
+  off with a warning, and TensorFlow decodes everything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+CHECK_FILE = Path(__file__).with_name("decode_check.jpg")  # synthetic crack, 227 × 227, 4:2:0, quality 90
+# SHA-256 of TensorFlow's uint8 pixels for CHECK_FILE: decoded, and resized to each size (no antialias)
+CHECK_DIGESTS = {
+    0: "b044fcf070c817b7391d86006466837ca5248ac95f954161382cfde9a4036bb9",
+    160: "f31deb94e25c7d0806e2e8af839ecfda955f50e420c2253426ed1d0f12360cfe",
+    96: "9e2a6f0f3775a12bb4f0d09b5c6c31b0e73f6544ee29c1b60a6398243ce986a1",
+    300: "de539d362d24b439efccc3faea2c8dffe06395abe1e2712f1ef26bb6dea02b3e",  # enlarged
+}
+
+_state: dict[str, Any] = {}
+
+
+def _kernels() -> Any:
+    """The compiled resize (numba; cached on disk next to this module or in numba's user cache)."""
+    if "resize" in _state:
+        return _state["resize"]
+    import numba
+
+    @numba.njit(cache=True, nogil=True)
+    def axis(n_in: int, n_out: int) -> Any:
+        # TF's HalfPixelScaler + compute_interpolation_weights, in float32
+        s = np.float32(n_in) / np.float32(n_out)
+        lo = np.empty(n_out, np.int64)
+        hi = np.empty(n_out, np.int64)
+        lerp = np.empty(n_out, np.float32)
+        for i in range(n_out):
+            v = (np.float32(i) + np.float32(0.5)) * s - np.float32(0.5)
+            f = np.float32(np.floor(v))
+            lo[i] = max(np.int64(f), 0)
+            hi[i] = min(np.int64(np.ceil(v)), n_in - 1)
+            lerp[i] = v - f
+        return lo, hi, lerp
+
+    @numba.njit(cache=True, nogil=True)
+    def resize(img: Any, size: int, out: Any) -> None:
+        h, w, ch = img.shape
+        src = img.reshape(h * w * ch)
+        dst = out.reshape(size * size * ch)
+        xlo, xhi, xl = axis(w, size)
+        ylo, yhi, yl = axis(h, size)
+        n = size * ch
+        ia = np.empty(n, np.int64)
+        ib = np.empty(n, np.int64)
+        wl = np.empty(n, np.float32)
+        for i in range(size):
+            for c in range(ch):
+                ia[i * ch + c] = xlo[i] * ch + c
+                ib[i * ch + c] = xhi[i] * ch + c
+                wl[i * ch + c] = xl[i]
+        rows = np.empty((h, n), np.float32)  # horizontal lerp of each input row that is used
+        used = np.zeros(h, np.bool_)
+        for j in range(size):
+            used[ylo[j]] = True
+            used[yhi[j]] = True
+        for y in range(h):
+            if used[y]:
+                base = y * w * ch
+                for q in range(n):
+                    left = np.float32(src[base + ia[q]])
+                    rows[y, q] = left + (np.float32(src[base + ib[q]]) - left) * wl[q]
+        for j in range(size):
+            top = rows[ylo[j]]
+            bottom = rows[yhi[j]]
+            t = yl[j]
+            o = j * n
+            for q in range(n):
+                r = top[q] + (bottom[q] - top[q]) * t
+                r = min(max(r, np.float32(0)), np.float32(255))
+                dst[o + q] = np.uint8(np.rint(r))
+
+    _state["resize"] = resize
+    return resize
+
+
+def orient(img: np.ndarray, orientation: int) -> np.ndarray:
+    """EXIF orientation 1..8 → upright, as ``runtime``'s TensorFlow decoder (PIL.ImageOps.exif_transpose)."""
+    if orientation == 2:
+        return img[:, ::-1]
+    if orientation == 3:
+        return img[::-1, ::-1]
+    if orientation == 4:
+        return img[::-1]
+    if orientation == 5:
+        return img.transpose(1, 0, 2)
+    if orientation == 6:
+        return np.rot90(img, 3)
+    if orientation == 7:
+        return img.transpose(1, 0, 2)[::-1, ::-1]
+    if orientation == 8:
+        return np.rot90(img, 1)
+    return img
+
+
+def decode(data: bytes, image_size: int, orientation: int = 1) -> np.ndarray | None:
+    """uint8 [image_size, image_size, 3] upright, or None where libjpeg reports any error or
+    warning (the caller decodes that file with TensorFlow, which then gives its answer)."""
+    import simplejpeg
+
+    try:
+        img = simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=True, fastupsample=False, strict=True)
+    except ValueError:
+        return None
+    img = np.ascontiguousarray(orient(img, orientation))
+    out = np.empty((image_size, image_size, 3), np.uint8)
+    _kernels()(img, image_size, out)
+    return out
+
+
+def _digest(a: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(a, dtype=np.uint8).tobytes()).hexdigest()
+
+
+def check_digests() -> dict[int, str]:
+    """This node's digests of ``CHECK_FILE`` (0: decoded, else resized to that size)."""
+    import simplejpeg
+
+    data = CHECK_FILE.read_bytes()
+    out = {0: _digest(simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=True, fastupsample=False))}
+    for size in CHECK_DIGESTS:
+        if size:
+            out[size] = _digest(decode(data, size))
+    return out
+
+
+def available() -> bool:
+    """True if this process can decode JPEGs this way: simplejpeg and numba import, and the check
+    image gives TensorFlow's pixels (checked once per process; compiles or loads the resize)."""
+    if "ok" not in _state:
+        try:
+            got = check_digests()
+            bad = [k for k, v in CHECK_DIGESTS.items() if got.get(k) != v]
+            if bad:
+                log.warning("JPEG decoding without TensorFlow gives other pixels than TensorFlow on this node "
+                            "(%s): decoding with TensorFlow", ", ".join(f"size {k or 'as decoded'}" for k in bad))
+            _state["ok"] = not bad
+        except Exception as e:  # noqa: BLE001 (missing/broken library: TensorFlow still decodes correctly)
+            log.warning("JPEG decoding without TensorFlow is unavailable (%s: %s): decoding with TensorFlow",
+                        type(e).__name__, e)
+            _state["ok"] = False
+    return bool(_state["ok"])

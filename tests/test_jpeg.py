@@ -1,0 +1,125 @@
+"""JPEG decoding without TensorFlow (``crackscale.jpeg``): TensorFlow's pixels, bit for bit, on every
+kind of JPEG a camera or encoder writes; damaged files still get TensorFlow's answer; a CPU scoring
+actor with a LiteRT artifact never imports TensorFlow."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+
+import numpy as np
+import pytest
+from conftest import PY, REAL_DATA, ROOT
+from PIL import Image
+
+from crackscale import jpeg, runtime, synth
+from crackscale.config import ConfigError, ScoreConfig
+
+TF = ScoreConfig(decoder="tf", max_pixels=10_000_000)
+AUTO = ScoreConfig(decoder="auto", max_pixels=10_000_000)
+
+
+def encode(img: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", **kw)
+    return buf.getvalue()
+
+
+def variants() -> dict[str, bytes]:
+    """JPEGs of every chroma subsampling, grayscale, progressive, odd and non-square sizes, and all
+    eight EXIF orientations (cameras write those)."""
+    rng = np.random.default_rng(3)
+    base, _ = synth.make_image(rng, crack=True, size=227)
+    wide = base.resize((301, 203))
+    out = {}
+    for sub in (0, 1, 2):  # 4:4:4, 4:2:2, 4:2:0
+        out[f"227-sub{sub}"] = encode(base, quality=90, subsampling=sub)
+        out[f"301x203-sub{sub}-q60"] = encode(wide, quality=60, subsampling=sub)
+    out["odd-33x17"] = encode(base.resize((33, 17)), quality=85)
+    out["odd-17x45"] = encode(base.resize((17, 45)), quality=85, subsampling=1)
+    out["gray"] = encode(base.convert("L"), quality=80)
+    out["progressive"] = encode(wide, quality=85, progressive=True)
+    out["optimized-q100"] = encode(base, quality=100, optimize=True)
+    for o in range(1, 9):
+        exif = Image.Exif()
+        exif[0x0112] = o
+        out[f"exif{o}"] = encode(wide, quality=85, exif=exif.tobytes())
+    return out
+
+
+def test_check_digests_are_tensorflows_pixels():
+    """The constants every actor checks itself against are what TensorFlow gives on this machine."""
+    import tensorflow as tf
+
+    from crackscale import data
+
+    blob = jpeg.CHECK_FILE.read_bytes()
+    want = {0: jpeg._digest(tf.io.decode_image(blob, channels=3, expand_animations=False).numpy())}
+    for size in jpeg.CHECK_DIGESTS:
+        if size:  # exactly what training feeds the model (data.tf_dataset rounds data.decode to uint8)
+            want[size] = jpeg._digest(tf.cast(tf.round(data.decode(blob, size, False)), tf.uint8).numpy())
+    assert want == jpeg.CHECK_DIGESTS
+    assert jpeg.check_digests() == jpeg.CHECK_DIGESTS and jpeg.available()
+
+
+@pytest.mark.parametrize("size", [160, 64, 300])
+def test_same_pixels_as_tensorflow_on_every_kind_of_jpeg(size):
+    for name, blob in variants().items():
+        orientation = runtime._header(blob, "x.jpg", TF)[0]
+        fast = jpeg.decode(blob, size, orientation)
+        assert fast is not None, name  # decoded without TensorFlow, not handed over to it
+        want, err = runtime.decode_image(blob, "x.jpg", size, TF, antialias=False)
+        assert err == "" and fast.shape == want.shape == (size, size, 3), (name, err)
+        assert np.array_equal(fast, want), (name, int(np.abs(fast.astype(int) - want).max()))
+        got, err = runtime.decode_image(blob, "x.jpg", size, AUTO, antialias=False)
+        assert err == "" and np.array_equal(got, want), name
+
+
+def test_same_pixels_on_the_real_sample(synth_data):
+    """Every 20th real image when ../shared/data is present (else every synthetic one), through
+    ``decode_batch`` both ways."""
+    files = sorted(REAL_DATA.glob("*/*.jpg"))[::20] if REAL_DATA.is_dir() else sorted(synth_data.glob("*/*.jpg"))
+    assert len(files) >= 40
+    batch = {"uri": np.array([str(f) for f in files], dtype=object), "size": np.full(len(files), -1)}
+    a = runtime.decode_batch(batch, 160, AUTO, False)
+    b = runtime.decode_batch(batch, 160, TF, False)
+    assert not any(a["error"]) and not any(b["error"])
+    assert np.array_equal(a["image"], b["image"])
+
+
+def test_damaged_jpegs_get_tensorflows_answer_and_antialias_uses_tensorflow():
+    blob = variants()["227-sub2"]
+    for name, bad in {"truncated": blob[: len(blob) // 2], "corrupt": blob[:600] + bytes(range(256)) * 8,
+                      "no-eoi": blob[:-2]}.items():
+        assert jpeg.decode(bad, 64) is None or name == "no-eoi", name  # libjpeg's warnings are not ignored
+        assert runtime.decode_image(bad, "x.jpg", 64, AUTO)[1] == runtime.decode_image(bad, "x.jpg", 64, TF)[1], name
+    assert runtime.fast_jpeg(AUTO, antialias=False) and not runtime.fast_jpeg(AUTO, antialias=True)
+    assert not runtime.fast_jpeg(TF, antialias=False)
+    with pytest.raises(ConfigError, match="'decoder' must be auto or tf"):
+        ScoreConfig(decoder="pil").validate()
+
+
+def test_cpu_actor_scores_jpegs_without_importing_tensorflow(model_artifact, synth_data, tmp_path):
+    """A Predictor that reads and decodes (``decode: actor``) with the artifact's LiteRT export: the
+    process never imports TensorFlow. A PNG in a later batch still decodes (TensorFlow, then)."""
+    code = f"""
+import sys, numpy as np, glob, io
+from PIL import Image
+from crackscale import runtime
+from crackscale.config import ScoreConfig
+cfg = ScoreConfig(model={model_artifact['uri']!r})
+p = runtime.Predictor(cfg, decode={{"image_size": 64, "cfg": cfg, "antialias": False}})
+files = sorted(glob.glob({str(synth_data)!r} + "/*/*.jpg"))[:12]
+out = p({{"uri": np.array(files, dtype=object), "size": np.full(len(files), -1)}})
+assert not any(out["error"]) and np.isfinite(out["crack_probability"]).all(), out["error"]
+print("tf-after-jpeg", "tensorflow" in sys.modules, p.info["runtime"])
+png = {str(tmp_path / "a.png")!r}
+Image.open(files[0]).save(png)
+out = p({{"uri": np.array([png], dtype=object), "size": np.full(1, -1)}})
+print("tf-after-png", "tensorflow" in sys.modules, out["error"][0] == "")
+"""
+    r = subprocess.run([PY, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = r.stdout.splitlines()
+    assert "tf-after-jpeg False litert" in lines, r.stdout + r.stderr[-2000:]
+    assert "tf-after-png True True" in lines, r.stdout
