@@ -128,7 +128,7 @@ def decode(data: bytes, image_size: int, orientation: int = 1) -> np.ndarray | N
 
     try:
         img = simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=True, fastupsample=False, strict=True)
-    except ValueError:
+    except Exception:  # noqa: BLE001 (ValueError from libjpeg, or anything else: TensorFlow decides)
         return None
     img = np.ascontiguousarray(orient(img, orientation))
     out = np.empty((image_size, image_size, 3), np.uint8)
