@@ -410,6 +410,7 @@ def _header(data: bytes, uri: str, cfg: ScoreConfig) -> tuple[int, str, str]:
     try:
         with Image.open(io.BytesIO(data)) as im:  # header only: format, size, EXIF
             fmt, (w, h) = im.format, im.size
+            fmt = "JPEG" if fmt == "MPO" else fmt  # multi-picture JPEG (cameras, phones): its first picture
             try:
                 orientation = int(im.getexif().get(0x0112, 1))
             except Exception:

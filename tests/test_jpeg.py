@@ -40,6 +40,9 @@ def variants() -> dict[str, bytes]:
     out["gray"] = encode(base.convert("L"), quality=80)
     out["progressive"] = encode(wide, quality=85, progressive=True)
     out["optimized-q100"] = encode(base, quality=100, optimize=True)
+    mpo = io.BytesIO()  # multi-picture JPEG (stereo and phone cameras): scored on its first picture
+    base.save(mpo, "MPO", save_all=True, append_images=[wide], quality=85)
+    out["mpo"] = mpo.getvalue()
     for o in range(1, 9):
         exif = Image.Exif()
         exif[0x0112] = o
@@ -73,6 +76,8 @@ def test_same_pixels_as_tensorflow_on_every_kind_of_jpeg(size):
         assert np.array_equal(fast, want), (name, int(np.abs(fast.astype(int) - want).max()))
         got, err = runtime.decode_image(blob, "x.jpg", size, AUTO, antialias=False)
         assert err == "" and np.array_equal(got, want), name
+    first = encode(synth.make_image(np.random.default_rng(3), crack=True, size=227)[0], quality=85)
+    assert np.array_equal(jpeg.decode(variants()["mpo"], size), jpeg.decode(first, size))
 
 
 def test_same_pixels_on_the_real_sample(synth_data):
