@@ -41,12 +41,20 @@ _state: dict[str, Any] = {}
 
 
 def _kernels() -> Any:
-    """The compiled resize (numba; cached on disk next to this module or in numba's user cache)."""
+    """The compiled resize (numba; cached on disk next to this module or in numba's user cache, else
+    compiled in each process: ≈ 1 s)."""
     if "resize" in _state:
         return _state["resize"]
     import numba
 
-    @numba.njit(cache=True, nogil=True)
+    def jit(fn: Any) -> Any:
+        try:
+            return numba.njit(cache=True, nogil=True)(fn)
+        except RuntimeError as e:  # no writable cache location (read-only install, no home directory)
+            log.info("numba cannot cache the JPEG resize (%s): compiling it in this process", e)
+            return numba.njit(nogil=True)(fn)
+
+    @jit
     def axis(n_in: int, n_out: int) -> Any:
         # TF's HalfPixelScaler + compute_interpolation_weights, in float32
         s = np.float32(n_in) / np.float32(n_out)
@@ -61,7 +69,7 @@ def _kernels() -> Any:
             lerp[i] = v - f
         return lo, hi, lerp
 
-    @numba.njit(cache=True, nogil=True)
+    @jit
     def resize(img: Any, size: int, out: Any) -> None:
         h, w, ch = img.shape
         src = img.reshape(h * w * ch)

@@ -92,6 +92,15 @@ def test_same_pixels_on_the_real_sample(synth_data):
     assert np.array_equal(a["image"], b["image"])
 
 
+def test_resize_compiles_where_numba_cannot_cache(monkeypatch):
+    """A read-only install without a home directory: numba has nowhere to cache; compiled per process."""
+    from numba.core import caching
+
+    monkeypatch.setattr(caching.CacheImpl, "_locator_classes", [])
+    monkeypatch.setattr(jpeg, "_state", {})
+    assert jpeg.available() and jpeg.check_digests() == jpeg.CHECK_DIGESTS
+
+
 def test_damaged_jpegs_get_tensorflows_answer_and_antialias_uses_tensorflow():
     blob = variants()["227-sub2"]
     for name, bad in {"truncated": blob[: len(blob) // 2], "corrupt": blob[:600] + bytes(range(256)) * 8,
