@@ -300,8 +300,10 @@ def test_node_removed_mid_scoring_every_image_exactly_once(ray_node_to_lose, syn
     cluster, worker = ray_node_to_lose
     n = stage_images(synth_data, tmp_path / "imgs", 160)
     out = tmp_path / "scores"
+    # actor_cpus 2 on two 2-CPU nodes: one actor per node (with 1, Ray may place both on the head,
+    # and then there is no actor to lose); after the loss, the pool that fits is one actor
     cfg = cfg_for(model_artifact["uri"], str(tmp_path / "imgs"), str(out), "", tmp_path,
-                  num_actors=2, chunk_size=8, batch_size=4, block_size=4, read_threads=2,
+                  num_actors=2, actor_cpus=2.0, chunk_size=8, batch_size=4, block_size=4, read_threads=2,
                   storage=StorageConfig())
     removed: dict[str, int] = {}
     stop = threading.Event()
