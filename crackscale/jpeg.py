@@ -129,13 +129,18 @@ def orient(img: np.ndarray, orientation: int) -> np.ndarray:
     return img
 
 
+def _decode_jpeg(data: bytes) -> np.ndarray:
+    """RGB uint8 as decoded, with TensorFlow's settings; raises on any libjpeg error or warning."""
+    import simplejpeg
+
+    return simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=True, fastupsample=False, strict=True)
+
+
 def decode(data: bytes, image_size: int, orientation: int = 1) -> np.ndarray | None:
     """uint8 [image_size, image_size, 3] upright, or None where libjpeg reports any error or
     warning (the caller decodes that file with TensorFlow, which then gives its answer)."""
-    import simplejpeg
-
     try:
-        img = simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=True, fastupsample=False, strict=True)
+        img = _decode_jpeg(data)
     except Exception:  # noqa: BLE001 (ValueError from libjpeg, or anything else: TensorFlow decides)
         return None
     img = np.ascontiguousarray(orient(img, orientation))
@@ -150,14 +155,19 @@ def _digest(a: np.ndarray) -> str:
 
 def check_digests() -> dict[int, str]:
     """This node's digests of ``CHECK_FILE`` (0: decoded, else resized to that size)."""
-    import simplejpeg
-
     data = CHECK_FILE.read_bytes()
-    out = {0: _digest(simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=True, fastupsample=False))}
+    out = {0: _digest(_decode_jpeg(data))}
     for size in CHECK_DIGESTS:
         if size:
             out[size] = _digest(decode(data, size))
     return out
+
+
+def mismatches() -> list[int]:
+    """The ``CHECK_DIGESTS`` sizes this node gets other pixels at (0: as decoded); [] = same as
+    TensorFlow. Raises where simplejpeg or numba cannot be imported or run."""
+    got = check_digests()
+    return sorted(k for k, v in CHECK_DIGESTS.items() if got.get(k) != v)
 
 
 def available() -> bool:
@@ -165,8 +175,7 @@ def available() -> bool:
     image gives TensorFlow's pixels (checked once per process; compiles or loads the resize)."""
     if "ok" not in _state:
         try:
-            got = check_digests()
-            bad = [k for k, v in CHECK_DIGESTS.items() if got.get(k) != v]
+            bad = mismatches()
             if bad:
                 log.warning("JPEG decoding without TensorFlow gives other pixels than TensorFlow on this node "
                             "(%s): decoding with TensorFlow", ", ".join(f"size {k or 'as decoded'}" for k in bad))
