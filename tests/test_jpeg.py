@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import functools
 import io
+import json
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -96,11 +98,46 @@ def test_same_pixels_on_the_real_sample(synth_data):
 
 def test_resize_compiles_where_numba_cannot_cache(monkeypatch):
     """A read-only install without a home directory: numba has nowhere to cache; compiled per process."""
+    import importlib
+
     from numba.core import caching
+
+    from crackscale import resize_kernel
 
     monkeypatch.setattr(caching.CacheImpl, "_locator_classes", [])
     monkeypatch.setattr(jpeg, "_state", {})
-    assert jpeg.available() and jpeg.check_digests() == jpeg.CHECK_DIGESTS
+    try:
+        importlib.reload(resize_kernel)
+        assert resize_kernel.resize._cache.__class__.__name__ == "NullCache"
+        assert jpeg.available() and jpeg.check_digests() == jpeg.CHECK_DIGESTS
+    finally:
+        monkeypatch.undo()
+        importlib.reload(resize_kernel)
+
+
+def test_resize_is_loaded_from_numba_cache_in_a_new_process():
+    """Each scoring actor is a new process: the second one must load the compiled resize from the disk
+    cache, not compile it again (a closure kernel once recompiled, ≈ 1.4 s, and added a cache file,
+    in every process)."""
+    code = """
+import json
+from crackscale import jpeg, resize_kernel
+assert jpeg.available()
+s = resize_kernel.resize.stats
+print(json.dumps([sum(s.cache_hits.values()), sum(s.cache_misses.values())]))
+"""
+    from crackscale import resize_kernel
+
+    cache = Path(resize_kernel.resize._cache._cache_path)
+
+    def run() -> list[int]:
+        out = subprocess.run([PY, "-c", code], cwd=ROOT, check=True, capture_output=True, text=True).stdout
+        return json.loads(out.splitlines()[-1])
+
+    run()  # compiles and caches it if no earlier process did
+    files = sorted(p.name for p in cache.glob("resize_kernel.*"))
+    assert run() == [1, 0]  # one hit (one signature), no compile
+    assert sorted(p.name for p in cache.glob("resize_kernel.*")) == files
 
 
 def test_damaged_jpegs_get_tensorflows_answer_and_antialias_uses_tensorflow():
