@@ -73,7 +73,8 @@ def list_input(cfg: ScoreConfig) -> Iterator[dict[str, Any]]:
         return
     exts = tuple(e.lower() for e in cfg.extensions)
     if storage.is_s3(cfg.input):
-        yield from (o for o in _list_s3(cfg.input, cfg.storage) if o["uri"].lower().endswith(exts))
+        yield from (o for o in _list_s3(cfg.input, cfg.storage, cfg.list_threads)
+                    if o["uri"].lower().endswith(exts))
         return
     root = storage.resolve(cfg.input)[1]
     if not os.path.isdir(root):
@@ -87,22 +88,120 @@ def list_input(cfg: ScoreConfig) -> Iterator[dict[str, Any]]:
                 yield {"uri": path, "size": st.st_size, "etag": "", "mtime_ns": st.st_mtime_ns}
 
 
-def _list_s3(uri: str, cfg: StorageConfig) -> Iterator[dict[str, Any]]:
+LIST_MAX_DEPTH = 3  # folder levels the S3 listing descends to find prefixes to list in parallel
+LIST_PROBE_KEYS = 1000  # a prefix with at most this many keys is listed in one request, not walked
+
+
+def _list_s3(uri: str, cfg: StorageConfig, threads: int = 1) -> Iterator[dict[str, Any]]:
+    """Every object under the prefix, one ListObjectsV2 page at a time (no order across folders).
+
+    ``threads`` > 1 and more than ``LIST_PROBE_KEYS`` keys (one request tells): the prefix is walked
+    folder by folder ("/"-delimited listings, each level's in
+    parallel) down to the first level with at least ``threads`` folders (at most ``LIST_MAX_DEPTH``
+    levels), then each of those folders is listed flat, ``threads`` at a time: a listing is a chain
+    of page requests, each waiting on the one before, so one chain per folder divides the time by
+    up to ``threads``. Objects met on the way down are yielded as they come. A prefix whose keys
+    sit in one folder is one chain either way. At most ``4 × threads`` pages wait for the caller.
+    """
     import botocore.exceptions
 
     s = storage.S3Settings.resolve(cfg)
     bucket, _, prefix = uri[len("s3://"):].partition("/")
-    client = storage.s3_client(cfg)
-    try:
-        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-            for o in page.get("Contents", []):
-                if o["Key"].endswith("/"):
-                    continue
+    client = storage.s3_client(cfg, pool=max(10, threads))
+
+    def rows(page: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        for o in page.get("Contents", []):
+            if not o["Key"].endswith("/"):
                 yield {"uri": f"s3://{bucket}/{o['Key']}", "size": int(o["Size"]),
                        "etag": str(o.get("ETag", "")).strip('"'),
                        "mtime_ns": int(o["LastModified"].timestamp() * 1e9)}
+
+    def pages(p: str, walk: bool = False) -> Iterator[dict[str, Any]]:
+        kw = {"Delimiter": "/"} if walk else {}
+        return client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=p, **kw)
+
+    try:
+        if threads <= 1:
+            for page in pages(prefix):
+                yield from rows(page)
+            return
+        probe = client.list_objects_v2(Bucket=bucket, Prefix=prefix, MaxKeys=LIST_PROBE_KEYS)
+        if not probe.get("IsTruncated"):  # a small prefix: walking its folders would cost more requests
+            yield from rows(probe)
+            return
+        for page in _parallel_pages(pages, prefix, threads):
+            yield from rows(page)
     except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
         raise storage.StorageError(f"cannot list {uri} (endpoint {s.describe()}): {e}") from None
+
+
+def _parallel_pages(pages: Callable[..., Iterator[dict[str, Any]]], prefix: str,
+                    threads: int) -> Iterator[dict[str, Any]]:
+    """The pages of ``_list_s3``'s parallel walk, produced by a thread pool into a bounded queue. An
+    error in any listing is raised here; closing the generator stops the threads."""
+    import itertools
+    import queue
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    out: queue.Queue = queue.Queue(maxsize=4 * threads)
+    closed = threading.Event()  # the caller stopped reading
+    cancel = threading.Event()  # listings stop: the caller is gone, or one of them failed
+    done = object()
+
+    def put(item: Any, until: threading.Event) -> None:
+        while not until.is_set():
+            try:
+                out.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+        raise _ListingClosed
+
+    def walk(p: str) -> list[str]:  # objects in this folder to the queue; returns its sub-folders
+        subs: list[str] = []
+        for page in pages(p, walk=True) if not cancel.is_set() else ():
+            put(page, cancel)
+            subs += [c["Prefix"] for c in page.get("CommonPrefixes", [])]
+        return subs
+
+    def flat(p: str) -> None:
+        for page in pages(p) if not cancel.is_set() else ():
+            put(page, cancel)
+
+    def produce() -> None:
+        result: Any = done
+        with ThreadPoolExecutor(threads, thread_name_prefix="s3-list") as pool:
+            try:
+                level, depth = [prefix], 0
+                while level and len(level) < threads and depth < LIST_MAX_DEPTH:
+                    level, depth = sorted(itertools.chain.from_iterable(pool.map(walk, level))), depth + 1
+                for _ in pool.map(flat, level):
+                    pass
+            except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+                cancel.set()  # queued listings end without a request, running ones at their next page
+                result = e
+        if not isinstance(result, _ListingClosed):
+            try:
+                put(result, closed)
+            except _ListingClosed:
+                pass
+
+    producer = threading.Thread(target=produce, name="s3-list", daemon=True)
+    producer.start()
+    try:
+        while (item := out.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        closed.set()
+        cancel.set()
+        producer.join()
+
+
+class _ListingClosed(Exception):
+    """The caller stopped reading the listing."""
 
 
 def _read_manifest(cfg: ScoreConfig) -> Iterator[dict[str, Any]]:

@@ -159,6 +159,27 @@ def crackscale_run(model: str, inp: str, out: str, env: dict | None = None, chun
     return s
 
 
+def list_rates(endpoint: str, uri: str, latency: float = 0.1) -> dict[str, float]:
+    """Seconds to list ``uri`` with one flat listing and with ``list_threads`` 16, straight from the
+    server and through a proxy that delays each request by ``latency`` (a remote endpoint's round
+    trip; the proxy is the test suite's). Each measured twice, interleaved; the faster is kept."""
+    from crackscale import score
+    from crackscale.config import ScoreConfig, StorageConfig
+    from tests.conftest import FaultyS3Proxy
+
+    out: dict[str, float] = {}
+    for delay in (0.0, latency):
+        proxy = FaultyS3Proxy(endpoint, rate=0.0, latency=delay)
+        for threads in (1, 16, 1, 16):
+            cfg = ScoreConfig(input=uri, list_threads=threads, storage=StorageConfig(s3_endpoint=proxy.endpoint))
+            t = time.time()
+            sum(1 for _ in score.list_input(cfg))
+            key = f"+{delay * 1000:.0f} ms per request, list_threads {threads}"
+            out[key] = min(out.get(key, float("inf")), time.time() - t)
+        proxy.close()
+    return out
+
+
 def row(s: dict) -> dict:
     """A (b) table row from a run summary of ``crackscale_run``."""
     return {"img_s": s["throughput_img_s"], "steady_img_s": s.get("steady_img_s"), "wall_s": s["duration_s"],
@@ -238,10 +259,12 @@ def main() -> int:
         os.environ.update({k: env[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")})
         s3 = boto3.client("s3", endpoint_url=endpoint)
         s3.create_bucket(Bucket="bench")
-        with ThreadPoolExecutor(16) as pool:
-            list(pool.map(lambda p: s3.upload_file(str(p), "bench", f"images/{p.name}"), sorted(big.glob("*.jpg"))))
+        with ThreadPoolExecutor(16) as pool:  # in 20 folders, as sites of an inspection bucket
+            list(pool.map(lambda ip: s3.upload_file(str(ip[1]), "bench", f"images/site-{ip[0] % 20:02d}/{ip[1].name}"),
+                          enumerate(sorted(big.glob("*.jpg")))))
         s = crackscale_run(str(model_dir), "s3://bench/images/", "s3://bench/scores/", env, args.chunk_size)
         rows[f"(b) crackscale S3 (moto) → S3 Parquet, N={args.n}"] = row(s)
+        listing = list_rates(endpoint, "s3://bench/images/")
         server.stop()
     if "original" not in skip:
         for n, d in ([] if "small" in skip else [(args.small, small)]) + [(args.n, big)]:
@@ -250,6 +273,8 @@ def main() -> int:
             cnt, secs = res.stdout.split()[-2:]
             rows[f"(c) image_dataset_from_directory + predict, N={n}"] = {
                 "img_s": int(cnt) / float(secs), "wall_s": float(secs), "peak_rss_mib": mem}
+    for k, v in (listing.items() if "s3" not in skip else ()):
+        print(f"S3 listing of N={args.n} keys in 20 folders, {k}: {v:.2f} s")
     print(f"\nMobileNetV2 α={args.alpha}, {args.image_size} px, {os.cpu_count()} CPUs\n")
     print("(a) LiteRT ceiling sweep, img/s before / after the local runs:")
     for k in a0["sweep"]:
@@ -270,7 +295,7 @@ def main() -> int:
                       b_over_c_steady=(b.get("steady_img_s") or 0) / c["img_s"],
                       a_over_c=a["litert"] / c["img_s"])
     print("\nratios at N=%d: %s" % (args.n, ", ".join(f"{k} {v:.2f}" for k, v in ratios.items())))
-    print(json.dumps({"rows": rows, "ratios": ratios}))
+    print(json.dumps({"rows": rows, "ratios": ratios, **({"listing_s": listing} if "s3" not in skip else {})}))
     return 0
 
 

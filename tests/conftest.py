@@ -410,7 +410,9 @@ class FaultyS3Proxy:
     (with backoff) always gets through: set it to 0 for an endpoint that never recovers. ``mode``
     ``"deny"`` answers every request 403 AccessDenied. ``fail_first``: the first attempt of every
     distinct (method, path) fails too, so every kind of request must be retried at least once.
-    Counters: ``faults``, ``faulted_requests`` and ``forwarded``.
+    ``latency``: seconds each forwarded request waits first (a remote endpoint's round trip).
+    Counters: ``faults``, ``faulted_requests``, ``forwarded``, ``paths`` (forwarded, in order) and
+    ``max_in_flight`` (the most requests it served at once).
     """
 
     ERRORS = {
@@ -420,14 +422,16 @@ class FaultyS3Proxy:
     }
 
     def __init__(self, upstream: str, rate: float = 0.25, max_consecutive: int = 2, seed: int = 0,
-                 match=None, mode: str = "mixed", fail_first: bool = False) -> None:
+                 match=None, mode: str = "mixed", fail_first: bool = False, latency: float = 0.0) -> None:
         import http.server
         import random
         import threading
 
         self.upstream = upstream.split("://", 1)[1]
         self.rate, self.max_consecutive, self.mode = rate, max_consecutive, mode
-        self.fail_first = fail_first
+        self.fail_first, self.latency = fail_first, latency
+        self.paths: list[str] = []
+        self.in_flight = self.max_in_flight = 0
         self._seen: set[tuple[str, str]] = set()
         self.match = match or (lambda method, path: True)
         self.faults: dict[str, int] = {}
@@ -489,15 +493,23 @@ class FaultyS3Proxy:
             def _forward(self, body: bytes) -> None:
                 import http.client
 
-                conn = http.client.HTTPConnection(proxy.upstream, timeout=60)
-                headers = {k: v for k, v in self.headers.items()
-                           if k.lower() not in ("expect", "transfer-encoding", "connection")}
-                if body or self.command in ("PUT", "POST"):
-                    headers["Content-Length"] = str(len(body))
-                conn.request(self.command, self.path, body=body, headers=headers)
-                resp = conn.getresponse()
-                data = resp.read()
-                conn.close()
+                with proxy._lock:
+                    proxy.in_flight += 1
+                    proxy.max_in_flight = max(proxy.max_in_flight, proxy.in_flight)
+                try:
+                    time.sleep(proxy.latency)
+                    conn = http.client.HTTPConnection(proxy.upstream, timeout=60)
+                    headers = {k: v for k, v in self.headers.items()
+                               if k.lower() not in ("expect", "transfer-encoding", "connection")}
+                    if body or self.command in ("PUT", "POST"):
+                        headers["Content-Length"] = str(len(body))
+                    conn.request(self.command, self.path, body=body, headers=headers)
+                    resp = conn.getresponse()
+                    data = resp.read()
+                    conn.close()
+                finally:
+                    with proxy._lock:
+                        proxy.in_flight -= 1
                 self.send_response(resp.status, resp.reason)
                 for k, v in resp.getheaders():
                     if k.lower() not in ("transfer-encoding", "connection", "content-length", "server", "date"):
@@ -509,6 +521,7 @@ class FaultyS3Proxy:
                     self.wfile.write(data)
                 with proxy._lock:
                     proxy.forwarded += 1
+                    proxy.paths.append(self.path)
 
             do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _handle
 

@@ -133,12 +133,61 @@ def test_s3_listing_shares_the_bounded_client(s3_server, s3_bucket, faulty_s3, t
     flaky = faulty_s3(rate=0.0, fail_first=True)
     cfg = cfg_for("", f"s3://{s3_bucket}/in/", "", flaky.endpoint, tmp_path)
     got = [o["uri"] for o in score.list_input(cfg)]
-    assert got == [f"s3://{s3_bucket}/in/{k}" for k in ("a.jpg", "b.png", "sub/d.jpeg")]
+    assert sorted(got) == [f"s3://{s3_bucket}/in/{k}" for k in ("a.jpg", "b.png", "sub/d.jpeg")]
     assert len(flaky.faulted_requests) == 1
     dead = faulty_s3(rate=1.0, max_consecutive=0)
     with pytest.raises(storage.StorageError, match=rf"cannot list s3://{s3_bucket}/in/ \(endpoint {dead.endpoint}\)"):
         list(score.list_input(cfg_for("", f"s3://{s3_bucket}/in/", "", dead.endpoint, tmp_path)))
     assert len(dead.faulted_requests) == 5
+
+
+def test_s3_listing_walks_folders_in_parallel(s3_server, s3_bucket, faulty_s3, tmp_path, monkeypatch):
+    """``list_threads``: a prefix with more keys than one request returns (``LIST_PROBE_KEYS``, 20
+    here) is walked folder by folder and the folders are listed at the same time (over an endpoint
+    with 50 ms per request); the objects are exactly the flat listing's, each once. A small prefix
+    is one request. A failing folder listing fails the whole listing with an error naming the endpoint, and a
+    listing the caller stops reading leaves no thread behind."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=s3_server)
+    keys = ["in/top.jpg", "in/site-03/notes.txt", "in/site-00/", "in2/x.jpg", "other/y.jpg"]
+    keys += [f"in/site-{s:02d}/2026-11-{d:02d}/{i}.{'JPG' if i == 2 else 'jpg'}"
+             for s in range(12) for d in (1, 2) for i in range(3)]
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda k: s3.put_object(Bucket=s3_bucket, Key=k, Body=b"x"), keys))
+    want = sorted(f"s3://{s3_bucket}/{k}" for k in keys
+                  if k.startswith("in/") and k.lower().endswith(".jpg"))
+    assert len(want) == 73
+    monkeypatch.setattr(score, "LIST_PROBE_KEYS", 20)
+
+    def listed(prefix: str, threads: int, **proxy):
+        p = faulty_s3(**{"rate": 0.0, "latency": 0.05, **proxy})
+        cfg = cfg_for("", f"s3://{s3_bucket}/{prefix}", "", p.endpoint, tmp_path, list_threads=threads)
+        return [o["uri"] for o in score.list_input(cfg)], p
+
+    one, p1 = listed("in/", 1)
+    assert sorted(one) == want and p1.max_in_flight == 1 and p1.forwarded == 1
+    for threads in (4, 16):  # 12 site folders: listed flat with 4 threads, walked one level more with 16
+        got, p = listed("in/", threads)
+        assert sorted(got) == want and len(got) == len(set(got)), threads
+        assert p.max_in_flight >= 2, (threads, p.max_in_flight)
+        walks = [q for q in p.paths if "delimiter=" in q]
+        assert len(walks) == (1 if threads == 4 else 13), (threads, walks)
+        assert "max-keys=20" in p.paths[0]  # the probe
+    got, _ = listed("in", 16)  # no trailing slash: in2/ is under the prefix too
+    assert sorted(got) == sorted(want + [f"s3://{s3_bucket}/in2/x.jpg"])
+    small, p = listed("in/site-03/", 16)
+    assert len(small) == 6 and p.forwarded == 1 and p.max_in_flight == 1
+
+    with pytest.raises(storage.StorageError, match=rf"cannot list s3://{s3_bucket}/in/ \(endpoint http://127"):
+        listed("in/", 4, rate=1.0, max_consecutive=0, match=lambda m, path: "site-05" in path)
+    cfg = cfg_for("", f"s3://{s3_bucket}/in/", "", s3_server, tmp_path, list_threads=4)
+    it = score.list_input(cfg)
+    assert next(it)["uri"].startswith(f"s3://{s3_bucket}/in/")
+    it.close()
+    assert not [t for t in threading.enumerate() if t.name.startswith("s3-list")]
 
 
 @pytest.mark.slow
