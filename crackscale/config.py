@@ -105,6 +105,7 @@ class ScoreConfig:
     decoder: str = "auto"  # auto: JPEGs without TensorFlow (same pixels; crackscale.jpeg) where proven, else tf | tf
     read_threads: int = 16  # concurrent object reads per decode call (S3 latency, not bandwidth)
     list_threads: int = 16  # concurrent folder listings of an S3 input prefix; 1 = one flat listing
+    first_wave_s: float = 60.0  # scoring starts at the listing's end or after this many seconds of it
     max_attempts: int = 3  # pipeline attempts: after a lost actor/node the uncommitted chunks run again
     max_pixels: int = 50_000_000  # larger images are refused (decompression-bomb guard)
     run_date: str = ""  # YYYY-MM-DD output partition; "" = today (UTC)
@@ -127,6 +128,7 @@ class ScoreConfig:
         _check(self.threads >= 0, "config key 'threads' must be >= 0")
         _check(self.read_threads >= 1, "config key 'read_threads' must be >= 1")
         _check(self.list_threads >= 1, "config key 'list_threads' must be >= 1")
+        _check(self.first_wave_s >= 0, "config key 'first_wave_s' must be >= 0")
         _check(self.max_attempts >= 1, "config key 'max_attempts' must be >= 1")
         _check(self.max_pixels > 0, "config key 'max_pixels' must be positive")
         _check(self.parity_tolerance > 0, "config key 'parity_tolerance' must be positive")

@@ -2,7 +2,9 @@
 
 Driver: list the input page by page (or read a manifest), drop keys already committed for this
 model (a sorted array of 128-bit key hashes read from the committed Parquet's ``uri`` column), cut
-the rest into deterministic chunks and put them in the object store. Ray Data: read + decode on
+the rest into chunks and put them in the object store. The listing runs in a thread: scoring
+starts when it ends, or after ``first_wave_s`` on the chunks listed so far, and each later "wave"
+(one Ray Data pipeline) takes the chunks listed meanwhile. Ray Data: read + decode on
 CPU tasks (an error row per bad file, never a failed block), predict in actors that load the model
 once. Driver again: gather each chunk's result rows and commit the chunk as ONE Parquet file,
 written atomically (local: staging file + rename; S3: one PUT), named by a hash of its keys.
@@ -304,47 +306,94 @@ def _rows_table(t: pa.Table, meta: dict[str, Any], run_id: str) -> pa.Table:
 
 # ---- Ray Data stages -------------------------------------------------------------------------------
 
-def _plan(cfg: ScoreConfig, done: np.ndarray) -> tuple[list[tuple[str, Any]], dict[str, int], dict[str, int]]:
-    """Pending keys → object-store blocks tagged with a chunk id; ([(chunk, ref)], chunk sizes, counts).
+class _Listing:
+    """The driver's listing in a thread of its own, so that scoring need not wait for its end.
 
-    The blocks are owned by the driver, so a later attempt can re-run the chunks an earlier one did
-    not commit without listing the input again."""
-    import ray
+    Pending keys (listed, not committed for this model) → chunks of ``chunk_size`` keys → blocks of
+    ``block_size`` rows in the object store, tagged with the chunk id. A chunk's blocks appear
+    together. The blocks are owned by the driver, so a later pipeline can re-run the chunks an
+    earlier one did not commit without listing the input again. A listing error is kept in
+    ``error`` (the chunks listed before it stay usable)."""
 
-    refs: list[tuple[str, Any]] = []
-    sizes: dict[str, int] = {}
-    counts = {"listed": 0, "already_scored": 0}
-    block_rows = cfg.block_size
-    pending: list[dict[str, Any]] = []
+    def __init__(self, cfg: ScoreConfig, done: np.ndarray) -> None:
+        import threading
 
-    def flush(rows: list[dict[str, Any]]) -> None:
-        cid = hashlib.sha256("\n".join(r["uri"] for r in rows).encode()).hexdigest()[:16]
-        sizes[cid] = len(rows)
-        for i in range(0, len(rows), block_rows):
-            part = rows[i: i + block_rows]
-            refs.append((cid, ray.put(pa.table({
+        self.cfg, self._done = cfg, done
+        self.chunks: list[tuple[str, Any]] = []  # (chunk id, block ref), a chunk's blocks together
+        self.sizes: dict[str, int] = {}
+        self.counts = {"listed": 0, "already_scored": 0}
+        self.error: BaseException | None = None
+        self.ended = False
+        self.cond = threading.Condition()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="listing", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._list()
+        except BaseException as e:  # noqa: BLE001 - raised by run() in the main thread
+            self.error = e
+        finally:
+            self._done = np.zeros(0, dtype="S17")
+            with self.cond:
+                self.ended = True
+                self.cond.notify_all()
+
+    def _list(self) -> None:
+        import ray
+        from tqdm import tqdm
+
+        cfg, done, counts = self.cfg, self._done, self.counts
+        pending: list[dict[str, Any]] = []
+
+        def flush(rows: list[dict[str, Any]]) -> None:
+            cid = hashlib.sha256("\n".join(r["uri"] for r in rows).encode()).hexdigest()[:16]
+            blocks = [(cid, ray.put(pa.table({
                 "uri": [r["uri"] for r in part], "chunk": [cid] * len(part),
                 "size": pa.array([r["size"] for r in part], pa.int64()),
                 "etag": [r["etag"] for r in part],
-                "mtime_ns": pa.array([r["mtime_ns"] for r in part], pa.int64())}))))
+                "mtime_ns": pa.array([r["mtime_ns"] for r in part], pa.int64())})))
+                for part in (rows[i: i + cfg.block_size] for i in range(0, len(rows), cfg.block_size))]
+            with self.cond:
+                self.sizes[cid] = len(rows)
+                self.chunks.extend(blocks)
+                self.cond.notify_all()
 
-    from tqdm import tqdm
-
-    # counts and rate while listing (no ETA: a prefix's size is unknown until listed)
-    for obj in tqdm(list_input(cfg), desc="listing", unit=" obj", mininterval=5, disable=None):
-        counts["listed"] += 1
-        if len(done) and _is_in(done, key_hash(obj["uri"])):
-            counts["already_scored"] += 1
-            continue
-        pending.append(obj)
-        if len(pending) == cfg.chunk_size:
+        # counts and rate while listing (no ETA: a prefix's size is unknown until listed)
+        for obj in tqdm(list_input(cfg), desc="listing", unit=" obj", mininterval=5, disable=None):
+            if self._stop.is_set():
+                return
+            counts["listed"] += 1
+            if len(done) and _is_in(done, key_hash(obj["uri"])):
+                counts["already_scored"] += 1
+                continue
+            pending.append(obj)
+            if len(pending) == cfg.chunk_size:
+                flush(pending)
+                pending = []
+            if counts["listed"] % 100_000 == 0:
+                log.info("listed %d objects (%d already scored)", counts["listed"], counts["already_scored"])
+        if pending:
             flush(pending)
-            pending = []
-        if counts["listed"] % 100_000 == 0:
-            log.info("listed %d objects (%d already scored)", counts["listed"], counts["already_scored"])
-    if pending:
-        flush(pending)
-    return refs, sizes, counts
+        log.info("listing done: %d listed, %d already scored, %d to score in %d chunks", counts["listed"],
+                 counts["already_scored"], sum(self.sizes.values()), len(self.sizes))
+
+    def next_wave(self, finished: set[str], start_by: float) -> tuple[list[Any], dict[str, int]]:
+        """(block refs, chunk sizes) of every listed chunk not in ``finished``, once the listing has
+        ended, or once there is one and ``start_by`` (a time.time()) has passed; ([], {}) when the
+        listing has ended and nothing is left."""
+        with self.cond:
+            while True:
+                todo = [(cid, ref) for cid, ref in self.chunks if cid not in finished]
+                if self.ended or (todo and time.time() >= start_by):
+                    return [ref for _, ref in todo], {cid: self.sizes[cid] for cid, _ in todo}
+                self.cond.wait(timeout=max(0.05, start_by - time.time()) if todo else None)
+
+    def stop(self) -> None:
+        """Stop listing (at the next object; a page request under way is finished first)."""
+        self._stop.set()
+        self._thread.join(timeout=60)
 
 
 def _layout(cfg: ScoreConfig, nodes: set[str] | None = None) -> tuple[int, int]:
@@ -503,6 +552,7 @@ def _pipeline(refs: list[Any], cfg: ScoreConfig, meta: dict[str, Any], nodes: se
     from crackscale.runtime import Predictor, decode_batch, resize_antialias
 
     n_actors, threads = _layout(cfg, nodes)
+    n_actors = min(n_actors, len(refs))  # an actor per block at most (a small wave, a tiny input)
     cfg = dataclasses.replace(cfg, threads=threads)
     log.info("%d model actors, %s inference threads each", n_actors, threads or "all the node's cores as")
     decode = {"image_size": int(meta["image_size"]), "cfg": cfg, "antialias": resize_antialias(meta)}
@@ -543,34 +593,49 @@ def run(cfg: ScoreConfig) -> dict[str, Any]:
     now = dt.datetime.now(dt.timezone.utc)
     run_id = now.strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:6]
     run_date = cfg.run_date or now.strftime("%Y-%m-%d")
-    done = committed(cfg.output, mid, cfg.storage)
-    refs, sizes, counts = _plan(cfg, done)
-    del done
-    log.info("run %s: model %s (%s), %d listed, %d already scored, %d to score in %d chunks",
-             run_id, mid, meta.get("name"), counts["listed"], counts["already_scored"],
-             sum(sizes.values()), len(sizes))
+    listing = _Listing(cfg, committed(cfg.output, mid, cfg.storage))
+    log.info("run %s: model %s (%s), listing %s", run_id, mid, meta.get("name"), cfg.input)
     summary: dict[str, Any] = {
         "run_id": run_id, "model_id": mid, "model_name": meta.get("name"), "model": cfg.model,
-        "input": cfg.input, "output": cfg.output, "run_date": run_date, **counts,
-        "scored": 0, "failed": 0, "chunks": 0, "runtime": None, "attempts": 0,
+        "input": cfg.input, "output": cfg.output, "run_date": run_date, "listed": 0, "already_scored": 0,
+        "scored": 0, "failed": 0, "chunks": 0, "runtime": None, "attempts": 0, "waves": 0,
     }
     finished: set[str] = set()  # chunks committed by this run
     nodes: set[str] | None = None  # after a failed attempt: the nodes that answered
-    while todo := [ref for cid, ref in refs if cid not in finished]:
-        summary["attempts"] += 1
-        failure, lost = "", set()
-        try:
-            _gather_and_commit(_pipeline(todo, cfg, meta, nodes), sizes, finished,
-                               cfg, meta, mid, run_id, run_date, summary, t0)
-        except Exception as e:
-            if summary["attempts"] >= cfg.max_attempts or not _system_failure(e):
-                raise
-            failure = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
-            lost = _failed_actors(e)
-        if failure:  # outside the except block: the traceback (and the attempt's actors) can be freed
-            log.warning("attempt %d lost part of the cluster (%s); re-running the %d uncommitted chunks "
-                        "on the nodes that remain", summary["attempts"], failure, len(sizes) - len(finished))
-            nodes = _end_attempt(lost) or None  # none answered (probe failed): size from ray.nodes()
+    failures = 0
+    start_by = time.time() + cfg.first_wave_s  # the first pipeline waits this long for the listing's end
+    try:
+        while True:
+            todo, sizes = listing.next_wave(finished, start_by)
+            if not todo:
+                break
+            if listing.error is not None:  # the chunks listed before the error are scored first
+                log.error("listing failed (%s); scoring the %d chunks listed before it", listing.error, len(sizes))
+            summary["attempts"] += 1
+            if not failures:
+                summary["waves"] += 1
+                log.info("wave %d: %d chunks (%d images)%s", summary["waves"], len(sizes), sum(sizes.values()),
+                         "" if listing.ended else ", listing goes on")
+            failure, lost = "", set()
+            try:
+                _gather_and_commit(_pipeline(todo, cfg, meta, nodes), sizes, finished,
+                                   cfg, meta, mid, run_id, run_date, summary, t0)
+                failures = 0
+            except Exception as e:
+                failures += 1
+                if failures >= cfg.max_attempts or not _system_failure(e):
+                    raise
+                failure = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+                lost = _failed_actors(e)
+            if failure:  # outside the except block: the traceback (and the attempt's actors) can be freed
+                log.warning("attempt %d lost part of the cluster (%s); re-running the %d uncommitted chunks "
+                            "on the nodes that remain", summary["attempts"], failure, len(set(sizes) - finished))
+                nodes = _end_attempt(lost) or None  # none answered (probe failed): size from ray.nodes()
+    finally:
+        listing.stop()
+    if listing.error is not None:
+        raise listing.error
+    summary.update(listing.counts)
     elapsed = time.time() - t0
     n = summary["scored"] + summary["failed"]
     summary.update(duration_s=round(elapsed, 2), throughput_img_s=round(n / elapsed, 1))
@@ -593,7 +658,7 @@ def _gather_and_commit(ds: Any, sizes: dict[str, int], finished: set[str], cfg: 
 
     parts: dict[str, list[pa.Table]] = {}
     seen: dict[str, set[str]] = {}
-    total = sum(sizes.values())
+    total = summary["scored"] + summary["failed"] + sum(sizes.values())  # earlier waves' images too
     from tqdm import tqdm
 
     bar = tqdm(total=total, initial=summary["scored"] + summary["failed"], desc="scoring", unit=" img",

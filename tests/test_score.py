@@ -298,6 +298,53 @@ def test_manifest_in_process(ray_local, synth_data, model_artifact, tmp_path, de
         score.run(ScoreConfig(model=cfg.model, input=cfg.input))
 
 
+@pytest.mark.slow
+def test_scoring_starts_while_the_listing_goes_on(ray_local, synth_data, model_artifact, tmp_path, monkeypatch):
+    """A slow listing (0.25 s per object here): with ``first_wave_s`` 1 scoring starts on the chunks
+    listed by then, and a later wave takes the chunks listed meanwhile; every image once. A listing
+    that fails part-way: the chunks listed before the failure are committed, the run raises the
+    listing's error, and a re-run scores the rest, each image once."""
+    import dataclasses
+    import shutil
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for p in sorted(synth_data.rglob("*.jpg"))[:16]:
+        shutil.copy(p, src / f"{p.parent.name}-{p.name}")
+    real = score.list_input
+
+    def slow(cfg):
+        for o in real(cfg):
+            time.sleep(0.25)
+            yield o
+
+    monkeypatch.setattr(score, "list_input", slow)
+    cfg = ScoreConfig(model=model_artifact["uri"], input=str(src), output=str(tmp_path / "out"), batch_size=4,
+                      block_size=4, chunk_size=4, first_wave_s=1.0, cache_dir=str(tmp_path / "c"))
+    s = score.run(cfg)
+    assert s["waves"] >= 2 and s["attempts"] == s["waves"], s
+    assert (s["listed"], s["scored"], s["failed"], s["chunks"]) == (16, 16, 0, 4), s
+    uris = read_scores(cfg.output).column("uri").to_pylist()
+    assert len(uris) == len(set(uris)) == 16
+
+    def failing(cfg):
+        for i, o in enumerate(real(cfg)):
+            if i == 9:
+                raise storage.StorageError(f"cannot list {cfg.input}: connection reset")
+            yield o
+
+    monkeypatch.setattr(score, "list_input", failing)
+    cfg = dataclasses.replace(cfg, output=str(tmp_path / "out2"), first_wave_s=0.0)
+    with pytest.raises(storage.StorageError, match="connection reset"):
+        score.run(cfg)
+    assert read_scores(cfg.output).num_rows == 8  # two whole chunks; the third was cut by the failure
+    monkeypatch.setattr(score, "list_input", real)
+    s = score.run(cfg)
+    assert (s["already_scored"], s["scored"]) == (8, 8)
+    uris = read_scores(cfg.output).column("uri").to_pylist()
+    assert len(uris) == len(set(uris)) == 16
+
+
 def test_committed_key_lookup_survives_hashes_ending_in_nul():
     """Regression: numpy's bytes dtype strips trailing NULs, which once made ~1 key in 256 look
     unscored and get scored twice on a re-run."""
