@@ -97,13 +97,13 @@ LIST_PROBE_KEYS = 1000  # a prefix with at most this many keys is listed in one 
 def _list_s3(uri: str, cfg: StorageConfig, threads: int = 1) -> Iterator[dict[str, Any]]:
     """Every object under the prefix, one ListObjectsV2 page at a time (no order across folders).
 
-    ``threads`` > 1 and more than ``LIST_PROBE_KEYS`` keys (one request tells): the prefix is walked
-    folder by folder ("/"-delimited listings, each level's in
-    parallel) down to the first level with at least ``threads`` folders (at most ``LIST_MAX_DEPTH``
-    levels), then each of those folders is listed flat, ``threads`` at a time: a listing is a chain
-    of page requests, each waiting on the one before, so one chain per folder divides the time by
-    up to ``threads``. Objects met on the way down are yielded as they come. A prefix whose keys
-    sit in one folder is one chain either way. At most ``4 × threads`` pages wait for the caller.
+    With ``threads`` > 1 and more than ``LIST_PROBE_KEYS`` keys (one request tells), the prefix is
+    walked folder by folder ("/"-delimited listings, a level's folders at once) down to the first
+    level with at least ``threads`` folders (at most ``LIST_MAX_DEPTH`` levels), then each of those
+    folders is listed flat, ``threads`` at a time. A listing is a chain of page requests, each
+    waiting for the one before, so one chain per folder divides the time by up to ``threads``.
+    Objects met on the way down are yielded as they come. Keys all in one folder are one chain
+    either way. At most ``4 × threads`` pages wait for the caller.
     """
     import botocore.exceptions
 
