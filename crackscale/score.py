@@ -19,7 +19,6 @@ import argparse
 import dataclasses
 import datetime as dt
 import hashlib
-import io
 import json
 import logging
 import os
@@ -206,30 +205,110 @@ class _ListingClosed(Exception):
     """The caller stopped reading the listing."""
 
 
+MANIFEST_BLOCK = 1 << 20  # bytes of a .txt manifest read at a time
+MANIFEST_BATCH = 10_000  # rows of a .csv/.parquet manifest read at a time
+
+
 def _read_manifest(cfg: ScoreConfig) -> Iterator[dict[str, Any]]:
-    """A .txt (one URI per line), or .csv/.parquet with a ``uri`` column (+ optional size/etag)."""
+    """A .txt (one URI per line; blank lines and ``#`` comments skipped), or .csv/.parquet with a
+    ``uri`` column (+ optional ``size``, ``etag``). Streamed: the driver holds a block of the file and
+    ≈ 16 B per distinct key (a manifest may repeat a key, listings never do; the first one is kept)."""
+    fs, path = storage.resolve(cfg.input, cfg.storage)
+    seen = KeySet()
+    try:
+        for rows in _manifest_rows(fs, path, cfg.input):
+            rows = [r for r in rows if r.get("uri") and str(r["uri"]).strip()]
+            uris = [str(r["uri"]).strip() for r in rows]
+            for uri, r, new in zip(uris, rows, seen.add_many([key_hash(u) for u in uris])):
+                if new:
+                    yield {"uri": uri, "size": int(r.get("size") or -1), "etag": str(r.get("etag") or ""),
+                           "mtime_ns": -1}
+    except FileNotFoundError:
+        raise storage.StorageError(f"not found: {cfg.input}") from None
+    except (OSError, pa.ArrowInvalid) as e:
+        raise storage._wrap(cfg.input, cfg.storage, e) from None
+
+
+def _manifest_rows(fs: Any, path: str, uri: str) -> Iterator[list[dict[str, Any]]]:
+    """The manifest's rows, a block at a time."""
     import pyarrow.csv as pcsv
     import pyarrow.parquet as pq
 
-    data = storage.read_bytes(cfg.input, cfg.storage)
-    if cfg.input.lower().endswith(".txt"):
-        lines = (ln.strip() for ln in data.decode().splitlines())
-        batches: Iterator[list[dict]] = iter([[{"uri": u} for u in lines if u and not u.startswith("#")]])
-    else:
-        table = (pq.read_table(io.BytesIO(data)) if cfg.input.lower().endswith(".parquet")
-                 else pcsv.read_csv(io.BytesIO(data)))
-        if "uri" not in table.column_names:
-            raise ConfigError(f"manifest {cfg.input} has no 'uri' column (columns: {table.column_names})")
-        batches = (b.to_pylist() for b in table.to_batches(max_chunksize=10_000))
-    seen: set[bytes] = set()  # a manifest may repeat a key; listings never do
-    for rows in batches:
-        for r in rows:
-            uri = str(r["uri"]).strip()
-            if not uri or key_hash(uri) in seen:
-                continue
-            seen.add(key_hash(uri))
-            yield {"uri": uri, "size": int(r.get("size") or -1), "etag": str(r.get("etag") or ""),
-                   "mtime_ns": -1}
+    low = uri.lower()
+    if low.endswith(".txt"):
+        with fs.open_input_stream(path) as f:
+            rest = b""
+            while block := f.read(MANIFEST_BLOCK):
+                buf = rest + block
+                cut = buf.rfind(b"\n") + 1  # whole lines only (a UTF-8 character is never cut)
+                rest = buf[cut:]
+                yield _txt_rows(buf[:cut])
+            yield _txt_rows(rest)
+        return
+    if low.endswith(".parquet"):
+        with fs.open_input_file(path) as f:
+            pf = pq.ParquetFile(f)
+            if "uri" not in pf.schema_arrow.names:
+                raise ConfigError(f"manifest {uri} has no 'uri' column (columns: {pf.schema_arrow.names})")
+            cols = [c for c in ("uri", "size", "etag") if c in pf.schema_arrow.names]
+            for batch in pf.iter_batches(batch_size=MANIFEST_BATCH, columns=cols):
+                yield batch.to_pylist()
+        return
+    with fs.open_input_stream(path) as f:
+        reader = pcsv.open_csv(f)  # 1 MB blocks
+        if "uri" not in reader.schema.names:
+            raise ConfigError(f"manifest {uri} has no 'uri' column (columns: {reader.schema.names})")
+        for batch in reader:
+            yield batch.to_pylist()
+
+
+def _txt_rows(data: bytes) -> list[dict[str, Any]]:
+    lines = (ln.strip() for ln in data.decode().split("\n"))
+    return [{"uri": ln} for ln in lines if ln and not ln.startswith("#")]
+
+
+class KeySet:
+    """A set of ``key_hash`` values in ≈ 16 B each: new ones in a Python set, merged every ``merge_at``
+    keys into two sorted uint64 arrays (the digest's two halves; 10 M keys: ≈ 160 MB, where a set of
+    bytes takes ≈ 1 GB)."""
+
+    def __init__(self, merge_at: int = 1_000_000) -> None:
+        self._hi = np.zeros(0, dtype=np.uint64)  # sorted; _lo[i] is the other half of _hi[i]'s key
+        self._lo = np.zeros(0, dtype=np.uint64)
+        self._recent: set[bytes] = set()
+        self._merge_at = merge_at
+
+    @staticmethod
+    def _halves(hashes: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+        b = np.frombuffer(b"".join(hashes), dtype=np.uint8).reshape(-1, 17)  # 16 digest bytes + a sentinel
+        return b[:, :8].copy().view(np.uint64).ravel(), b[:, 8:16].copy().view(np.uint64).ravel()
+
+    def add_many(self, hashes: list[bytes]) -> list[bool]:
+        """Add each of ``hashes``; for each, True if it was new (a repeat within them counts too)."""
+        found = np.zeros(len(hashes), dtype=bool)
+        if len(self._hi) and hashes:  # one vectorised lookup among the merged keys
+            hi, lo = self._halves(hashes)
+            at = np.searchsorted(self._hi, hi)
+            for k in np.flatnonzero(self._hi[np.minimum(at, len(self._hi) - 1)] == hi):  # rare
+                j = int(at[k])
+                while j < len(self._hi) and self._hi[j] == hi[k] and not found[k]:
+                    found[k] = self._lo[j] == lo[k]
+                    j += 1
+        out = []
+        for h, old in zip(hashes, found):
+            new = not old and h not in self._recent
+            if new:
+                self._recent.add(h)
+            out.append(new)
+        if len(self._recent) >= self._merge_at:
+            hi, lo = self._halves(list(self._recent))
+            hi, lo = np.concatenate([self._hi, hi]), np.concatenate([self._lo, lo])
+            order = np.argsort(hi, kind="stable")
+            self._hi, self._lo, self._recent = hi[order], lo[order], set()
+        return out
+
+    def __len__(self) -> int:
+        return len(self._hi) + len(self._recent)
 
 
 # ---- commit protocol ---------------------------------------------------------------------------

@@ -345,6 +345,51 @@ def test_scoring_starts_while_the_listing_goes_on(ray_local, synth_data, model_a
     assert len(uris) == len(set(uris)) == 16
 
 
+def test_manifests_are_streamed_and_keep_the_first_of_repeated_keys(tmp_path, monkeypatch):
+    """.txt, .csv and .parquet manifests give their objects in order, each key once (the first),
+    with size and etag where given. They are read a block at a time: 7-byte blocks of the .txt and
+    2-row batches of the .parquet here, so lines straddle blocks. A manifest without a ``uri`` column
+    is a ConfigError, a missing one a StorageError."""
+    import pyarrow as pa
+    import pyarrow.csv as pcsv
+    import pyarrow.parquet as pq
+
+    monkeypatch.setattr(score, "MANIFEST_BLOCK", 7)
+    monkeypatch.setattr(score, "MANIFEST_BATCH", 2)
+    uris = [f"s3://bucket/site-{i % 3}/img-{i}.jpg" for i in range(9)]
+    txt = tmp_path / "tonight.txt"
+    txt.write_bytes(("# tonight's uploads\r\n" + "\r\n".join(uris[:4]) + "\n\n  " + uris[2] + "  \n"
+                     + "\n".join(uris[4:]) + "\n" + uris[0]).encode())
+    table = pa.table({"uri": uris[:5] + [uris[1]] + uris[5:], "size": list(range(10, 15)) + [99] + list(range(15, 19)),
+                      "etag": [f"e{i}" for i in range(5)] + ["dup"] + [f"e{i}" for i in range(5, 9)]})
+    pcsv.write_csv(table, tmp_path / "tonight.csv")
+    pq.write_table(table, tmp_path / "tonight.parquet", row_group_size=3)
+    for name in ("tonight.txt", "tonight.csv", "tonight.parquet"):
+        got = list(score.list_input(ScoreConfig(input=str(tmp_path / name))))
+        assert [o["uri"] for o in got] == uris, name
+        if name != "tonight.txt":
+            assert [o["size"] for o in got] == list(range(10, 19)) and got[5]["etag"] == "e5", name
+        else:
+            assert {o["size"] for o in got} == {-1} and {o["etag"] for o in got} == {""}
+    pq.write_table(pa.table({"key": uris}), tmp_path / "bad.parquet")
+    pcsv.write_csv(pa.table({"key": uris}), tmp_path / "bad.csv")
+    for name in ("bad.parquet", "bad.csv"):
+        with pytest.raises(ConfigError, match=f"manifest .*{name} has no 'uri' column"):
+            list(score.list_input(ScoreConfig(input=str(tmp_path / name))))
+    with pytest.raises(storage.StorageError, match="not found: .*gone.txt"):
+        list(score.list_input(ScoreConfig(input=str(tmp_path / "gone.txt"))))
+
+
+def test_key_set_finds_repeats_before_and_after_merging():
+    ks = score.KeySet(merge_at=3)
+    keys = [score.key_hash(f"s3://b/{i}.jpg") for i in range(10)]
+    assert ks.add_many(keys[:4] + [keys[0]]) == [True] * 4 + [False]  # a repeat within one call
+    assert len(ks) == 4  # merged into the sorted array
+    assert ks.add_many(keys) == [False] * 4 + [True] * 6 and len(ks) == 10
+    assert ks.add_many(keys[::-1]) == [False] * 10 and len(ks) == 10
+    assert ks.add_many([score.key_hash("s3://b/new.jpg")]) == [True] and len(ks) == 11
+
+
 def test_committed_key_lookup_survives_hashes_ending_in_nul():
     """Regression: numpy's bytes dtype strips trailing NULs, which once made ~1 key in 256 look
     unscored and get scored twice on a re-run."""
