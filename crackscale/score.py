@@ -206,7 +206,7 @@ class _ListingClosed(Exception):
 
 
 MANIFEST_BLOCK = 1 << 20  # bytes of a .txt manifest read at a time
-MANIFEST_BATCH = 10_000  # rows of a .csv/.parquet manifest read at a time
+MANIFEST_BATCH = 10_000  # rows of a .parquet manifest read at a time (.csv: pyarrow's 1 MB blocks)
 
 
 def _read_manifest(cfg: ScoreConfig) -> Iterator[dict[str, Any]]:
@@ -226,7 +226,7 @@ def _read_manifest(cfg: ScoreConfig) -> Iterator[dict[str, Any]]:
     except FileNotFoundError:
         raise storage.StorageError(f"not found: {cfg.input}") from None
     except (OSError, pa.ArrowInvalid) as e:
-        raise storage._wrap(cfg.input, cfg.storage, e) from None
+        raise storage.wrap_error(cfg.input, cfg.storage, e) from None
 
 
 def _manifest_rows(fs: Any, path: str, uri: str) -> Iterator[list[dict[str, Any]]]:

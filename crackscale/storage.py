@@ -109,7 +109,8 @@ def resolve(uri: str, cfg: StorageConfig | None = None) -> tuple[pafs.FileSystem
     return pafs.LocalFileSystem(), str(Path(uri).expanduser().absolute())
 
 
-def _wrap(uri: str, cfg: StorageConfig | None, e: Exception) -> StorageError:
+def wrap_error(uri: str, cfg: StorageConfig | None, e: Exception) -> StorageError:
+    """A StorageError naming ``uri`` (and the S3 endpoint) with the first line of ``e``."""
     where = f" (endpoint {S3Settings.resolve(cfg).describe()})" if is_s3(uri) else ""
     msg = str(e).splitlines()[0] if str(e) else type(e).__name__
     return StorageError(f"cannot access {uri}{where}: {msg}")
@@ -120,7 +121,7 @@ def info(uri: str, cfg: StorageConfig | None = None) -> pafs.FileInfo:
     try:
         return fs.get_file_info(path)
     except OSError as e:
-        raise _wrap(uri, cfg, e) from None
+        raise wrap_error(uri, cfg, e) from None
 
 
 def exists(uri: str, cfg: StorageConfig | None = None) -> bool:
@@ -137,7 +138,7 @@ def list_files(
     except FileNotFoundError:
         raise StorageError(f"data path not found: {uri}") from None
     except OSError as e:
-        raise _wrap(uri, cfg, e) from None
+        raise wrap_error(uri, cfg, e) from None
     exts = tuple(e.lower() for e in extensions) if extensions else None
     for fi in sorted(infos, key=lambda f: f.path):
         if fi.type != pafs.FileType.File:
@@ -160,7 +161,7 @@ def read_bytes(uri: str, cfg: StorageConfig | None = None) -> bytes:
     except FileNotFoundError:
         raise StorageError(f"not found: {uri}") from None
     except OSError as e:
-        raise _wrap(uri, cfg, e) from None
+        raise wrap_error(uri, cfg, e) from None
 
 
 def read_many(uris: list[str], cfg: StorageConfig | None = None, threads: int = 16) -> list[bytes]:
@@ -175,7 +176,7 @@ def read_many(uris: list[str], cfg: StorageConfig | None = None, threads: int = 
             with fs.open_input_stream(path) as f:
                 return f.read()
         except OSError as e:
-            raise _wrap(u, cfg, e) from None
+            raise wrap_error(u, cfg, e) from None
 
     with ThreadPoolExecutor(max_workers=threads if is_s3(uris[0]) else 4) as pool:
         return list(pool.map(one, uris))
@@ -197,7 +198,7 @@ def write_bytes(uri: str, data: bytes, cfg: StorageConfig | None = None) -> None
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
-        raise _wrap(uri, cfg, e) from None
+        raise wrap_error(uri, cfg, e) from None
 
 
 def write_text(uri: str, text: str, cfg: StorageConfig | None = None) -> None:
@@ -217,7 +218,7 @@ def upload_dir(local_dir: str | Path, uri: str, cfg: StorageConfig | None = None
             return
         pafs.copy_files(str(Path(local_dir).absolute()), path, destination_filesystem=fs)
     except OSError as e:
-        raise _wrap(uri, cfg, e) from None
+        raise wrap_error(uri, cfg, e) from None
 
 
 def download_dir(uri: str, local_dir: str | Path | None = None, cfg: StorageConfig | None = None) -> Path:
@@ -234,7 +235,7 @@ def download_dir(uri: str, local_dir: str | Path | None = None, cfg: StorageConf
             raise StorageError(f"directory not found: {uri}")
         pafs.copy_files(path, str(dest), source_filesystem=fs)
     except OSError as e:
-        raise _wrap(uri, cfg, e) from None
+        raise wrap_error(uri, cfg, e) from None
     return dest
 
 
