@@ -270,7 +270,7 @@ def _txt_rows(data: bytes) -> list[dict[str, Any]]:
 class KeySet:
     """A set of ``key_hash`` values in ≈ 16 B each: new ones in a Python set, merged every ``merge_at``
     keys into two sorted uint64 arrays (the digest's two halves; 10 M keys: ≈ 160 MB, where a set of
-    bytes takes ≈ 1 GB)."""
+    bytes takes ≈ 1 GB). Used for the keys already committed and for a manifest's repeats."""
 
     def __init__(self, merge_at: int = 1_000_000) -> None:
         self._hi = np.zeros(0, dtype=np.uint64)  # sorted; _lo[i] is the other half of _hi[i]'s key
@@ -281,7 +281,36 @@ class KeySet:
     @staticmethod
     def _halves(hashes: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
         b = np.frombuffer(b"".join(hashes), dtype=np.uint8).reshape(-1, 17)  # 16 digest bytes + a sentinel
-        return b[:, :8].copy().view(np.uint64).ravel(), b[:, 8:16].copy().view(np.uint64).ravel()
+        return (b[:, :8].copy().view("<u8").ravel().astype(np.uint64),
+                b[:, 8:16].copy().view("<u8").ravel().astype(np.uint64))
+
+    @classmethod
+    def of_distinct(cls, batches: Iterator[list[bytes]]) -> "KeySet":
+        """All at once from batches of keys known to be distinct (committed keys are: each is in one
+        file), merged in one sort."""
+        halves = [cls._halves(hs) for hs in batches if hs]
+        ks = cls()
+        if halves:
+            hi, lo = np.concatenate([h for h, _ in halves]), np.concatenate([x for _, x in halves])
+            order = np.argsort(hi, kind="stable")
+            ks._hi, ks._lo = hi[order], lo[order]
+        return ks
+
+    def _merged_has(self, at: int, hi: int, lo: int) -> bool:
+        """Whether (hi, lo) is among the merged keys; ``at``: where ``hi`` sorts in ``_hi``."""
+        while at < len(self._hi) and int(self._hi[at]) == hi:
+            if int(self._lo[at]) == lo:
+                return True
+            at += 1
+        return False
+
+    def __contains__(self, h: bytes) -> bool:
+        if h in self._recent:
+            return True
+        if not len(self._hi):
+            return False
+        hi, lo = int.from_bytes(h[:8], "little"), int.from_bytes(h[8:16], "little")
+        return self._merged_has(int(self._hi.searchsorted(np.uint64(hi))), hi, lo)  # uint64: an int > 2**63 is not
 
     def add_many(self, hashes: list[bytes]) -> list[bool]:
         """Add each of ``hashes``; for each, True if it was new (a repeat within them counts too)."""
@@ -290,10 +319,7 @@ class KeySet:
             hi, lo = self._halves(hashes)
             at = np.searchsorted(self._hi, hi)
             for k in np.flatnonzero(self._hi[np.minimum(at, len(self._hi) - 1)] == hi):  # rare
-                j = int(at[k])
-                while j < len(self._hi) and self._hi[j] == hi[k] and not found[k]:
-                    found[k] = self._lo[j] == lo[k]
-                    j += 1
+                found[k] = self._merged_has(int(at[k]), int(hi[k]), int(lo[k]))
         out = []
         for h, old in zip(hashes, found):
             new = not old and h not in self._recent
@@ -313,24 +339,19 @@ class KeySet:
 
 # ---- commit protocol ---------------------------------------------------------------------------
 
-def committed(output: str, mid: str, cfg: StorageConfig) -> np.ndarray:
-    """Sorted 128-bit hashes of every URI already committed under ``output`` for model ``mid``."""
+def committed(output: str, mid: str, cfg: StorageConfig) -> KeySet:
+    """The hashes of every URI already committed under ``output`` for model ``mid``."""
     import pyarrow.dataset as ds
 
     fs, root = storage.resolve(storage.join(output, f"model_id={mid}"), cfg)
     try:
         data = ds.dataset(root, filesystem=fs, format="parquet", partitioning="hive")
     except (FileNotFoundError, pa.ArrowInvalid):
-        return np.zeros(0, dtype="S17")
+        return KeySet()
     except OSError as e:
         raise storage.StorageError(f"cannot read committed scores under {output}: {e}") from None
-    hashes = [key_hash(u) for b in data.to_batches(columns=["uri"]) for u in b.column(0).to_pylist()]
-    return np.sort(np.array(hashes, dtype="S17")) if hashes else np.zeros(0, dtype="S17")
-
-
-def _is_in(sorted_keys: np.ndarray, h: bytes) -> bool:
-    i = int(np.searchsorted(sorted_keys, h))
-    return i < len(sorted_keys) and sorted_keys[i] == h
+    return KeySet.of_distinct([key_hash(u) for u in b.column(0).to_pylist()]
+                              for b in data.to_batches(columns=["uri"]))
 
 
 def commit_chunk(table: pa.Table, output: str, mid: str, run_date: str, cfg: StorageConfig) -> str:
@@ -394,7 +415,7 @@ class _Listing:
     earlier one did not commit without listing the input again. A listing error is kept in
     ``error`` (the chunks listed before it stay usable)."""
 
-    def __init__(self, cfg: ScoreConfig, done: np.ndarray) -> None:
+    def __init__(self, cfg: ScoreConfig, done: KeySet) -> None:
         import threading
 
         self.cfg, self._done = cfg, done
@@ -414,7 +435,7 @@ class _Listing:
         except BaseException as e:  # noqa: BLE001 - raised by run() in the main thread
             self.error = e
         finally:
-            self._done = np.zeros(0, dtype="S17")
+            self._done = KeySet()
             with self.cond:
                 self.ended = True
                 self.cond.notify_all()
@@ -444,7 +465,7 @@ class _Listing:
             if self._stop.is_set():
                 return
             counts["listed"] += 1
-            if len(done) and _is_in(done, key_hash(obj["uri"])):
+            if len(done) and key_hash(obj["uri"]) in done:
                 counts["already_scored"] += 1
                 continue
             pending.append(obj)

@@ -392,17 +392,20 @@ def test_key_set_finds_repeats_before_and_after_merging():
 
 def test_committed_key_lookup_survives_hashes_ending_in_nul():
     """Regression: numpy's bytes dtype strips trailing NULs, which once made ~1 key in 256 look
-    unscored and get scored twice on a re-run."""
-    import numpy as np
-
-    from crackscale.score import _is_in, key_hash
+    unscored and get scored twice on a re-run. Checked in the merged arrays and before merging."""
+    from crackscale.score import KeySet, key_hash
 
     uris = [f"s3://b/site/{i:06d}.jpg" for i in range(3000)]
     hashes = [key_hash(u) for u in uris]
     assert any(h[15] == 0 for h in hashes)  # the case that used to fail is present
-    done = np.sort(np.array(hashes, dtype="S17"))
-    assert all(_is_in(done, h) for h in hashes)
-    assert not any(_is_in(done, key_hash(f"s3://b/other/{i}.jpg")) for i in range(500))
+    for merge_at in (1000, 10_000):  # all merged / none merged
+        done = KeySet(merge_at=merge_at)
+        assert all(done.add_many(hashes)) and len(done) == 3000
+        assert all(h in done for h in hashes) and not any(done.add_many(hashes))
+        assert not any(key_hash(f"s3://b/other/{i}.jpg") in done for i in range(500))
+    done = KeySet.of_distinct(iter([hashes[:1000], [], hashes[1000:]]))  # how committed() builds it
+    assert len(done) == 3000 and all(h in done for h in hashes)
+    assert not any(key_hash(f"s3://b/other/{i}.jpg") in done for i in range(500))
 
 
 def test_cpu_layout_is_one_single_threaded_actor_per_core(ray_local):
