@@ -104,6 +104,7 @@ class ScoreConfig:
     decode: str = "auto"  # where images are read + decoded: actor | tasks | auto (actor on CPU, tasks with use_gpu)
     decoder: str = "auto"  # auto: JPEGs without TensorFlow (same pixels; crackscale.jpeg) where proven, else tf | tf
     read_threads: int = 16  # concurrent object reads per decode call (S3 latency, not bandwidth)
+    actor_calls: int = 0  # decode: actor: calls at once per model actor; 0 = 2 if any input is on S3, else 1
     list_threads: int = 16  # concurrent folder listings of an S3 input prefix; 1 = one flat listing
     first_wave_s: float = 60.0  # scoring starts at the listing's end or after this many seconds of it
     max_attempts: int = 3  # pipeline attempts: after a lost actor/node the uncommitted chunks run again
@@ -127,6 +128,7 @@ class ScoreConfig:
         _check(self.actor_cpus >= 0 and self.decode_cpus > 0, "actor_cpus must be >= 0 and decode_cpus > 0")
         _check(self.threads >= 0, "config key 'threads' must be >= 0")
         _check(self.read_threads >= 1, "config key 'read_threads' must be >= 1")
+        _check(self.actor_calls >= 0, "config key 'actor_calls' must be >= 0 (0 = by input)")
         _check(self.list_threads >= 1, "config key 'list_threads' must be >= 1")
         _check(self.first_wave_s >= 0, "config key 'first_wave_s' must be >= 0")
         _check(self.max_attempts >= 1, "config key 'max_attempts' must be >= 1")

@@ -510,8 +510,9 @@ class Predictor:
     """Ray Data actor: loads the artifact once (``loader`` is injectable for tests), then P(crack).
 
     ``decode`` (the keyword arguments of ``decode_batch``): batches hold URIs, and the actor reads
-    and decodes them itself before predicting. Calls may then run two at a time (one decoding while
-    the other predicts); the model runs one batch at a time.
+    and decodes them itself before predicting. Calls may then run two at a time (``actor_calls``; by
+    default for objects on S3: one reading while the other predicts); the model runs one batch at a
+    time.
     """
 
     def __init__(self, cfg: ScoreConfig, loader: Callable[..., Any] | None = None,

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.dataset as pads
 import pytest
 from conftest import PY, ROOT, last_json, run_job, upload_tree
@@ -422,6 +423,44 @@ def test_cpu_layout_is_one_single_threaded_actor_per_core(ray_local):
     assert layout(decode="tasks") == (1, 0)
     with pytest.raises(ConfigError, match="'use_gpu' is true but the Ray cluster has no GPUs"):
         layout(use_gpu=True)
+
+
+def test_listed_blocks_become_a_dataset_without_metadata_tasks(ray_local, monkeypatch):
+    """The listing computes each block's Ray Data metadata itself, and ``_dataset`` builds the
+    Dataset from it: the rows, counts and schema of ``ray.data.from_arrow_refs``, without its remote
+    metadata task per block (with the pinned Ray: an upgrade that moves its internals fails here)."""
+    import ray
+
+    tables = [pa.table({"uri": [f"/in/{b}-{i}.jpg" for i in range(n)], "chunk": ["c"] * n,
+                        "size": pa.array(range(n), pa.int64())}) for b, n in enumerate((3, 5, 1))]
+    blocks = [(ray.put(t), score._block_metadata(t)) for t in tables]
+    assert all(m is not None and m.metadata.num_rows == t.num_rows for (_, m), t in zip(blocks, tables))
+    expected = ray.data.from_arrow_refs([r for r, _ in blocks])
+
+    def no_tasks(*a, **k):
+        raise AssertionError("from_arrow_refs runs a metadata task per block")
+
+    monkeypatch.setattr(ray.data, "from_arrow_refs", no_tasks)
+    ds = score._dataset(blocks)
+    assert ds.count() == 9 and ds.num_blocks() == 3 and ds.schema() == expected.schema()
+    assert ds.take_all() == expected.take_all()
+    assert ds.map_batches(lambda b: {"n": [len(b["uri"])]}, batch_size=None).sum("n") == 9
+
+
+def test_actor_calls_overlap_reads_only_for_objects_on_s3(ray_local, tmp_path):
+    """``actor_calls`` 0: two calls at once per model actor when the listing met an S3 object, one
+    for local files; a set value wins. The listing records whether it met one."""
+    assert score.actor_calls(ScoreConfig(), remote=False) == 1
+    assert score.actor_calls(ScoreConfig(), remote=True) == 2
+    assert score.actor_calls(ScoreConfig(actor_calls=3), remote=False) == 3
+    with pytest.raises(ConfigError, match="'actor_calls' must be >= 0"):
+        ScoreConfig(actor_calls=-1).validate()
+    (tmp_path / "a.jpg").write_bytes(b"x")
+    for lines, remote in (([str(tmp_path / "a.jpg")], False), ([str(tmp_path / "a.jpg"), "s3://b/k.jpg"], True)):
+        (tmp_path / "m.txt").write_text("\n".join(lines))
+        listing = score._Listing(ScoreConfig(input=str(tmp_path / "m.txt"), chunk_size=1), score.KeySet())
+        listing.next_wave(set(), time.time() + 600)  # waits for the listing's end
+        assert listing.error is None and listing.remote is remote and len(listing.sizes) == len(lines)
 
 
 @pytest.mark.slow
