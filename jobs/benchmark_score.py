@@ -5,14 +5,19 @@ original one-process script, and peak memory at a small and a large N.
 
 (a) ceiling: the fastest runtime (LiteRT/XNNPACK) on preloaded, decoded tensors: the fastest of one
     interpreter on all cores and one single-threaded interpreter per core (own processes), each at
-    batch 1, 4, 16 and 64; measured right before and right after the large local run (this host's
+    batch 1, 4, 16 and 64; measured right before and right after the large runs (this host's
     speed drifts), (b)/(a) uses the mean.
-(b) crackscale: ``jobs/score.py`` from storage to committed Parquet (local folder, and an S3 server
-    on 127.0.0.1 started here), a fresh Ray per run, timings from its summary; images decoded in
-    the model actor (``decode: auto`` on CPU), and at the large N also in separate decode tasks
-    (``decode: tasks``, the GPU layout) for comparison.
+(b) crackscale: ``jobs/score.py`` from storage to committed Parquet, timings from its summary:
+    - the nightly way: two jobs in turn on a running ``ray start --head`` cluster (started here by
+      ``cluster/local/cluster.sh up`` on free ports, and stopped); the second job is (b) in the
+      ratios, the first also starts Ray Data's cluster-wide actors;
+    - a Ray of its own per job (``RAY_ADDRESS=local``): local folder at the large and small N, and
+      an S3 server on 127.0.0.1 started here;
+    images decoded in the model actor (``decode: auto`` on CPU), and at the large N also in separate
+    decode tasks (``decode: tasks``, the GPU layout) for comparison.
 (c) original: ``image_dataset_from_directory`` + ``model.predict`` in one process.
-Peak memory: the largest total RSS of the process tree (driver + Ray + workers), sampled at 5 Hz.
+Peak memory: the largest total RSS of the process tree (driver + Ray + workers; on the cluster, the
+cluster's processes too), sampled at 5 Hz.
 """
 
 from __future__ import annotations
@@ -43,8 +48,10 @@ print(len(p), time.time() - t)
 """
 
 
-def peak_rss(cmd: list[str], env: dict | None = None) -> tuple[subprocess.CompletedProcess, float]:
-    """Run ``cmd``; (result, peak RSS in MiB of it and all its descendants)."""
+def peak_rss(cmd: list[str], env: dict | None = None, gcs_port: int | None = None
+             ) -> tuple[subprocess.CompletedProcess, float]:
+    """Run ``cmd``; (result, peak RSS in MiB of it and all its descendants, and with ``gcs_port``
+    of the Ray cluster whose GCS listens there: its processes and theirs, the job's workers)."""
     import psutil
 
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env or dict(os.environ), stdout=subprocess.PIPE,
@@ -55,7 +62,7 @@ def peak_rss(cmd: list[str], env: dict | None = None) -> tuple[subprocess.Comple
         p = psutil.Process(proc.pid)
         while proc.poll() is None:
             try:
-                procs = [p] + p.children(recursive=True)
+                procs = [p] + p.children(recursive=True) + (cluster_procs(gcs_port) if gcs_port else [])
                 peak[0] = max(peak[0], sum(q.memory_info().rss for q in procs if q.is_running()) / 2**20)
             except psutil.Error:
                 pass
@@ -69,6 +76,27 @@ def peak_rss(cmd: list[str], env: dict | None = None) -> tuple[subprocess.Comple
     if proc.returncode:
         raise RuntimeError(f"{cmd[:3]} failed ({proc.returncode}):\n{err[-3000:]}")
     return res, peak[0]
+
+
+def cluster_procs(gcs_port: int) -> list:
+    """The processes of the Ray cluster whose GCS listens on ``gcs_port`` (those naming the port,
+    and their descendants), as ``cluster/local/cluster.sh down`` finds them."""
+    import psutil
+
+    roots, procs = [], {}
+    for q in psutil.process_iter(["pid", "ppid", "cmdline"]):
+        procs[q.pid] = q
+        if any(f":{gcs_port}" in a or a == f"--gcs_server_port={gcs_port}" for a in q.info["cmdline"] or ()):
+            roots.append(q)
+    found = {q.pid for q in roots}
+    grew = True
+    while grew:
+        grew = False
+        for q in procs.values():
+            if q.info["ppid"] in found and q.pid not in found:
+                found.add(q.pid)
+                grew = True
+    return [procs[i] for i in found]
 
 
 def replicate(src: Path, dest: Path, n: int) -> Path:
@@ -147,16 +175,54 @@ def ceiling(model_dir: Path, images: Path, size: int, seconds: float = 10.0) -> 
 
 
 def crackscale_run(model: str, inp: str, out: str, env: dict | None = None, chunk_size: int = 2000,
-                   decode: str = "auto") -> dict:
+                   decode: str = "auto", gcs_port: int | None = None) -> dict:
+    """``jobs/score.py`` with a Ray of its own (``RAY_ADDRESS=local``), or attached to the running
+    cluster whose GCS listens on ``gcs_port``; its summary, with peak RSS and the steady rate."""
     env = dict(env or os.environ, RAY_ADDRESS="local")  # a fresh Ray per run, never a running cluster
+    if gcs_port:
+        env.update(RAY_ADDRESS=f"127.0.0.1:{gcs_port}", RAY_AUTH_MODE="token")
     res, mem = peak_rss([sys.executable, "jobs/score.py", "--model", model, "--input", inp,
-                         "--output", out, "--set", f"chunk_size={chunk_size}", "--set", f"decode={decode}"], env)
+                         "--output", out, "--set", f"chunk_size={chunk_size}", "--set", f"decode={decode}"],
+                        env, gcs_port)
     s = json.loads(res.stdout.strip().splitlines()[-1])
     s["peak_rss_mib"] = mem
     # after the first result batch, whose images count as start-up (meaningless with < 3 chunks)
     if s.get("startup_s") is not None and s["chunks"] >= 3 and s["duration_s"] > s["startup_s"]:
         s["steady_img_s"] = (s["scored"] + s["failed"] - s["startup_images"]) / (s["duration_s"] - s["startup_s"])
     return s
+
+
+def on_cluster(model: str, images: Path, work: Path, chunk_size: int, jobs: int = 2) -> list[dict]:
+    """(b) the nightly way: ``jobs`` runs one after the other, attached to a ``ray start --head``
+    cluster that ``cluster/local/cluster.sh up`` starts here (on free ports) and ``down`` stops. The
+    first job on a new cluster also starts Ray Data's cluster-wide actors (stats, autoscaling
+    coordinator, actor locations: ≈ 4 s of CPU here), which the later jobs find running."""
+    import tempfile
+
+    from tests.conftest import free_port
+
+    port = free_port()
+    tmp = tempfile.mkdtemp(prefix="bc", dir="/tmp")  # short: Ray's socket paths live under it
+    env = dict(os.environ, RAY_PORT=str(port), DASHBOARD_PORT=str(free_port()), TEMP_DIR=tmp,
+               RAY=str(Path(sys.executable).parent / "ray"))
+    ports = [f"--{k}={free_port()}" for k in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                               "metrics-export-port", "runtime-env-agent-port",
+                                               "ray-client-server-port")]
+    up = subprocess.run(["bash", "cluster/local/cluster.sh", "up", "--", *ports], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=300)
+    try:
+        if up.returncode:
+            raise RuntimeError(f"cluster.sh up failed:\n{up.stderr[-3000:]}")
+        runs = []
+        for i in range(jobs):
+            out = work / f"out-cluster-{i}"
+            shutil.rmtree(out, ignore_errors=True)
+            runs.append(crackscale_run(model, str(images), str(out), chunk_size=chunk_size, gcs_port=port))
+        return runs
+    finally:
+        subprocess.run(["bash", "cluster/local/cluster.sh", "down"], cwd=ROOT, env=env, capture_output=True,
+                       timeout=300)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def list_rates(endpoint: str, uri: str, latency: float = 0.1) -> dict[str, float]:
@@ -195,7 +261,7 @@ def main() -> int:
     ap.add_argument("--alpha", type=float, default=1.0)
     ap.add_argument("--workdir", default="/tmp/crackscale-bench")
     ap.add_argument("--seconds", type=float, default=10.0, help="duration of each ceiling measurement")
-    ap.add_argument("--skip", default="", help="comma list of: s3, original, small, tasks")
+    ap.add_argument("--skip", default="", help="comma list of: s3, original, small, tasks, cluster")
     ap.add_argument("--chunk-size", type=int, default=2000, help="scoring chunk_size (steady img/s needs >= 3 chunks)")
     args = ap.parse_args()
     skip = set(args.skip.split(","))
@@ -227,9 +293,16 @@ def main() -> int:
         s = crackscale_run(str(model_dir), str(images), str(out), chunk_size=args.chunk_size, decode=decode)
         rows[local_key(n, decode)] = row(s)
 
+    def cluster_key(n: int, job: str) -> str:
+        return f"(b) crackscale local → Parquet, N={n}, on a running cluster, {job} job"
+
     # This machine's speed drifts by up to ±20 % over minutes (shared host), so the ceiling is
-    # measured right before and right after the large local run, and (b)/(a) uses their mean.
+    # measured right before and right after the large runs, and (b)/(a) uses their mean.
     a0 = ceiling(model_dir, small, args.image_size, args.seconds)
+    if "cluster" not in skip:
+        first, *later = on_cluster(str(model_dir), big, work, args.chunk_size)
+        rows[cluster_key(args.n, "first")] = row(first)
+        rows[cluster_key(args.n, "next")] = row(later[-1])
     local(args.n, big)
     a1 = ceiling(model_dir, small, args.image_size, args.seconds)
     if "small" not in skip:
@@ -241,7 +314,8 @@ def main() -> int:
                 "img_s": a["litert"], "before": a0["litert"], "after": a1["litert"],
                 "layout": [a0["layout"], a1["layout"]], "sweep": [a0["sweep"], a1["sweep"]]},
             "(a') model only, tf.keras graph, preloaded": {"img_s": a["tf"]},
-            **{k: rows[k] for k in (local_key(args.small), local_key(args.n), local_key(args.n, "tasks")) if k in rows}}
+            **{k: rows[k] for k in (cluster_key(args.n, "next"), cluster_key(args.n, "first"), local_key(args.small),
+                                    local_key(args.n), local_key(args.n, "tasks")) if k in rows}}
     if "s3" not in skip:
         from moto.server import ThreadedMotoServer
 
@@ -286,16 +360,22 @@ def main() -> int:
         f = lambda x, p=0: "" if x is None else f"{x:.{p}f}"  # noqa: E731
         print(f"| {k} | {f(v['img_s'])} | {f(v.get('steady_img_s'))} | {f(v.get('wall_s'), 1)} "
               f"| {f(v.get('startup_s'), 1)} | {f(v.get('peak_rss_mib'))} |")
-    b = rows.get(f"(b) crackscale local → Parquet, N={args.n}", {})
+    # (b) is the nightly way when measured (a job on a cluster that has run one before), else a job
+    # with a Ray of its own
+    primary = cluster_key(args.n, "next") if cluster_key(args.n, "next") in rows else local_key(args.n)
+    b, private = rows[primary], rows[local_key(args.n)]
     c = rows.get(f"(c) image_dataset_from_directory + predict, N={args.n}", {})
     ratios = {"b_over_a_wall": b.get("img_s", 0) / a["litert"],
-              "b_over_a_steady": (b.get("steady_img_s") or 0) / a["litert"]}
+              "b_over_a_steady": (b.get("steady_img_s") or 0) / a["litert"],
+              "b_private_ray_over_a_wall": private["img_s"] / a["litert"],
+              "b_private_ray_over_a_steady": (private.get("steady_img_s") or 0) / a["litert"]}
     if c:
         ratios.update(b_over_c_wall=b.get("img_s", 0) / c["img_s"],
                       b_over_c_steady=(b.get("steady_img_s") or 0) / c["img_s"],
                       a_over_c=a["litert"] / c["img_s"])
-    print("\nratios at N=%d: %s" % (args.n, ", ".join(f"{k} {v:.2f}" for k, v in ratios.items())))
-    print(json.dumps({"rows": rows, "ratios": ratios, **({"listing_s": listing} if "s3" not in skip else {})}))
+    print(f"\n(b) in the ratios: {primary}")
+    print("ratios at N=%d: %s" % (args.n, ", ".join(f"{k} {v:.2f}" for k, v in ratios.items())))
+    print(json.dumps({"rows": rows, "ratios": ratios, "b": primary, **({"listing_s": listing} if "s3" not in skip else {})}))
     return 0
 
 

@@ -465,7 +465,8 @@ def test_actor_calls_overlap_reads_only_for_objects_on_s3(ray_local, tmp_path):
 
 @pytest.mark.slow
 def test_benchmark_score_job_prints_rows_and_ratios(synth_data, tmp_path):
-    """jobs/benchmark_score.py end to end at tiny N (the 20,000-image run is a manual benchmark)."""
+    """jobs/benchmark_score.py end to end at tiny N (the 20,000-image run is a manual benchmark),
+    including its jobs on a cluster it starts with cluster/local/cluster.sh and stops."""
     r = run_job(["jobs/benchmark_score.py", "--data", str(synth_data), "--n", "600", "--image-size", "64",
                  "--alpha", "0.35", "--seconds", "1", "--skip", "s3,small", "--chunk-size", "100",
                  "--workdir", str(tmp_path)],
@@ -474,8 +475,13 @@ def test_benchmark_score_job_prints_rows_and_ratios(synth_data, tmp_path):
     out = last_json(r.stdout)
     rows, ratios = out["rows"], out["ratios"]
     a = rows["(a) model only, LiteRT, preloaded tensors (fastest layout, mean of before/after)"]
-    b = rows["(b) crackscale local → Parquet, N=600"]
+    # (b): the second of two jobs on a `ray start --head` cluster that the benchmark started and stopped
+    assert out["b"] == "(b) crackscale local → Parquet, N=600, on a running cluster, next job"
+    b, first = rows[out["b"]], rows["(b) crackscale local → Parquet, N=600, on a running cluster, first job"]
+    private = rows["(b) crackscale local → Parquet, N=600"]  # a Ray of its own
     c = rows["(c) image_dataset_from_directory + predict, N=600"]
+    assert first["img_s"] > 0 and private["img_s"] > 0 and private["peak_rss_mib"] > 100
+    assert ratios["b_private_ray_over_a_wall"] == pytest.approx(private["img_s"] / a["img_s"])
     assert a["img_s"] == pytest.approx((a["before"] + a["after"]) / 2) and a["before"] > 0
     # the ceiling is the fastest of the swept layouts: 2 layouts × 4 batch sizes, each measured
     for sweep, fastest, layout in zip(a["sweep"], (a["before"], a["after"]), a["layout"]):
@@ -487,6 +493,7 @@ def test_benchmark_score_job_prints_rows_and_ratios(synth_data, tmp_path):
     assert ratios["b_over_a_wall"] == pytest.approx(b["img_s"] / a["img_s"])
     assert ratios["b_over_c_wall"] == pytest.approx(b["img_s"] / c["img_s"])
     assert "| (b) crackscale local → Parquet, N=600 |" in r.stdout
+    assert "| (b) crackscale local → Parquet, N=600, on a running cluster, next job |" in r.stdout
     # the same run with decode tasks before the model actor (the GPU layout), side by side
     assert rows["(b) crackscale local → Parquet, N=600, decode: tasks"]["img_s"] > 0
 
