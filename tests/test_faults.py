@@ -341,6 +341,16 @@ def _node_processes(node, needle: str) -> list:
     return found
 
 
+def _alive_actors_on(node, class_name: str) -> int:
+    """Actors whose class name has ``class_name``, ALIVE (constructor done) on one ``cluster_utils``
+    node, from the GCS actor table (the state API needs a dashboard, which this cluster has not)."""
+    from ray._private import state
+
+    return sum(1 for a in state.actors().values()
+               if a["State"] == "ALIVE" and class_name in a["ActorClassName"]
+               and a["Address"]["NodeID"] == node.node_id)
+
+
 @pytest.mark.slow
 def test_node_removed_mid_scoring_every_image_exactly_once(ray_node_to_lose, synth_data, model_artifact,
                                                            tmp_path):
@@ -348,7 +358,9 @@ def test_node_removed_mid_scoring_every_image_exactly_once(ray_node_to_lose, syn
     being committed: the attempt fails, a second attempt re-runs the uncommitted chunks on the head
     node with a pool that fits there, the run completes, and every image is in the output once."""
     cluster, worker = ray_node_to_lose
-    n = stage_images(synth_data, tmp_path / "imgs", 160)
+    # all 300 images: under a loaded machine the worker's actor can take many seconds to start,
+    # and the head's actor must not finish everything before
+    n = stage_images(synth_data, tmp_path / "imgs", 300)
     out = tmp_path / "scores"
     # actor_cpus 2 on two 2-CPU nodes: one actor per node (with 1, Ray may place both on the head,
     # and then there is no actor to lose); after the loss, the pool that fits is one actor
@@ -362,7 +374,9 @@ def test_node_removed_mid_scoring_every_image_exactly_once(ray_node_to_lose, syn
         while not stop.is_set():
             actors = _node_processes(worker, "Predictor")
             committed = list(out.rglob("*.parquet"))
-            if actors and len(committed) >= 2:
+            # the worker's model actor must be up (ALIVE), so that it holds batches when its node
+            # goes: a pool actor still starting there is only dropped, and the attempt then succeeds
+            if actors and len(committed) >= 2 and _alive_actors_on(worker, "MapWorker"):
                 removed.update(actors=len(actors), committed_before=len(committed))
                 cluster.remove_node(worker, allow_graceful=False)
                 return
