@@ -62,8 +62,8 @@ def peak_rss(cmd: list[str], env: dict | None = None, gcs_port: int | None = Non
         p = psutil.Process(proc.pid)
         while proc.poll() is None:
             try:
-                procs = [p] + p.children(recursive=True) + (cluster_procs(gcs_port) if gcs_port else [])
-                peak[0] = max(peak[0], sum(q.memory_info().rss for q in procs if q.is_running()) / 2**20)
+                procs = {q.pid: q for q in [p] + p.children(recursive=True) + (cluster_procs(gcs_port) if gcs_port else [])}
+                peak[0] = max(peak[0], sum(q.memory_info().rss for q in procs.values() if q.is_running()) / 2**20)
             except psutil.Error:
                 pass
             time.sleep(0.2)
@@ -81,14 +81,13 @@ def peak_rss(cmd: list[str], env: dict | None = None, gcs_port: int | None = Non
 def cluster_procs(gcs_port: int) -> list:
     """The processes of the Ray cluster whose GCS listens on ``gcs_port`` (those naming the port,
     and their descendants), as ``cluster/local/cluster.sh down`` finds them."""
+    import re
+
     import psutil
 
-    roots, procs = [], {}
-    for q in psutil.process_iter(["pid", "ppid", "cmdline"]):
-        procs[q.pid] = q
-        if any(f":{gcs_port}" in a or a == f"--gcs_server_port={gcs_port}" for a in q.info["cmdline"] or ()):
-            roots.append(q)
-    found = {q.pid for q in roots}
+    own = re.compile(rf"(--gcs[-_]address=\S+:{gcs_port}\b|--gcs_server_port={gcs_port}\b|--address=\S+:{gcs_port}\b)")
+    procs = {q.pid: q for q in psutil.process_iter(["pid", "ppid", "cmdline"])}
+    found = {q.pid for q in procs.values() if own.search(" ".join(q.info["cmdline"] or ()))}
     grew = True
     while grew:
         grew = False
