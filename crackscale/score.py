@@ -672,7 +672,7 @@ def _dataset(blocks: list[tuple[Any, Any]]) -> Any:
         from ray.data.context import DataContext
         from ray.data.dataset import MaterializedDataset
     except ImportError:  # pragma: no cover - another Ray version
-        metas = [None]
+        return ray.data.from_arrow_refs(refs)
     if any(m is None for m in metas):  # pragma: no cover - another Ray version
         return ray.data.from_arrow_refs(refs)
     stats = DatasetStats(metadata={"FromArrow": metas}, parent=None)
