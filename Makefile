@@ -5,14 +5,14 @@ BIN    := $(VENV)/bin
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: venv demo test test-fast train-real clean
+.PHONY: venv demo test test-fast lint train-real docs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q -e ".[test,lint]"
 	touch $@
 
 venv: $(VENV)/.installed
@@ -28,6 +28,12 @@ TEST_WORKERS ?= 2
 test: venv
 	$(BIN)/python -m pytest -v --durations=25 -n $(TEST_WORKERS) --dist load --maxschedchunk 1 tests
 
+## Style (ruff lint + format check) and the package's layering (import-linter contracts in pyproject.toml)
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
+
 ## Everything but the slow tests
 test-fast: venv
 	$(BIN)/python -m pytest -q -m "not slow" tests
@@ -35,6 +41,10 @@ test-fast: venv
 ## The quality-bar run on the real 6,000-image sample in ../shared/data (about 15-20 min on 2 cores)
 train-real: venv
 	RAY_ADDRESS=$${RAY_ADDRESS:-local} $(BIN)/python jobs/train.py --config jobs/configs/real_sample.yaml
+
+## docs/configuration.md, generated from the config dataclasses' help texts (crackscale/config.py)
+docs: venv
+	$(BIN)/python -m crackscale.config_docs
 
 clean:
 	rm -rf demo runs .pytest_cache

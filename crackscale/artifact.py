@@ -19,8 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from crackscale import storage
+from crackscale import __version__, storage
 from crackscale.config import StorageConfig
+from crackscale.model import keras
+from crackscale.runtimes.keras import TFRuntime
+from crackscale.runtimes.litert import LiteRTRuntime, export_litert, parity, sample_images
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +41,6 @@ def versions() -> dict[str, str]:
     import ray
     import tensorflow as tf
 
-    from crackscale import __version__
-
     return {"crackscale": __version__, "tensorflow": tf.__version__, "ray": ray.__version__,
             "python": platform.python_version()}
 
@@ -56,15 +57,13 @@ def _export_litert(model: Any, local: Path, check_images: Any = None) -> dict[st
     """Write ``model.tflite`` beside the model and measure max |Δp| against tf.keras on
     ``check_images`` (uint8 NHWC; training passes real validation images) or synthetic ones.
     A failed export is recorded, not raised: scorers then convert (and check) on their own."""
-    from crackscale import runtime
-
     path = local / LITERT_FILE
     try:
-        runtime.export_litert(model, path)
+        export_litert(model, path)
         on = "validation images"
         if check_images is None or not len(check_images):
-            check_images, on = runtime.sample_images(int(model.inputs[0].shape[1]), 32), "synthetic images"
-        diff = runtime.parity(runtime.TFRuntime(model, 16), runtime.LiteRTRuntime(path, 16), check_images)
+            check_images, on = sample_images(int(model.inputs[0].shape[1]), 32), "synthetic images"
+        diff = parity(TFRuntime(model, 16), LiteRTRuntime(path, 16), check_images)
     except Exception as e:  # e.g. an op LiteRT lacks
         path.unlink(missing_ok=True)
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -151,8 +150,6 @@ def load(uri: str, cfg: StorageConfig | None = None, compile: bool = False) -> L
             f"model file of {uri} does not match the checksum in {META_FILE} "
             f"({digest[:12]}… != {str(meta.get('model_sha256'))[:12]}…): refusing a tampered artifact"
         )
-    from crackscale.model import keras
-
     try:
         model = keras().models.load_model(path, compile=compile, safe_mode=True)
     except (ValueError, TypeError) as e:  # Lambda layers, unknown custom objects, bad configs

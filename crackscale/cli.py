@@ -1,7 +1,12 @@
-"""The ``crackscale`` console command: same functions as ``jobs/*.py``.
+"""The ``crackscale`` console command and ``jobs/*.py``: one parser per command, the same functions.
 
-User errors (bad config, missing data, unreachable storage, bad artifact) print one line naming the
-problem and exit 2; no traceback.
+Every command takes ``--config FILE`` and ``--set key=value``; its storage settings are the config's
+``storage.*`` keys (``query``, ``report`` and ``doctor`` read a scoring config: its ``output`` and
+``storage`` sections). User errors (bad config, missing data, unreachable storage, bad artifact)
+print one line naming the problem and exit 2; no traceback.
+
+Stage modules are imported inside the command functions: ``crackscale query`` need not import
+Ray Train or TensorFlow.
 """
 
 from __future__ import annotations
@@ -12,6 +17,11 @@ import logging
 import sys
 from typing import Any, Callable
 
+from crackscale import storage
+from crackscale.artifact import ArtifactError
+from crackscale.config import ConfigError, ScoreConfig, TrainConfig, TuneConfig, load
+from crackscale.data.labelled import DataError
+
 EXAMPLES = {
     "train": "crackscale train --config jobs/configs/train.yaml --set num_workers=2 --set weights=none",
     "synth": "crackscale synth --out demo/data --per-class 200",
@@ -21,65 +31,223 @@ EXAMPLES = {
     "report": "crackscale report --run latest --output demo/scores",
     "doctor": "crackscale doctor",
 }
+MORE_EXAMPLES = {
+    "query": ["crackscale query counts --by night --config jobs/configs/score.yaml --format csv",
+              'crackscale query --output scores/ --sql "SELECT count(*) FROM scores"'],
+    "report": ["crackscale report --run 20261124T010203Z-1a2b3c --output scores/ --top 24",
+               "crackscale report --artifact runs/demo/model"],
+    "doctor": ["crackscale doctor --ray-address 10.0.0.5:6379 --bucket s3://crack-data",
+               "RAY_AUTH_MODE=token crackscale doctor --ray-address http://127.0.0.1:8265 "
+               "--set storage.s3_endpoint=http://minio:9000"],
+    "tune": ["crackscale tune --config jobs/configs/tune.yaml --set scheduler=pbt"],
+}
+HELP = {
+    "train": "train a model (same as jobs/train.py)",
+    "synth": "generate synthetic crack/no-crack images",
+    "score": "score images with a model artifact into Parquet (same as jobs/score.py)",
+    "query": "query scoring outputs (top cracks, counts, failures, SQL) with DuckDB",
+    "tune": "search hyperparameters with Ray Tune (same as jobs/tune.py)",
+    "report": "(re)build the HTML report of a scoring run or a model artifact",
+    "doctor": "check Python/TF/Ray versions, the Ray cluster, S3 and GPUs",
+}
+USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, storage.StorageError, DataError, ArtifactError,
+                                                FileNotFoundError)
 
 
-def user_errors() -> tuple[type[BaseException], ...]:
-    from crackscale.artifact import ArtifactError
-    from crackscale.config import ConfigError
-    from crackscale.data import DataError
-    from crackscale.storage import StorageError
+# ---- shared arguments ---------------------------------------------------------------------------
 
-    return (ConfigError, StorageError, DataError, ArtifactError, FileNotFoundError)
-
-
-def add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML config file")
+def add_config_args(p: argparse.ArgumentParser, what: str = "") -> None:
+    p.add_argument("--config", help=f"YAML config file{what} (keys: docs/configuration.md)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key (repeatable; dotted keys for sections, e.g. storage.s3_endpoint=...)")
+                   help="override a config key (repeatable; dotted keys for sections, e.g. "
+                        "storage.s3_endpoint=http://127.0.0.1:9000)")
 
 
-def train_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    p = p or argparse.ArgumentParser(prog="jobs/train.py", description="Train a crack classifier on Ray.",
-                                     epilog=f"example: {EXAMPLES['train']}")
-    add_config_args(p)
+def add_storage_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--s3-endpoint", default="", help="= --set storage.s3_endpoint=URL")
+
+
+def scoring_config(args: argparse.Namespace, flags: dict[str, str | None]) -> ScoreConfig:
+    """The ScoreConfig of ``--config`` and ``--set``, with ``flags`` (config key → flag value) on top."""
+    overrides = list(args.set)
+    overrides += [f"{key}={value}" for key, value in flags.items() if value]
+    if getattr(args, "s3_endpoint", ""):
+        overrides.append(f"storage.s3_endpoint={args.s3_endpoint}")
+    return load(ScoreConfig, args.config, overrides)
+
+
+# ---- commands -----------------------------------------------------------------------------------
+
+def train_arguments(p: argparse.ArgumentParser) -> None:
+    add_config_args(p, " (keys of TrainConfig)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run named by `name` (default: the latest run in storage_path)")
-    return p
 
 
 def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
-    from crackscale import train
-    from crackscale.config import TrainConfig, load
+    from crackscale.reports import page, training
+    from crackscale.training import driver
 
     cfg = load(TrainConfig, args.config, args.set)
-    summary = train.run(cfg, resume=args.resume)
-    from crackscale import report  # after training: a failed report never fails the run
-
-    summary["report"] = report.safely(report.training_report, summary["artifact"], cfg.storage)
+    summary = driver.run(cfg, resume=args.resume)
+    # after training: a failed report never fails the run
+    summary["report"] = page.safely(training.training_report, summary["artifact"], cfg.storage)
     return summary
+
+
+def tune_arguments(p: argparse.ArgumentParser) -> None:
+    add_config_args(p, " (keys of TuneConfig)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the tuning run named by `name` (default: the latest in storage_path); "
+                        "finished trials are not run again")
+
+
+def cmd_tune(args: argparse.Namespace) -> dict[str, Any]:
+    from crackscale.tuning import driver
+
+    return driver.run(load(TuneConfig, args.config, args.set), resume=args.resume)
+
+
+def score_arguments(p: argparse.ArgumentParser) -> None:
+    add_config_args(p, " (keys of ScoreConfig)")
+    p.add_argument("--model", help="model artifact URI (= --set model=…)")
+    p.add_argument("--input", help="image prefix or manifest URI (= --set input=…)")
+    p.add_argument("--output", help="Parquet output root (= --set output=…)")
+
+
+def score_config(args: argparse.Namespace) -> ScoreConfig:
+    return scoring_config(args, {"model": args.model, "input": args.input, "output": args.output})
 
 
 def cmd_score(args: argparse.Namespace) -> dict[str, Any]:
-    from crackscale import report, score
+    """Load the config, attach to (or start) Ray, score, write the run's report; the JSON summary."""
+    from crackscale.reports import page, scoring
+    from crackscale.scoring import run
 
-    summary = score.cmd_score(args)
-    summary["report"] = report.safely(report.scoring_report, summary["output"], summary["run_id"],
-                                      score.config_from_args(args).storage)
+    cfg = score_config(args)
+    summary = run.run(cfg)
+    summary["report"] = page.safely(scoring.scoring_report, summary["output"], summary["run_id"], cfg.storage)
     return summary
 
 
+def query_arguments(p: argparse.ArgumentParser) -> None:
+    from crackscale.query import COUNT_BY, FORMATS
+
+    p.add_argument("what", nargs="?", choices=("top", "counts", "failed"),
+                   help="top: most likely cracks; counts: per night/prefix/model; failed: errors")
+    add_config_args(p, " (a scoring config: its output and storage are read)")
+    p.add_argument("--output", help="scores root written by `crackscale score` (local or s3://; = --set output=…)")
+    p.add_argument("--sql", help='any SQL over the view "scores", e.g. "SELECT count(*) FROM scores"')
+    p.add_argument("--n", type=int, default=20, help="rows for top (default 20) / failed")
+    p.add_argument("--by", default="night", choices=COUNT_BY, help="grouping for counts")
+    p.add_argument("--prefix", default="", help="only images whose URI starts with this (a site/folder)")
+    p.add_argument("--since", default="", help="first night (run_date YYYY-MM-DD), inclusive")
+    p.add_argument("--until", default="", help="last night (run_date YYYY-MM-DD), inclusive")
+    p.add_argument("--model", default="", help="model_id or model name (top defaults to the latest model)")
+    p.add_argument("--format", default="table", choices=FORMATS)
+    add_storage_flag(p)
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    from crackscale import query
+
+    cfg = scoring_config(args, {"output": args.output})
+    if not cfg.output:
+        raise ConfigError("say where the scores are: --output URI (or output in --config)")
+    con = query.connect(cfg.output, cfg.storage)
+    filters = dict(prefix=args.prefix, since=args.since, until=args.until, model=args.model)
+    if args.sql:
+        table = query.sql(con, args.sql)
+    elif args.what == "top":
+        table = query.top(con, args.n, **filters)
+    elif args.what == "counts":
+        table = query.counts(con, args.by, **filters)
+    elif args.what == "failed":
+        table = query.failed(con, n=args.n, **filters)
+    else:
+        raise ConfigError("say what to query: top, counts, failed, or --sql \"SELECT … FROM scores\"")
+    print(query.render(table, args.format))
+    return 0
+
+
+def report_arguments(p: argparse.ArgumentParser) -> None:
+    add_config_args(p, " (a scoring config: its output, model and storage are read)")
+    p.add_argument("--run", help="scoring run id (as in <output>/_runs/), or 'latest'")
+    p.add_argument("--output", help="scores root the run wrote to (local or s3://; = --set output=…)")
+    p.add_argument("--artifact", help="model artifact: (re)build its training report instead")
+    p.add_argument("--model", help="model artifact for heatmaps (default: the one the run used)")
+    p.add_argument("--top", type=int, default=12, help="images in the top-cracks gallery (default 12)")
+    add_storage_flag(p)
+
+
+def cmd_report(args: argparse.Namespace) -> dict[str, Any]:
+    from crackscale.reports import scoring, training
+
+    cfg = scoring_config(args, {"output": args.output, "model": args.model})
+    if args.artifact:
+        return {"report": training.training_report(args.artifact, cfg.storage)}
+    if not (args.run and cfg.output):
+        raise ConfigError("say which report: --run RUN_ID --output SCORES_ROOT, or --artifact MODEL_DIR")
+    return {"report": scoring.scoring_report(cfg.output, args.run, cfg.storage, top_n=args.top, model_uri=cfg.model)}
+
+
+def doctor_arguments(p: argparse.ArgumentParser) -> None:
+    add_config_args(p, " (a scoring config: its storage, and the bucket of its output, are checked)")
+    p.add_argument("--ray-address", default="", help="Ray cluster: host:6379 or http://host:8265 (default: RAY_ADDRESS)")
+    add_storage_flag(p)
+    p.add_argument("--bucket", default="", help="also check this bucket exists (name or s3://bucket/...)")
+    p.add_argument("--json", action="store_true", help="print the checks as JSON")
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from crackscale import doctor
+
+    cfg = scoring_config(args, {})
+    bucket = args.bucket or (cfg.output if storage.is_s3(cfg.output) else "")
+    checks = doctor.run(args.ray_address, cfg.storage, bucket)
+    print(json.dumps([asdict(c) for c in checks], indent=1) if args.json else doctor.render(checks))
+    return 1 if any(c.status == "fail" for c in checks) else 0
+
+
+def synth_arguments(p: argparse.ArgumentParser) -> None:
+    add_config_args(p, " (a training config: synth_dir, synth_per_class, class_names, seed)")
+    p.add_argument("--out", help="folder to write <class>/*.jpg into (= --set synth_dir=…; default demo/data)")
+    p.add_argument("--per-class", type=int, help="images per class (= --set synth_per_class=…; default 200)")
+    p.add_argument("--size", type=int, default=227, help="image side in pixels (default 227)")
+    p.add_argument("--seed", type=int, help="random seed (default 0, or the config's seed)")
+
+
 def cmd_synth(args: argparse.Namespace) -> dict[str, Any]:
-    from crackscale import synth
+    from crackscale.data import synth
 
-    out = synth.generate(args.out, per_class=args.per_class, size=args.size, seed=args.seed)
-    return {"out": str(out), "per_class": args.per_class}
+    flags = {"synth_dir": args.out, "synth_per_class": args.per_class, "seed": args.seed}
+    cfg = load(TrainConfig, args.config, list(args.set) + [f"{k}={v}" for k, v in flags.items() if v is not None])
+    seed = cfg.seed if (args.config or args.set or args.seed is not None) else 0
+    out = synth.generate(cfg.synth_dir, per_class=cfg.synth_per_class, size=args.size, seed=seed,
+                         class_names=tuple(cfg.class_names))  # type: ignore[arg-type]
+    return {"out": str(out), "per_class": cfg.synth_per_class}
 
+
+COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], Any]]] = {
+    "train": (train_arguments, cmd_train),
+    "synth": (synth_arguments, cmd_synth),
+    "score": (score_arguments, cmd_score),
+    "query": (query_arguments, cmd_query),
+    "tune": (tune_arguments, cmd_tune),
+    "report": (report_arguments, cmd_report),
+    "doctor": (doctor_arguments, cmd_doctor),
+}
+
+
+# ---- running ------------------------------------------------------------------------------------
 
 def run_guarded(fn: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> int:
     """Run ``fn``; print its JSON summary last, or one clear error line (exit 2)."""
     try:
         result = fn(args)
-    except user_errors() as e:
+    except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:  # e.g. weights that cannot be loaded, Ray Train failures
@@ -93,6 +261,19 @@ def run_guarded(fn: Callable[[argparse.Namespace], Any], args: argparse.Namespac
     return 0
 
 
+def _epilog(command: str) -> str:
+    return "\n  ".join(["examples:", EXAMPLES[command], *MORE_EXAMPLES.get(command, [])])
+
+
+def command_parser(command: str, prog: str) -> argparse.ArgumentParser:
+    """A stand-alone parser for one command (``jobs/<command>.py``)."""
+    p = argparse.ArgumentParser(prog=prog, description=HELP[command], epilog=_epilog(command),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    COMMANDS[command][0](p)
+    p.set_defaults(func=COMMANDS[command][1], verbose=False)
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="crackscale", description="Distributed crack detection on Ray: train, tune, score, query.",
@@ -101,20 +282,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("train", help="train a model (same as jobs/train.py)", epilog=f"example: {EXAMPLES['train']}")
-    train_parser(p)
-    p.set_defaults(func=cmd_train)
-    p = sub.add_parser("synth", help="generate synthetic crack/no-crack images", epilog=f"example: {EXAMPLES['synth']}")
-    p.add_argument("--out", default="demo/data")
-    p.add_argument("--per-class", type=int, default=200)
-    p.add_argument("--size", type=int, default=227)
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=cmd_synth)
-    from crackscale import doctor, query, report, score, tune
-
-    score.add_cli(sub, func=cmd_score)
-    for mod in (tune, query, report, doctor):
-        mod.add_cli(sub)
+    for command, (arguments, func) in COMMANDS.items():
+        p = sub.add_parser(command, help=HELP[command], epilog=_epilog(command),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        arguments(p)
+        p.set_defaults(func=func)
     return parser
 
 
@@ -124,8 +296,16 @@ def setup_logging(verbose: bool = False) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``crackscale …``."""
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
+    return run_guarded(args.func, args)
+
+
+def job_main(command: str, argv: list[str] | None = None) -> int:
+    """``python jobs/<command>.py …``: the command's own arguments, the same function as ``crackscale``."""
+    args = command_parser(command, f"jobs/{command}.py").parse_args(argv)
+    setup_logging()
     return run_guarded(args.func, args)
 
 

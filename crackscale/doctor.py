@@ -2,7 +2,7 @@
 
 Checks, each OK / WARN / FAIL / SKIP with a fix: Python version; installed packages against the
 pins of this package (tf-keras must match TensorFlow's minor version); TensorFlow imports and
-which GPUs it sees; JPEGs decode without TensorFlow to TensorFlow's pixels (``crackscale.jpeg``);
+which GPUs it sees; JPEGs decode without TensorFlow to TensorFlow's pixels (``crackscale.imaging.jpeg``);
 the Ray cluster is reachable (GCS ``host:port`` or the dashboard/job server
 ``http://host:8265``, whose token auth is recognised); the S3 endpoint answers and the credentials
 are accepted (and the bucket exists, with ``--bucket``). Exit status 1 when anything failed.
@@ -10,7 +10,6 @@ are accepted (and the bucket exists, with ``--bucket``). Exit status 1 when anyt
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -19,13 +18,12 @@ import socket
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from dataclasses import dataclass
 
-EXAMPLE = ("examples: crackscale doctor\n"
-           "          crackscale doctor --ray-address 10.0.0.5:6379 --bucket s3://crack-data\n"
-           "          RAY_AUTH_MODE=token crackscale doctor --ray-address http://127.0.0.1:8265 "
-           "--s3-endpoint http://minio:9000")
+from crackscale import storage
+from crackscale.config import StorageConfig
+from crackscale.imaging import jpeg
+
 TIMEOUT_S = 5.0
 
 
@@ -173,16 +171,13 @@ def _check_dashboard(address: str) -> Check:
                      "start the cluster (`ray start --head --dashboard-host 0.0.0.0`) or fix the address")
 
 
-def check_s3(endpoint: str, bucket: str) -> Check:
+def check_s3(cfg: StorageConfig, bucket: str) -> Check:
     """Credentials present, endpoint answering, credentials accepted, bucket there (with ``bucket``)."""
     import boto3
     import botocore.config
     import botocore.exceptions
 
-    from crackscale import storage
-    from crackscale.config import StorageConfig
-
-    s = storage.S3Settings.resolve(StorageConfig(s3_endpoint=endpoint))
+    s = storage.S3Settings.resolve(cfg)
     bucket = bucket[len("s3://"):].split("/", 1)[0] if bucket.startswith("s3://") else bucket
     if not s.endpoint and not bucket:
         return Check("s3", "skip", "no S3 endpoint (AWS_ENDPOINT_URL / --s3-endpoint) and no --bucket given")
@@ -216,8 +211,6 @@ def check_s3(endpoint: str, bucket: str) -> Check:
 
 def check_jpeg() -> Check:
     """Scoring actors decode JPEGs without TensorFlow only where the check image gives its pixels."""
-    from crackscale import jpeg
-
     try:
         bad = jpeg.mismatches()
     except Exception as e:  # noqa: BLE001 - a missing or broken library is the finding
@@ -229,11 +222,11 @@ def check_jpeg() -> Check:
     return Check("jpeg decoder", "ok", "JPEGs decode without TensorFlow, to its pixels (checked)")
 
 
-def run(ray_address: str = "", s3_endpoint: str = "", bucket: str = "") -> list[Check]:
+def run(ray_address: str = "", cfg: StorageConfig | None = None, bucket: str = "") -> list[Check]:
     """All checks; the slow ones (TensorFlow import, Ray connect) run concurrently."""
     with ThreadPoolExecutor(max_workers=3) as pool:
         ray_f = pool.submit(check_ray, ray_address)
-        s3_f = pool.submit(check_s3, s3_endpoint, bucket)
+        s3_f = pool.submit(check_s3, cfg or StorageConfig(), bucket)
         tf_checks = check_tensorflow()
         return [check_python(), *check_packages(), *tf_checks, check_jpeg(), ray_f.result(), s3_f.result()]
 
@@ -247,36 +240,3 @@ def render(checks: list[Check]) -> str:
     failed = sum(c.status == "fail" for c in checks)
     lines.append(f"{failed} problem(s) to fix" if failed else "ready")
     return "\n".join(lines)
-
-
-def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p.add_argument("--ray-address", default="", help="Ray cluster: host:6379 or http://host:8265 (default: RAY_ADDRESS)")
-    p.add_argument("--s3-endpoint", default="", help="S3-compatible endpoint (default: AWS_ENDPOINT_URL or AWS)")
-    p.add_argument("--bucket", default="", help="also check this bucket exists (name or s3://bucket/...)")
-    p.add_argument("--json", action="store_true", help="print the checks as JSON")
-    return p
-
-
-def cmd_doctor(args: argparse.Namespace) -> int:
-    checks = run(args.ray_address, args.s3_endpoint, args.bucket)
-    print(json.dumps([asdict(c) for c in checks], indent=1) if args.json else render(checks))
-    return 1 if any(c.status == "fail" for c in checks) else 0
-
-
-def add_cli(subparsers: Any, func: Callable[[argparse.Namespace], Any] | None = None) -> None:
-    """Register ``crackscale doctor``."""
-    p = subparsers.add_parser("doctor", help="check Python/TF/Ray versions, the Ray cluster, S3 and GPUs",
-                              epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    p.set_defaults(func=func or cmd_doctor)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m crackscale.doctor`` (same as ``crackscale doctor``)."""
-    p = argparse.ArgumentParser(prog="crackscale doctor", description=__doc__.splitlines()[0], epilog=EXAMPLE,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    return cmd_doctor(add_arguments(p).parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

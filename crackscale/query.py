@@ -7,7 +7,6 @@ and filters on ``run_date``/``model_id`` prune whole partitions. The view is cal
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import logging
@@ -17,6 +16,7 @@ import pyarrow as pa
 
 from crackscale import storage
 from crackscale.config import ConfigError, StorageConfig
+from crackscale.scoring.commit import PARTITIONING, SCHEMA
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +27,6 @@ FORMATS = ("table", "json", "csv")
 def open_scores(output: str, cfg: StorageConfig | None = None) -> Any:
     """The scores under ``output`` as a pyarrow dataset (``_staging``/``_runs`` are ignored)."""
     import pyarrow.dataset as ds
-
-    from crackscale.score import PARTITIONING, SCHEMA
 
     fs, root = storage.resolve(output, cfg)
     try:
@@ -133,48 +131,3 @@ def render(table: pa.Table, fmt: str = "table") -> str:
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
     out = [line(table.column_names), line(["-" * w for w in widths])] + [line(r) for r in rows]
     return "\n".join(out + [f"({table.num_rows} rows)"])
-
-
-def cmd_query(args: argparse.Namespace) -> int:
-    cfg = StorageConfig(s3_endpoint=args.s3_endpoint or "")
-    con = connect(args.output, cfg)
-    filters = dict(prefix=args.prefix, since=args.since, until=args.until, model=args.model)
-    if args.sql:
-        table = sql(con, args.sql)
-    elif args.what == "top":
-        table = top(con, args.n, **filters)
-    elif args.what == "counts":
-        table = counts(con, args.by, **filters)
-    elif args.what == "failed":
-        table = failed(con, n=args.n, **filters)
-    else:
-        raise ConfigError("say what to query: top, counts, failed, or --sql \"SELECT … FROM scores\"")
-    print(render(table, args.format))
-    return 0
-
-
-def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p.add_argument("what", nargs="?", choices=("top", "counts", "failed"),
-                   help="top: most likely cracks; counts: per night/prefix/model; failed: errors")
-    p.add_argument("--output", required=True, help="scores root written by `crackscale score` (local or s3://)")
-    p.add_argument("--sql", help='any SQL over the view "scores", e.g. "SELECT count(*) FROM scores"')
-    p.add_argument("--n", type=int, default=20, help="rows for top (default 20) / failed")
-    p.add_argument("--by", default="night", choices=COUNT_BY, help="grouping for counts")
-    p.add_argument("--prefix", default="", help="only images whose URI starts with this (a site/folder)")
-    p.add_argument("--since", default="", help="first night (run_date YYYY-MM-DD), inclusive")
-    p.add_argument("--until", default="", help="last night (run_date YYYY-MM-DD), inclusive")
-    p.add_argument("--model", default="", help="model_id or model name (top defaults to the latest model)")
-    p.add_argument("--format", default="table", choices=FORMATS)
-    p.add_argument("--s3-endpoint", default="", help="S3-compatible endpoint (default: AWS_ENDPOINT_URL or AWS)")
-    return p
-
-
-def add_cli(subparsers: Any) -> None:
-    """Register ``crackscale query``."""
-    p = subparsers.add_parser(
-        "query", help="query scoring outputs (top cracks, counts, failures, SQL) with DuckDB",
-        epilog="examples: crackscale query top --output s3://bucket/scores/ --n 20 --prefix s3://bucket/site-a/\n"
-               "          crackscale query counts --by night --output scores/ --format csv\n"
-               "          crackscale query --output scores/ --sql \"SELECT count(*) FROM scores\"")
-    add_arguments(p)
-    p.set_defaults(func=cmd_query)

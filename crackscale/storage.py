@@ -1,10 +1,9 @@
 """One storage API for local paths and S3-compatible object stores (AWS S3, MinIO, Ceph).
 
-Everything here goes through ``pyarrow.fs`` so Ray Data, pyarrow datasets and DuckDB see the same
+Files and folders go through ``pyarrow.fs`` so Ray Data, pyarrow datasets and DuckDB see the same
 filesystem. Scoring lists S3 prefixes with boto3's paginator and reads each image with one boto3
-``get_object`` (``runtime._get_object``: pyarrow's streams send a HEAD first), both through
-:func:`s3_client`, bounded like :func:`s3_filesystem`. The endpoint comes
-from config, else ``AWS_ENDPOINT_URL``; credentials always come from the standard AWS chain (env,
+``get_object`` (:func:`read_object`; pyarrow's streams send a HEAD first), both through
+:func:`s3_client`, bounded like :func:`s3_filesystem`. The endpoint comes from config, else ``AWS_ENDPOINT_URL``; credentials always come from the standard AWS chain (env,
 ~/.aws, instance role) and are never stored or logged.
 """
 
@@ -251,3 +250,64 @@ def check_bucket(uri: str, cfg: StorageConfig | None = None) -> None:
 
 def basename(uri: str) -> str:
     return posixpath.basename(uri.rstrip("/"))
+
+
+# ---- object reads for scoring (one GET each, per-object errors, transient faults retried) ----
+
+def get_object(uri: str, cfg: StorageConfig | None = None, pool: int = 10) -> bytes:
+    """An S3 object's bytes in one GET (pyarrow's streams send a HEAD first: twice the requests).
+
+    Raises FileNotFoundError (no such key), PermissionError or ValueError (an answer about the
+    object: its error row), or OSError (transient: throttling, 5xx, connection lost)."""
+    import botocore.exceptions as bx
+    import urllib3.exceptions
+
+    bucket, _, key = uri[len("s3://"):].partition("/")
+    try:
+        client = s3_client(cfg, pool=pool)
+        return client.get_object(Bucket=bucket, Key=key)["Body"].read()
+    except bx.ClientError as e:
+        err, meta = e.response.get("Error", {}), e.response.get("ResponseMetadata", {})
+        code, status = str(err.get("Code", "")), int(meta.get("HTTPStatusCode") or 0)
+        msg = f"{code or status}: {err.get('Message') or e}"
+        if code in ("NoSuchKey", "NotFound", "404") or status == 404:
+            raise FileNotFoundError(uri) from None
+        if code in ("AccessDenied", "403") or status == 403:
+            raise PermissionError(f"ACCESS_DENIED {msg}") from None
+        if status >= 500 or status == 429 or "SlowDown" in code or "Throttl" in code or not status:
+            raise OSError(msg) from None
+        raise ValueError(msg) from None  # 400, InvalidObjectState, …: about this object
+    except (bx.BotoCoreError, urllib3.exceptions.HTTPError, ConnectionError) as e:  # refused, reset, timeout, cut body
+        raise OSError(f"{type(e).__name__}: {e}") from None
+
+
+def read_object(uri: str, cfg: StorageConfig | None = None, attempts: int = 3, pool: int = 10) -> bytes | str:
+    """The object's bytes, or an error string (missing/denied object).
+
+    A transient S3 failure (throttling, 5xx, connection reset, timeout) that outlasts the
+    client's own retries is retried ``attempts`` times with backoff and then raised: it fails
+    the task, and so the run, instead of marking a good image as failed forever (the commit
+    protocol would never score it again).
+    """
+    import time
+
+    for attempt in range(attempts):
+        try:
+            if is_s3(uri):
+                return get_object(uri, cfg, pool)
+            fs, path = resolve(uri)
+            with fs.open_input_stream(path) as f:
+                return f.read()
+        except FileNotFoundError:
+            return "read: not found"
+        except Exception as e:  # permanent (denied, invalid key, local I/O): this image's error row
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            transient = isinstance(e, OSError) and not isinstance(e, PermissionError)
+            if not is_s3(uri) or not transient:  # get_object raises OSError only for transient faults
+                return f"read: {msg}"
+            if attempt + 1 == attempts:
+                raise StorageError(f"cannot read {uri} (endpoint {S3Settings.resolve(cfg).describe()}) "
+                                   f"after {attempts} rounds "
+                                   f"of retries: {msg}") from None
+            time.sleep(2 ** attempt)
+    raise AssertionError("unreachable")

@@ -5,8 +5,8 @@ original one-process script, and peak memory at a small and a large N.
 
 (a) ceiling: the fastest runtime (LiteRT/XNNPACK) on preloaded, decoded tensors: the fastest of one
     interpreter on all cores and one single-threaded interpreter per core (own processes), each at
-    batch 1, 4, 16 and 64; measured right before and right after the large runs (this host's
-    speed drifts), (b)/(a) uses the mean.
+    batch 1, 4, 16 and 64; measured right before and right after the large runs (a shared
+    host's speed drifts), (b)/(a) uses the mean.
 (b) crackscale: ``jobs/score.py`` from storage to committed Parquet, timings from its summary:
     - the nightly way: two jobs in turn on a running ``ray start --head`` cluster (started here by
       ``cluster/local/cluster.sh up`` on free ports, and stopped); the second job is (b) in the
@@ -124,7 +124,7 @@ def rate(rt, batch, seconds: float, start=None) -> float:
 
 def litert_rate(model: bytes, batch, batch_size: int, threads: int, seconds: float, start=None, out=None) -> float:
     """img/s of one LiteRT interpreter (``threads`` 0: all cores); ``out``: a queue for the result."""
-    from crackscale.runtime import LiteRTRuntime
+    from crackscale.runtimes.litert import LiteRTRuntime
 
     r = rate(LiteRTRuntime(model, batch_size, threads), batch, seconds, start)
     if out is not None:
@@ -152,16 +152,19 @@ def per_core_rate(model: bytes, batch, batch_size: int, seconds: float) -> float
 def ceiling(model_dir: Path, images: Path, size: int, seconds: float = 10.0) -> dict:
     """(a) the fastest LiteRT layout on decoded tensors already in memory: one interpreter on all
     cores and one single-threaded interpreter per core, each at batch 1, 4, 16 and 64 (XNNPACK runs
-    small batches faster here: their activations stay in cache); and tf.keras at batch 64."""
+    small batches faster: their activations stay in cache); and tf.keras at batch 64."""
     import numpy as np
 
-    from crackscale import artifact, runtime
+    from crackscale import artifact
     from crackscale.config import ScoreConfig
+    from crackscale.imaging.tfdecode import resize_antialias
+    from crackscale.runtimes.select import select
+    from crackscale.scoring.decode import decode_image
 
     loaded = artifact.load(str(model_dir))
     cfg = ScoreConfig()
-    aa = runtime.resize_antialias(loaded.meta)
-    batch = np.stack([runtime.decode_image(p.read_bytes(), p.name, size, cfg, aa)[0]
+    aa = resize_antialias(loaded.meta)
+    batch = np.stack([decode_image(p.read_bytes(), p.name, size, cfg, aa)[0]
                       for p in sorted(images.glob("*.jpg"))[:64]])
     lite = artifact.read_litert(str(model_dir), loaded.meta)
     sweep = {}
@@ -169,7 +172,7 @@ def ceiling(model_dir: Path, images: Path, size: int, seconds: float = 10.0) -> 
         sweep[f"1 interpreter × {os.cpu_count()} threads, batch {bs}"] = litert_rate(lite, batch, bs, 0, seconds / 2)
         sweep[f"{os.cpu_count()} interpreters × 1 thread, batch {bs}"] = per_core_rate(lite, batch, bs, seconds / 2)
     best = max(sweep, key=sweep.get)
-    rt, _ = runtime.select(loaded.model, loaded.meta, "tf", 64)
+    rt, _ = select(loaded.model, loaded.meta, "tf", 64)
     return {"litert": sweep[best], "layout": best, "sweep": sweep, "tf": rate(rt, batch, seconds)}
 
 
@@ -195,7 +198,7 @@ def on_cluster(model: str, images: Path, work: Path, chunk_size: int, jobs: int 
     """(b) the nightly way: ``jobs`` runs one after the other, attached to a ``ray start --head``
     cluster that ``cluster/local/cluster.sh up`` starts here (on free ports) and ``down`` stops. The
     first job on a new cluster also starts Ray Data's cluster-wide actors (stats, autoscaling
-    coordinator, actor locations: ≈ 4 s of CPU here), which the later jobs find running."""
+    coordinator, actor locations), which the later jobs find running."""
     import tempfile
 
     from tests.conftest import free_port
@@ -228,8 +231,8 @@ def list_rates(endpoint: str, uri: str, latency: float = 0.1) -> dict[str, float
     """Seconds to list ``uri`` with one flat listing and with ``list_threads`` 16, straight from the
     server and through a proxy that delays each request by ``latency`` (a remote endpoint's round
     trip; the proxy is the test suite's). Each measured twice, interleaved; the faster is kept."""
-    from crackscale import score
     from crackscale.config import ScoreConfig, StorageConfig
+    from crackscale.scoring.listing import list_input
     from tests.conftest import FaultyS3Proxy
 
     out: dict[str, float] = {}
@@ -238,7 +241,7 @@ def list_rates(endpoint: str, uri: str, latency: float = 0.1) -> dict[str, float
         for threads in (1, 16, 1, 16):
             cfg = ScoreConfig(input=uri, list_threads=threads, storage=StorageConfig(s3_endpoint=proxy.endpoint))
             t = time.time()
-            sum(1 for _ in score.list_input(cfg))
+            sum(1 for _ in list_input(cfg))
             key = f"+{delay * 1000:.0f} ms per request, list_threads {threads}"
             out[key] = min(out.get(key, float("inf")), time.time() - t)
         proxy.close()
@@ -267,9 +270,9 @@ def main() -> int:
     work = Path(args.workdir)
     big = replicate(Path(args.data), work / f"images-{args.n}", args.n)
     small = replicate(Path(args.data), work / f"images-{args.small}", args.small)
-    from crackscale import data
+    from crackscale.imaging.tfdecode import RESIZE_ANTIALIAS
 
-    model_dir = work / f"model-{args.image_size}-{args.alpha}-aa{int(data.RESIZE_ANTIALIAS)}"
+    model_dir = work / f"model-{args.image_size}-{args.alpha}-aa{int(RESIZE_ANTIALIAS)}"
     meta_file = model_dir / "model.json"
     if not meta_file.is_file() or "litert" not in json.loads(meta_file.read_text()):  # older artifacts
         from crackscale import artifact
@@ -279,7 +282,7 @@ def main() -> int:
         m, _ = M.build(TrainConfig(weights="none", image_size=args.image_size, alpha=args.alpha))
         artifact.save(m, {"name": "bench", "class_names": ["Negative", "Positive"], "crack_class": "Positive",
                           "image_size": args.image_size, "threshold": 0.5,
-                          "resize_antialias": data.RESIZE_ANTIALIAS, "preprocessing": "see data.decode"},
+                          "resize_antialias": RESIZE_ANTIALIAS, "preprocessing": "see imaging.tfdecode.decode"},
                       str(model_dir))
     rows: dict[str, dict] = {}
 
@@ -295,8 +298,8 @@ def main() -> int:
     def cluster_key(n: int, job: str) -> str:
         return f"(b) crackscale local → Parquet, N={n}, on a running cluster, {job} job"
 
-    # This machine's speed drifts by up to ±20 % over minutes (shared host), so the ceiling is
-    # measured right before and right after the large runs, and (b)/(a) uses their mean.
+    # A shared host's speed drifts over minutes, so the ceiling is measured right before and right
+    # after the large runs, and (b)/(a) uses their mean.
     a0 = ceiling(model_dir, small, args.image_size, args.seconds)
     if "cluster" not in skip:
         first, *later = on_cluster(str(model_dir), big, work, args.chunk_size)

@@ -16,21 +16,23 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from crackscale import cli, data, synth, train  # noqa: E402
+from crackscale import cli  # noqa: E402
 from crackscale import model as M  # noqa: E402
 from crackscale.config import TrainConfig  # noqa: E402
+from crackscale.data import labelled, synth  # noqa: E402
+from crackscale.training import driver, tfdata  # noqa: E402
 
 REAL = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "concrete-crack"
 
 
-def plain_fit(cfg: TrainConfig, prepared: data.Prepared) -> list[float]:
+def plain_fit(cfg: TrainConfig, prepared: labelled.Prepared) -> list[float]:
     """Epoch times of a plain tf.keras fit (no Ray, no strategy)."""
     k = M.keras()
     mdl, base = M.build(cfg)
     M.set_phase(cfg, mdl, base, "head")
-    tr = data.tf_dataset(prepared.images["train"], prepared.labels["train"], cfg.image_size,
+    tr = tfdata.tf_dataset(prepared.images["train"], prepared.labels["train"], cfg.image_size,
                          cfg.batch_size, shuffle=True, seed=0, repeat=True, antialias=cfg.resize_antialias)
-    va = data.tf_dataset(prepared.images["val"], prepared.labels["val"], cfg.image_size,
+    va = tfdata.tf_dataset(prepared.images["val"], prepared.labels["val"], cfg.image_size,
                          cfg.batch_size, shuffle=False, seed=0, repeat=True, antialias=cfg.resize_antialias)
     times: list[float] = []
 
@@ -41,8 +43,8 @@ def plain_fit(cfg: TrainConfig, prepared: data.Prepared) -> list[float]:
         def on_epoch_end(self, epoch, logs=None):
             times.append(time.perf_counter() - self.t0)
 
-    mdl.fit(tr, epochs=cfg.head_epochs, steps_per_epoch=data.steps(len(prepared.images["train"]), cfg.batch_size),
-            validation_data=va, validation_steps=data.steps(len(prepared.images["val"]), cfg.batch_size),
+    mdl.fit(tr, epochs=cfg.head_epochs, steps_per_epoch=tfdata.steps(len(prepared.images["train"]), cfg.batch_size),
+            validation_data=va, validation_steps=tfdata.steps(len(prepared.images["val"]), cfg.batch_size),
             callbacks=[Timer()], verbose=2)
     return times
 
@@ -62,11 +64,11 @@ def main() -> int:
                       batch_size=args.batch_size, head_epochs=args.epochs, fine_tune_epochs=0,
                       head_lr=1e-3, limit_per_class=args.per_class, storage_path=str(tmp / "runs"),
                       name="bench", patience=args.epochs, cpus_per_worker=2, group_size=1)
-    prepared = data.scan(cfg, str(src))
-    n_train = data.steps(len(prepared.images["train"]), cfg.batch_size) * cfg.batch_size
+    prepared = labelled.scan(cfg, str(src))
+    n_train = tfdata.steps(len(prepared.images["train"]), cfg.batch_size) * cfg.batch_size
 
     plain = plain_fit(cfg, prepared)
-    summary = train.run(cfg)
+    summary = driver.run(cfg)
     meta = json.loads(Path(summary["artifact"], "model.json").read_text())
     ray_times = [h["epoch_s"] for h in meta["history"]]
 

@@ -1,4 +1,5 @@
-"""Score every not-yet-scored image under a prefix (or in a manifest) into Parquet, exactly once.
+"""Score every not-yet-scored image under a prefix (or in a manifest) into Parquet, exactly once
+(same as `crackscale score`).
 
     RAY_AUTH_MODE=token RAY_API_SERVER_ADDRESS=http://127.0.0.1:8265 \
         ray job submit --working-dir . -- python jobs/score.py \
@@ -6,21 +7,12 @@
     python jobs/score.py --config jobs/configs/score.yaml --set input=demo/data --set output=demo/scores
 """
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout / working_dir
 
-from crackscale import cli, score  # noqa: E402
-
-
-def main() -> int:
-    p = argparse.ArgumentParser(prog="jobs/score.py", description=__doc__.splitlines()[0])
-    args = score.add_arguments(p).parse_args()
-    cli.setup_logging()
-    return cli.run_guarded(cli.cmd_score, args)  # ray.init(), score.run(cfg), report, JSON summary last
-
+from crackscale import cli  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.job_main("score"))

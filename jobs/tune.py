@@ -1,4 +1,5 @@
-"""Search training hyperparameters (and, with PBT, a learning-rate schedule) with Ray Tune.
+"""Search training hyperparameters (and, with PBT, a learning-rate schedule) with Ray Tune
+(same as `crackscale tune`).
 
     RAY_AUTH_MODE=token RAY_API_SERVER_ADDRESS=http://127.0.0.1:8265 \
         ray job submit --working-dir . -- python jobs/tune.py --config jobs/configs/tune.yaml
@@ -6,22 +7,12 @@
     python jobs/tune.py --config jobs/configs/tune.yaml --resume --set name=tune-20260101-120000
 """
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout / working_dir
 
-from crackscale import cli, tune  # noqa: E402
-
-
-def main() -> int:
-    p = argparse.ArgumentParser(prog="jobs/tune.py", description=__doc__.splitlines()[0],
-                                epilog="example: python jobs/tune.py --config jobs/configs/tune.yaml")
-    args = tune.add_arguments(p).parse_args()
-    cli.setup_logging()
-    return cli.run_guarded(tune.cmd_tune, args)  # ray.init(), tune.run(cfg), JSON summary last
-
+from crackscale import cli  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.job_main("tune"))

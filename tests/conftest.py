@@ -131,7 +131,7 @@ def shared_dir(tmp_path_factory, name: str, make) -> Path:
 @pytest.fixture(scope="session")
 def synth_data(tmp_path_factory) -> Path:
     """150 synthetic images per class (Negative/Positive), 227 px JPEGs."""
-    from crackscale import synth
+    from crackscale.data import synth
 
     return shared_dir(tmp_path_factory, "synth", lambda p: synth.generate(p, per_class=150, seed=7))
 
@@ -273,7 +273,7 @@ def last_json(stdout: str) -> dict:
     raise AssertionError(f"no JSON summary in output:\n{stdout[-3000:]}")
 
 
-# ---- scoring fixtures (crackscale.score / query / runtime tests) ---------------------------------
+# ---- scoring fixtures (crackscale.scoring / query / runtimes tests) ------------------------------
 
 def make_artifact(uri: str, name: str = "test-model", seed: int = 0, image_size: int = 64,
                   threshold: float = 0.5) -> dict:
@@ -285,8 +285,7 @@ def make_artifact(uri: str, name: str = "test-model", seed: int = 0, image_size:
     from crackscale import artifact, storage
     from crackscale import model as M
     from crackscale.config import TrainConfig
-
-    from crackscale import runtime
+    from crackscale.runtimes import litert
 
     tf.keras.utils.set_random_seed(seed)
     m, _ = M.build(TrainConfig(weights="none", image_size=image_size, alpha=0.35))
@@ -298,7 +297,7 @@ def make_artifact(uri: str, name: str = "test-model", seed: int = 0, image_size:
     momenta = [b.momentum for b in bns]
     for b in bns:
         b.momentum = 0.0
-    m(tf.constant(runtime.sample_images(image_size, 64, seed=seed), tf.float32), training=True)
+    m(tf.constant(litert.sample_images(image_size, 64, seed=seed), tf.float32), training=True)
     for b, mom in zip(bns, momenta):
         b.momentum = mom
     artifact.save(m, {
@@ -381,7 +380,7 @@ def trained_run(synth_data, tmp_path_factory) -> dict:
             "artifact": path / "runs" / "one" / "model"}
 
 
-# ---- tuning fixtures (crackscale.tune tests) ----------------------------------------------------
+# ---- tuning fixtures (crackscale.tuning tests) --------------------------------------------------
 
 def small_tune_config(data, tmp_path, **overrides):
     """A TuneConfig whose trials are tiny training runs (64 px, α 0.35, 60 images per class, 1 worker)."""

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import PY, ROOT, free_port
 
 CLUSTER = ROOT / "cluster"

@@ -15,8 +15,18 @@ def test_defaults_follow_the_original_script():
 def test_yaml_and_overrides(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("image_size: 128\nweights: none\nstorage:\n  s3_endpoint: http://127.0.0.1:9\n")
-    cfg = load(TrainConfig, str(f), ["head_epochs=3", "alpha=0.35", "use_gpu=true",
-                                      "class_names=No,Yes", "crack_class=Yes", "storage.s3_region=eu-west-1"])
+    cfg = load(
+        TrainConfig,
+        str(f),
+        [
+            "head_epochs=3",
+            "alpha=0.35",
+            "use_gpu=true",
+            "class_names=No,Yes",
+            "crack_class=Yes",
+            "storage.s3_region=eu-west-1",
+        ],
+    )
     assert cfg.image_size == 128 and cfg.head_epochs == 3 and cfg.alpha == 0.35 and cfg.use_gpu is True
     assert cfg.class_names == ("No", "Yes") and cfg.storage.s3_endpoint == "http://127.0.0.1:9"
     assert cfg.storage.s3_region == "eu-west-1" and cfg.weights == "none"
@@ -26,18 +36,21 @@ def test_yaml_and_overrides(tmp_path):
     assert load(TrainConfig, str(g)) == cfg
 
 
-@pytest.mark.parametrize("override, needle", [
-    ("epochz=3", "unknown config key 'epochz'"),
-    ("head_epochs=three", "'head_epochs' must be an integer"),
-    ("head_lr=fast", "'head_lr' must be a number"),
-    ("use_gpu=maybe", "'use_gpu' must be true/false"),
-    ("crack_class=Crack", "'crack_class'"),
-    ("alpha=0.6", "'alpha' must be one of"),
-    ("storage.endpoint=x", "unknown config key 'storage.endpoint'"),
-    ("val_fraction=1.5", "'val_fraction'"),
-    ("lr_schedule=linear", "'lr_schedule' must be constant or cosine"),
-    ("noequals", "must look like key=value"),
-])
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("epochz=3", "unknown config key 'epochz'"),
+        ("head_epochs=three", "'head_epochs' must be an integer"),
+        ("head_lr=fast", "'head_lr' must be a number"),
+        ("use_gpu=maybe", "'use_gpu' must be true/false"),
+        ("crack_class=Crack", "'crack_class'"),
+        ("alpha=0.6", "'alpha' must be one of"),
+        ("storage.endpoint=x", "unknown config key 'storage.endpoint'"),
+        ("val_fraction=1.5", "'val_fraction'"),
+        ("lr_schedule=linear", "'lr_schedule' must be constant or cosine"),
+        ("noequals", "must look like key=value"),
+    ],
+)
 def test_bad_overrides_name_the_key(override, needle):
     with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(".", r"\.")):
         load(TrainConfig, None, [override])
@@ -72,26 +85,89 @@ def test_shipped_configs_load():
             load(TrainConfig, str(f))
 
 
-@pytest.mark.parametrize("override, needle", [
-    ("max_attempts=0", "'max_attempts' must be >= 1"),
-    ("max_attempts=often", "'max_attempts' must be an integer"),
-    ("num_actors=-1", "'num_actors' must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("max_attempts=0", "'max_attempts' must be >= 1"),
+        ("max_attempts=often", "'max_attempts' must be an integer"),
+        ("num_actors=-1", "'num_actors' must be >= 0"),
+    ],
+)
 def test_bad_score_overrides_name_the_key(override, needle):
     with pytest.raises(ConfigError, match=needle):
         load(ScoreConfig, None, [override])
 
 
-def test_every_config_key_is_documented_in_the_readme():
+def test_configuration_page_is_current():
+    from conftest import ROOT
+
+    from crackscale import config_docs
+
+    page = ROOT / "docs" / "configuration.md"
+    assert page.is_file() and page.read_text(encoding="utf-8") == config_docs.render(), (
+        "docs/configuration.md is stale: run make docs"
+    )
+
+
+def test_every_config_key_has_a_help_text():
     import dataclasses
 
-    from conftest import ROOT
     from crackscale.config import StorageConfig, TuneConfig
 
-    readme = (ROOT / "README.md").read_text()
-    for cls in (TrainConfig, ScoreConfig, TuneConfig):
+    for cls in (TrainConfig, ScoreConfig, TuneConfig, StorageConfig):
         for f in dataclasses.fields(cls):
-            keys = ([f"storage.{s.name}" for s in dataclasses.fields(StorageConfig)] if f.name == "storage"
-                    else [f.name])
-            for key in keys:
-                assert f"`{key}`" in readme, f"{cls.__name__}.{key} is not in the README"
+            text = f.metadata.get("help", "")
+            assert isinstance(text, str) and text.strip(), f"{cls.__name__}.{f.name} has no help text"
+            assert "\n" not in text, f"{cls.__name__}.{f.name}: help must be one line"
+
+
+def test_page_lists_every_key_with_a_yaml_default():
+    import dataclasses
+    import typing
+
+    import yaml
+
+    from crackscale import config_docs
+    from crackscale.config import (
+        SEARCH_SPECS,
+        TUNABLE_KEYS,
+        StorageConfig,
+        TuneConfig,
+        to_dict,
+    )
+
+    page = config_docs.render()
+    assert {TrainConfig, ScoreConfig, TuneConfig, StorageConfig} <= set(config_docs.CONFIGS)
+    for cls in config_docs.CONFIGS:
+        section = config_docs.render_config(cls)
+        assert section in page
+        defaults = to_dict(cls())
+        for f in dataclasses.fields(cls):
+            tp = typing.get_type_hints(cls)[f.name]
+            assert f"| `{f.name}` |" in section, f"{cls.__name__}.{f.name} is not in docs/configuration.md"
+            if tp is StorageConfig:  # listed key by key, dotted as in --set
+                for s in dataclasses.fields(StorageConfig):
+                    assert f"| `storage.{s.name}` |" in section, f"{cls.__name__}.storage.{s.name} is not listed"
+            elif tp is TrainConfig:  # a TuneConfig's train section points at the TrainConfig table
+                assert "`train.<key>`" in section
+            else:  # the default cell reads back as the default, in YAML
+                row = next(line for line in section.splitlines() if line.startswith(f"| `{f.name}` |"))
+                cell = row.split(" | ")[2].replace("\\|", "|")
+                assert yaml.safe_load(cell.strip("`")) == defaults[f.name], (cls.__name__, f.name, cell)
+    assert all(f"`{{{kind}: [" in page for kind in SEARCH_SPECS)
+    assert all(f"`{key}`" in page for key in TUNABLE_KEYS)
+    assert "`--config FILE`" in page and "`--set storage.s3_endpoint=" in page
+
+
+def test_config_docs_check(tmp_path, capsys):
+    from crackscale import config_docs
+
+    out = tmp_path / "configuration.md"
+    assert config_docs.main(["--check", "--out", str(out)]) == 1
+    assert config_docs.main(["--out", str(out)]) == 0 and out.read_text(encoding="utf-8") == config_docs.render()
+    assert config_docs.main(["--check", "--out", str(out)]) == 0
+    out.write_text(out.read_text(encoding="utf-8") + "edited by hand\n", encoding="utf-8")
+    capsys.readouterr()
+    assert config_docs.main(["--check", "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("is stale: run make docs") and len(err.splitlines()) == 1

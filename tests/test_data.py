@@ -3,10 +3,11 @@
 import shutil
 
 import pytest
-
-from crackscale import data, storage
-from crackscale.config import StorageConfig, TrainConfig
 from conftest import upload_tree
+
+from crackscale import storage
+from crackscale.config import StorageConfig, TrainConfig
+from crackscale.data import labelled
 
 
 def _cfg(path, **kw):
@@ -22,7 +23,7 @@ def test_dedup_groups_and_reproducible_split(synth_data, tmp_path):
     shutil.copy(tree / "Negative" / "00020.jpg", tree / "Positive" / "00990.jpg")
     (tree / "Positive" / "00998.jpg").write_bytes(b"<html>not an image</html>")
     cfg = _cfg(tree)
-    p = data.scan(cfg, str(tree))
+    p = labelled.scan(cfg, str(tree))
     assert p.stats["duplicates_dropped"] == 3
     assert p.stats["conflicting_labels_dropped"] == 1  # 00020 is in both classes: dropped
     assert p.stats["undecodable_dropped"] == 1
@@ -34,49 +35,49 @@ def test_dedup_groups_and_reproducible_split(synth_data, tmp_path):
     for r in p.manifest:
         assert split_of_group.setdefault(r["group"], r["split"]) == r["split"]
     # stratified: every split has both classes, sizes near the fractions
-    for s in data.SPLITS:
+    for s in labelled.SPLITS:
         for c in cfg.class_names:
             assert p.stats["per_split"][s][c] > 0
     n = p.stats["images"]
     assert abs(len(p.images["val"]) / n - cfg.val_fraction) < 0.06
     assert abs(len(p.images["test"]) / n - cfg.test_fraction) < 0.06
     # reproducible; a different seed gives a different split
-    assert data.scan(cfg, str(tree)).manifest_hash == p.manifest_hash
-    assert data.scan(_cfg(tree, seed=1), str(tree)).manifest_hash != p.manifest_hash
+    assert labelled.scan(cfg, str(tree)).manifest_hash == p.manifest_hash
+    assert labelled.scan(_cfg(tree, seed=1), str(tree)).manifest_hash != p.manifest_hash
     # labels: 1 = crack class, whatever the order of class_names
     assert {r["label"] for r in p.manifest if r["class"] == "Positive"} == {1}
-    q = data.scan(_cfg(tree, class_names=("Positive", "Negative")), str(tree))
+    q = labelled.scan(_cfg(tree, class_names=("Positive", "Negative")), str(tree))
     assert {r["label"] for r in q.manifest if r["class"] == "Positive"} == {1}
 
 
 def test_group_key():
-    assert data.group_key("00049.jpg", r"(\d+)", 50) == data.group_key("00001.jpg", r"(\d+)", 50)
-    assert data.group_key("00051.jpg", r"(\d+)", 50) != data.group_key("00050.jpg", r"(\d+)", 50)
-    assert data.group_key("site7_photo3_crop9.jpg", r"(site\d+_photo\d+)", 50) == "site7_photo3"
+    assert labelled.group_key("00049.jpg", r"(\d+)", 50) == labelled.group_key("00001.jpg", r"(\d+)", 50)
+    assert labelled.group_key("00051.jpg", r"(\d+)", 50) != labelled.group_key("00050.jpg", r"(\d+)", 50)
+    assert labelled.group_key("site7_photo3_crop9.jpg", r"(site\d+_photo\d+)", 50) == "site7_photo3"
 
 
 def test_missing_path_and_empty_class(tmp_path, synth_data):
-    with pytest.raises(data.DataError, match="data path not found: .*nope"):
-        data.scan(_cfg(tmp_path / "nope"), str(tmp_path / "nope"))
+    with pytest.raises(labelled.DataError, match="data path not found: .*nope"):
+        labelled.scan(_cfg(tmp_path / "nope"), str(tmp_path / "nope"))
     tree = tmp_path / "t"
     (tree / "Negative").mkdir(parents=True)
     (tree / "Positive").mkdir()
     shutil.copy(synth_data / "Negative" / "00001.jpg", tree / "Negative")
-    with pytest.raises(data.DataError, match=r"class folder is empty: .*Positive"):
-        data.scan(_cfg(tree), str(tree))
-    with pytest.raises(data.DataError, match=r"class folder missing: .*Cracked"):
-        data.scan(_cfg(tree, class_names=("Negative", "Cracked"), crack_class="Cracked"), str(tree))
+    with pytest.raises(labelled.DataError, match=r"class folder is empty: .*Positive"):
+        labelled.scan(_cfg(tree), str(tree))
+    with pytest.raises(labelled.DataError, match=r"class folder missing: .*Cracked"):
+        labelled.scan(_cfg(tree, class_names=("Negative", "Cracked"), crack_class="Cracked"), str(tree))
 
 
 def test_scan_from_s3(s3_server, s3_bucket, synth_data):
     n = upload_tree(s3_server, synth_data, s3_bucket, "train-data")
     uri = f"s3://{s3_bucket}/train-data"
     cfg = _cfg(uri, limit_per_class=40)
-    p = data.scan(cfg, uri)
+    p = labelled.scan(cfg, uri)
     assert p.stats["images"] == 80 and n == 300
     assert all(r["uri"].startswith(f"s3://{s3_bucket}/train-data/") for r in p.manifest)
     # the same images read locally give the same manifest hash (content-addressed)
-    local = data.scan(_cfg(synth_data, limit_per_class=40), str(synth_data))
+    local = labelled.scan(_cfg(synth_data, limit_per_class=40), str(synth_data))
     assert local.manifest_hash == p.manifest_hash
 
 
@@ -86,6 +87,6 @@ def test_unreachable_endpoint_and_missing_bucket(s3_server):
     dead = StorageConfig(s3_endpoint=f"http://127.0.0.1:{free_port()}")
     cfg = TrainConfig(data="s3://b/x", storage=dead)
     with pytest.raises(storage.StorageError, match=r"cannot access s3://b/x \(endpoint http://127\.0\.0\.1:\d+\)"):
-        data.scan(cfg, "s3://b/x")
-    with pytest.raises(data.DataError, match="data path not found: s3://no-such-bucket/x"):
-        data.scan(TrainConfig(data="s3://no-such-bucket/x"), "s3://no-such-bucket/x")
+        labelled.scan(cfg, "s3://b/x")
+    with pytest.raises(labelled.DataError, match="data path not found: s3://no-such-bucket/x"):
+        labelled.scan(TrainConfig(data="s3://no-such-bucket/x"), "s3://no-such-bucket/x")

@@ -10,11 +10,12 @@ import subprocess
 from conftest import PY, ROOT, free_port
 
 from crackscale import doctor
+from crackscale.config import StorageConfig
 
 
 def run_doctor(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     env = dict(env or os.environ, AWS_EC2_METADATA_DISABLED="true")  # never ask an instance-metadata service
-    return subprocess.run([PY, "-m", "crackscale.doctor", *args], cwd=ROOT, env=env, capture_output=True,
+    return subprocess.run([PY, "-m", "crackscale.cli", "doctor", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
 
 
@@ -50,13 +51,13 @@ def test_doctor_names_what_to_fix(s3_server):
 
 def test_doctor_checks_in_process(s3_server, s3_bucket, monkeypatch):
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    c = doctor.check_s3(s3_server, "s3://no-such-bucket-here")
+    c = doctor.check_s3(StorageConfig(s3_endpoint=s3_server), "s3://no-such-bucket-here")
     assert c.status == "fail" and c.detail == f"bucket no-such-bucket-here not found at {s3_server}"
     for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         monkeypatch.delenv(var)
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
     monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
-    c = doctor.check_s3(s3_server, s3_bucket)
+    c = doctor.check_s3(StorageConfig(s3_endpoint=s3_server), s3_bucket)
     assert c.status == "fail" and "no AWS credentials" in c.detail and "AWS_ACCESS_KEY_ID" in c.fix
     dash = f"http://127.0.0.1:{free_port()}"
     c = doctor.check_ray(dash)
@@ -65,7 +66,7 @@ def test_doctor_checks_in_process(s3_server, s3_bucket, monkeypatch):
     assert doctor.check_ray("").status == "warn"
     for var in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
         monkeypatch.delenv(var, raising=False)
-    assert doctor.check_s3("", "").status == "skip"  # never probes AWS itself unless asked to
+    assert doctor.check_s3(StorageConfig(), "").status == "skip"  # never probes AWS itself unless asked to
 
 
 SUBCOMMANDS = ("train", "synth", "score", "query", "tune", "report", "doctor")

@@ -19,8 +19,10 @@ from pathlib import Path
 import pytest
 from conftest import last_json, run_job, small_train_config, upload_tree
 
-from crackscale import query, score, storage
+from crackscale import query, storage
 from crackscale.config import ScoreConfig, StorageConfig
+from crackscale.scoring import listing as scoring_listing
+from crackscale.scoring import run as scoring_run
 
 
 def s3_keys(endpoint: str, bucket: str, prefix: str = "") -> list[str]:
@@ -67,7 +69,7 @@ def test_flaky_s3_every_image_exactly_once(ray_local, s3_server, s3_bucket, faul
     inp, out = f"s3://{s3_bucket}/images/", f"s3://{s3_bucket}/scores"
     cfg = cfg_for(model_artifact["uri"], inp, out, proxy.endpoint, tmp_path)
 
-    s = score.run(cfg)
+    s = scoring_run.run(cfg)
     assert (s["listed"], s["scored"], s["failed"]) == (n, n - 1, 1), s
     t = scores_direct(out, s3_server)
     uris = t["uri"].to_pylist()
@@ -84,7 +86,7 @@ def test_flaky_s3_every_image_exactly_once(ray_local, s3_server, s3_bucket, faul
         sorted({(m, p.split("?")[0][:60]) for m, p in hit if m != "GET"})
 
     # a re-run through the same flaky endpoint scores nothing twice
-    s2 = score.run(cfg)
+    s2 = scoring_run.run(cfg)
     assert (s2["already_scored"], s2["scored"], s2["failed"]) == (n, 0, 0)
     assert scores_direct(out, s3_server).num_rows == n
 
@@ -99,27 +101,25 @@ def forwarded(proxy, settle_s: float = 0.5) -> int:
 
 
 def test_an_s3_object_read_is_one_get_and_its_failures_are_classified(s3_server, s3_bucket, faulty_s3, tmp_path):
-    """runtime._read on S3: one GET per object (no HEAD); a missing key and a denied read become
+    """storage.read_object on S3: one GET per object (no HEAD); a missing key and a denied read become
     the image's error row; a transient fault is retried, and one that never ends is raised."""
     import boto3
-
-    from crackscale import runtime
 
     boto3.client("s3", endpoint_url=s3_server).put_object(Bucket=s3_bucket, Key="a.jpg", Body=b"jpeg bytes")
     uri = f"s3://{s3_bucket}/a.jpg"
     proxy = faulty_s3(rate=0.0)
     cfg = cfg_for("", "", "", proxy.endpoint, tmp_path)
-    assert runtime._read(uri, cfg) == b"jpeg bytes"
+    assert storage.read_object(uri, cfg.storage) == b"jpeg bytes"
     assert forwarded(proxy) == 1 and proxy.faulted_requests == []  # one request: a GET
-    assert runtime._read(f"s3://{s3_bucket}/gone.jpg", cfg) == "read: not found"
+    assert storage.read_object(f"s3://{s3_bucket}/gone.jpg", cfg.storage) == "read: not found"
     flaky = faulty_s3(rate=0.0, fail_first=True)  # every request's first attempt fails
-    assert runtime._read(uri, cfg_for("", "", "", flaky.endpoint, tmp_path)) == b"jpeg bytes"
+    assert storage.read_object(uri, cfg_for("", "", "", flaky.endpoint, tmp_path).storage) == b"jpeg bytes"
     assert len(flaky.faulted_requests) == 1 and forwarded(flaky) == 1
-    denied = runtime._read(uri, cfg_for("", "", "", faulty_s3(mode="deny").endpoint, tmp_path))
+    denied = storage.read_object(uri, cfg_for("", "", "", faulty_s3(mode="deny").endpoint, tmp_path).storage)
     assert denied.startswith("read: ACCESS_DENIED"), denied
     dead = faulty_s3(rate=1.0, max_consecutive=0)
     with pytest.raises(storage.StorageError, match=rf"cannot read {uri} \(endpoint {dead.endpoint}\) after 1 rounds"):
-        runtime._read(uri, cfg_for("", "", "", dead.endpoint, tmp_path), attempts=1)
+        storage.read_object(uri, cfg_for("", "", "", dead.endpoint, tmp_path).storage, attempts=1)
     assert len(dead.faulted_requests) == 5  # the client's own 5 attempts
 
 
@@ -132,12 +132,12 @@ def test_s3_listing_shares_the_bounded_client(s3_server, s3_bucket, faulty_s3, t
         boto3.client("s3", endpoint_url=s3_server).put_object(Bucket=s3_bucket, Key=k, Body=b"x")
     flaky = faulty_s3(rate=0.0, fail_first=True)
     cfg = cfg_for("", f"s3://{s3_bucket}/in/", "", flaky.endpoint, tmp_path)
-    got = [o["uri"] for o in score.list_input(cfg)]
+    got = [o["uri"] for o in scoring_listing.list_input(cfg)]
     assert sorted(got) == [f"s3://{s3_bucket}/in/{k}" for k in ("a.jpg", "b.png", "sub/d.jpeg")]
     assert len(flaky.faulted_requests) == 1
     dead = faulty_s3(rate=1.0, max_consecutive=0)
     with pytest.raises(storage.StorageError, match=rf"cannot list s3://{s3_bucket}/in/ \(endpoint {dead.endpoint}\)"):
-        list(score.list_input(cfg_for("", f"s3://{s3_bucket}/in/", "", dead.endpoint, tmp_path)))
+        list(scoring_listing.list_input(cfg_for("", f"s3://{s3_bucket}/in/", "", dead.endpoint, tmp_path)))
     assert len(dead.faulted_requests) == 5
 
 
@@ -160,12 +160,12 @@ def test_s3_listing_walks_folders_in_parallel(s3_server, s3_bucket, faulty_s3, t
     want = sorted(f"s3://{s3_bucket}/{k}" for k in keys
                   if k.startswith("in/") and k.lower().endswith(".jpg"))
     assert len(want) == 73
-    monkeypatch.setattr(score, "LIST_PROBE_KEYS", 20)
+    monkeypatch.setattr(scoring_listing, "LIST_PROBE_KEYS", 20)
 
     def listed(prefix: str, threads: int, **proxy):
         p = faulty_s3(**{"rate": 0.0, "latency": 0.05, **proxy})
         cfg = cfg_for("", f"s3://{s3_bucket}/{prefix}", "", p.endpoint, tmp_path, list_threads=threads)
-        return [o["uri"] for o in score.list_input(cfg)], p
+        return [o["uri"] for o in scoring_listing.list_input(cfg)], p
 
     one, p1 = listed("in/", 1)
     assert sorted(one) == want and p1.max_in_flight == 1 and p1.forwarded == 1
@@ -185,7 +185,7 @@ def test_s3_listing_walks_folders_in_parallel(s3_server, s3_bucket, faulty_s3, t
         with pytest.raises(storage.StorageError, match=rf"cannot list s3://{s3_bucket}/in/ \(endpoint http://127"):
             listed("in/", threads, rate=1.0, max_consecutive=0, match=lambda m, path: "site-05" in path)
     cfg = cfg_for("", f"s3://{s3_bucket}/in/", "", s3_server, tmp_path, list_threads=4)
-    it = score.list_input(cfg)
+    it = scoring_listing.list_input(cfg)
     assert next(it)["uri"].startswith(f"s3://{s3_bucket}/in/")
     it.close()
     assert not [t for t in threading.enumerate() if t.name.startswith("s3-list")]
@@ -206,13 +206,13 @@ def test_endpoint_dies_mid_run_then_rerun_completes(ray_local, s3_server, s3_buc
                   chunk_size=100)
     t0 = time.monotonic()
     with pytest.raises(Exception, match=r"cannot read s3://.*endpoint http://127\.0\.0\.1") as e:
-        score.run(cfg)
+        scoring_run.run(cfg)
     assert time.monotonic() - t0 < 300, "the outage was not reported within a bounded time"
     assert proxy.faults and "read: " not in str(e.value)
     assert s3_keys(s3_server, s3_bucket, "scores/") == []  # nothing half-written, no summary
 
     proxy.rate = 0.0  # the endpoint recovers
-    s = score.run(cfg)
+    s = scoring_run.run(cfg)
     assert (s["listed"], s["scored"], s["failed"]) == (n, n, 0)
     uris = scores_direct(out, s3_server)["uri"].to_pylist()
     assert len(uris) == n and len(set(uris)) == n
@@ -245,7 +245,7 @@ def test_permanent_storage_failures_are_clear_bounded_and_write_nothing(
     cfg = cfg_for(model_artifact["uri"], inp, out, endpoint, tmp_path)
     t0 = time.monotonic()
     with pytest.raises(storage.StorageError, match=want):
-        score.run(cfg)
+        scoring_run.run(cfg)
     assert time.monotonic() - t0 < 120
     assert s3_keys(s3_server, s3_bucket) == []
 
@@ -291,7 +291,8 @@ def test_train_worker_killed_mid_epoch_continues_from_checkpoint(ray_local, synt
     in the history once."""
     import psutil
 
-    from crackscale import train
+    from crackscale.training import driver as train_driver
+    from crackscale.training import loop as train_loop
 
     cfg = small_train_config(synth_data, tmp_path, name="wkill", head_epochs=6, fine_tune_epochs=0,
                              min_epochs=0, patience=10, limit_per_class=30, image_size=64, max_failures=2,
@@ -315,7 +316,7 @@ def test_train_worker_killed_mid_epoch_continues_from_checkpoint(ray_local, synt
                         continue
             time.sleep(0.2)
 
-    summary = _run_watched(lambda: train.run(cfg), killer, stop)
+    summary = _run_watched(lambda: train_driver.run(cfg), killer, stop)
     assert killed, "no RayTrainWorker was killed mid-run: the test proved nothing"
     result = {"summary": summary}
     meta = json.loads(Path(result["summary"]["artifact"], "model.json").read_text())
@@ -323,7 +324,7 @@ def test_train_worker_killed_mid_epoch_continues_from_checkpoint(ray_local, synt
     assert [h["epoch"] for h in meta["history"]] == [1, 2, 3, 4, 5, 6]
     # the cosine schedule continued across the restart (keyed on the absolute epoch)
     assert [h["lr"] for h in meta["history"]] == pytest.approx(
-        [train.cosine_lr(cfg.head_lr, i, 6) for i in range(6)], rel=1e-5)
+        [train_loop.cosine_lr(cfg.head_lr, i, 6) for i in range(6)], rel=1e-5)
 
 
 def _node_processes(node, needle: str) -> list:
@@ -382,7 +383,7 @@ def test_node_removed_mid_scoring_every_image_exactly_once(ray_node_to_lose, syn
                 return
             time.sleep(0.05)
 
-    s = _run_watched(lambda: score.run(cfg), remover, stop)
+    s = _run_watched(lambda: scoring_run.run(cfg), remover, stop)
     assert removed, "the worker node was never removed mid-run (no actor on it / nothing committed)"
     assert removed["committed_before"] < s["chunks"], (removed, s)  # work was still left to do
     assert (s["listed"], s["scored"], s["failed"]) == (n, n - 1, 1), s

@@ -9,9 +9,12 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from crackscale import data, gradcam, synth
 from crackscale import model as M
 from crackscale.config import TrainConfig
+from crackscale.data import synth
+from crackscale.imaging import tfdecode
+from crackscale.reports import gradcam
+from crackscale.training import tfdata
 
 SIZE = 128  # 4x4 last-conv map: at 96 px (3x3) the map is too coarse to localise anything
 # Antialiased resize here (an artifact records which one it was trained with): 227 → 128 px
@@ -31,7 +34,7 @@ def model_input(img: Image.Image) -> np.ndarray:
     """Exactly what training and scoring feed the model (decode + resize, uint8)."""
     import tensorflow as tf
 
-    return tf.cast(tf.round(data.decode(jpeg(img), SIZE, AA)), tf.uint8).numpy()
+    return tf.cast(tf.round(tfdecode.decode(jpeg(img), SIZE, AA)), tf.uint8).numpy()
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +53,8 @@ def trained_model():
                       rotation=0.0)
     mdl, base = M.build(cfg)
     M.set_phase(cfg, mdl, base, "head")
-    ds = data.tf_dataset(images, labels, SIZE, 32, shuffle=True, seed=0, repeat=True, antialias=AA)
-    hist = mdl.fit(ds, epochs=15, steps_per_epoch=data.steps(len(images), 32), verbose=0)
+    ds = tfdata.tf_dataset(images, labels, SIZE, 32, shuffle=True, seed=0, repeat=True, antialias=AA)
+    hist = mdl.fit(ds, epochs=15, steps_per_epoch=tfdata.steps(len(images), 32), verbose=0)
     assert hist.history["accuracy"][-1] > 0.9, hist.history  # it learned: its maps mean something
     return mdl
 

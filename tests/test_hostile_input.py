@@ -17,8 +17,10 @@ import pytest
 from conftest import files_under
 from PIL import Image
 
-from crackscale import artifact, query, runtime, score
+from crackscale import artifact, query
 from crackscale.config import ScoreConfig, StorageConfig
+from crackscale.scoring import decode as scoring_decode
+from crackscale.scoring import run as scoring_run
 
 EXTS = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".tiff", ".bmp")
 
@@ -102,24 +104,24 @@ def test_each_hostile_file_scores_or_errors_and_the_bomb_is_not_decoded():
     for name, (blob, want) in files.items():
         if name == "animated.gif":
             continue  # listed only with .gif in extensions; see the pipeline test
-        img, err = runtime.decode_image(blob, name, 64, cfg)
+        img, err = scoring_decode.decode_image(blob, name, 64, cfg)
         if want == "ok":
             assert err == "" and img.shape == (64, 64, 3) and img.dtype == np.uint8, (name, err)
         else:
             assert img is None and err.startswith(want), (name, err)
     # 30000×30000 would need 2.7 GB as RGB uint8: refused from its header, memory stays flat
     peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux; TF is warm
-    img, err = runtime.decode_image(bomb, "bomb.png", 64, cfg)
+    img, err = scoring_decode.decode_image(bomb, "bomb.png", 64, cfg)
     grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before) / 1024
     assert img is None and err.startswith("too large:"), err
     assert grown_mb < 200, f"peak RSS grew by {grown_mb:.0f} MB while refusing a decompression bomb"
     # a bomb below PIL's own limit (2 × 89 M pixels) is refused by max_pixels
-    err = runtime.decode_image(png_bomb(12000), "b.png", 64, cfg)[1]
+    err = scoring_decode.decode_image(png_bomb(12000), "b.png", 64, cfg)[1]
     assert err == "too large: 12000x12000 pixels > max_pixels 50000000", err
     # EXIF-rotated JPEG is scored upright: it decodes like the upright picture, not the stored one
     rotated, upright = exif_rotated_jpeg()
-    a = runtime.decode_image(rotated, "r.jpg", 32, cfg)[0].astype(int)
-    b = runtime.decode_image(upright, "u.jpg", 32, cfg)[0].astype(int)
+    a = scoring_decode.decode_image(rotated, "r.jpg", 32, cfg)[0].astype(int)
+    b = scoring_decode.decode_image(upright, "u.jpg", 32, cfg)[0].astype(int)
     assert np.abs(a - b).mean() < 8, np.abs(a - b).mean()
     assert a[:, :12, 0].mean() > 200 and a[:, -12:, 2].mean() > 200  # red left, blue right
 
@@ -143,7 +145,7 @@ def test_hostile_folder_and_bucket_one_row_per_file(ray_local, s3_server, s3_buc
     before = set(files_under(tmp_path))
     cfg = score_cfg(model=model_artifact["uri"], input=str(tmp_path / "in"), output=str(out),
                     cache_dir=str(tmp_path / "cache"))
-    s = score.run(cfg)
+    s = scoring_run.run(cfg)
     assert s["listed"] == len(files) and s["scored"] + s["failed"] == len(files)
     rows = {Path(r["uri"]).name: r for r in query.open_scores(str(out)).to_table().to_pylist()}
     assert sorted(rows) == sorted(files)
@@ -172,7 +174,7 @@ def test_hostile_folder_and_bucket_one_row_per_file(ray_local, s3_server, s3_buc
     s3cfg = score_cfg(model=model_artifact["uri"], input=f"s3://{s3_bucket}/in/",
                       output=f"s3://{s3_bucket}/out/scores", cache_dir=str(tmp_path / "cache"),
                       storage=StorageConfig(s3_endpoint=s3_server))
-    s = score.run(s3cfg)
+    s = scoring_run.run(s3cfg)
     assert s["listed"] == len(keys) and s["scored"] + s["failed"] == len(keys)
     t = query.open_scores(s3cfg.output, s3cfg.storage).to_table()
     rows = {r["uri"][len(f"s3://{s3_bucket}/"):]: r for r in t.to_pylist()}

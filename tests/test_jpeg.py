@@ -1,4 +1,4 @@
-"""JPEG decoding without TensorFlow (``crackscale.jpeg``): TensorFlow's pixels, bit for bit, on every
+"""JPEG decoding without TensorFlow (``crackscale.imaging.jpeg``): TensorFlow's pixels, bit for bit, on every
 kind of JPEG a camera or encoder writes; damaged files still get TensorFlow's answer; a CPU scoring
 actor with a LiteRT artifact never imports TensorFlow."""
 
@@ -15,8 +15,10 @@ import pytest
 from conftest import PY, REAL_DATA, ROOT
 from PIL import Image
 
-from crackscale import jpeg, runtime, synth
 from crackscale.config import ConfigError, ScoreConfig
+from crackscale.data import synth
+from crackscale.imaging import header, jpeg
+from crackscale.scoring import decode as scoring_decode
 
 TF = ScoreConfig(decoder="tf", max_pixels=10_000_000)
 AUTO = ScoreConfig(decoder="auto", max_pixels=10_000_000)
@@ -58,13 +60,13 @@ def test_check_digests_are_tensorflows_pixels():
     """The constants every actor checks itself against are what TensorFlow gives on this machine."""
     import tensorflow as tf
 
-    from crackscale import data
+    from crackscale.imaging import tfdecode
 
     blob = jpeg.CHECK_FILE.read_bytes()
     want = {0: jpeg._digest(tf.io.decode_image(blob, channels=3, expand_animations=False).numpy())}
     for size in jpeg.CHECK_DIGESTS:
-        if size:  # exactly what training feeds the model (data.tf_dataset rounds data.decode to uint8)
-            want[size] = jpeg._digest(tf.cast(tf.round(data.decode(blob, size, False)), tf.uint8).numpy())
+        if size:  # exactly what training feeds the model (tfdata.tf_dataset rounds tfdecode.decode to uint8)
+            want[size] = jpeg._digest(tf.cast(tf.round(tfdecode.decode(blob, size, False)), tf.uint8).numpy())
     assert want == jpeg.CHECK_DIGESTS
     assert jpeg.check_digests() == jpeg.CHECK_DIGESTS and jpeg.mismatches() == [] and jpeg.available()
 
@@ -72,13 +74,13 @@ def test_check_digests_are_tensorflows_pixels():
 @pytest.mark.parametrize("size", [160, 64, 300])
 def test_same_pixels_as_tensorflow_on_every_kind_of_jpeg(size):
     for name, blob in variants().items():
-        orientation = runtime._header(blob, "x.jpg", TF)[0]
+        orientation = header.header(blob, "x.jpg", TF)[0]
         fast = jpeg.decode(blob, size, orientation)
         assert fast is not None, name  # decoded without TensorFlow, not handed over to it
-        want, err = runtime.decode_image(blob, "x.jpg", size, TF, antialias=False)
+        want, err = scoring_decode.decode_image(blob, "x.jpg", size, TF, antialias=False)
         assert err == "" and fast.shape == want.shape == (size, size, 3), (name, err)
         assert np.array_equal(fast, want), (name, int(np.abs(fast.astype(int) - want).max()))
-        got, err = runtime.decode_image(blob, "x.jpg", size, AUTO, antialias=False)
+        got, err = scoring_decode.decode_image(blob, "x.jpg", size, AUTO, antialias=False)
         assert err == "" and np.array_equal(got, want), name
     first = encode(synth.make_image(np.random.default_rng(3), crack=True, size=227)[0], quality=85)
     assert np.array_equal(jpeg.decode(variants()["mpo"], size), jpeg.decode(first, size))
@@ -90,8 +92,8 @@ def test_same_pixels_on_the_real_sample(synth_data):
     files = sorted(REAL_DATA.glob("*/*.jpg"))[::20] if REAL_DATA.is_dir() else sorted(synth_data.glob("*/*.jpg"))
     assert len(files) >= 40
     batch = {"uri": np.array([str(f) for f in files], dtype=object), "size": np.full(len(files), -1)}
-    a = runtime.decode_batch(batch, 160, AUTO, False)
-    b = runtime.decode_batch(batch, 160, TF, False)
+    a = scoring_decode.decode_batch(batch, 160, AUTO, False)
+    b = scoring_decode.decode_batch(batch, 160, TF, False)
     assert not any(a["error"]) and not any(b["error"])
     assert np.array_equal(a["image"], b["image"])
 
@@ -102,7 +104,7 @@ def test_resize_compiles_where_numba_cannot_cache(monkeypatch):
 
     from numba.core import caching
 
-    from crackscale import resize_kernel
+    from crackscale.imaging import resize as resize_kernel
 
     monkeypatch.setattr(caching.CacheImpl, "_locator_classes", [])
     monkeypatch.setattr(jpeg, "_state", {})
@@ -121,12 +123,13 @@ def test_resize_is_loaded_from_numba_cache_in_a_new_process():
     in every process)."""
     code = """
 import json
-from crackscale import jpeg, resize_kernel
+from crackscale.imaging import jpeg
+from crackscale.imaging import resize as resize_kernel
 assert jpeg.available()
 s = resize_kernel.resize.stats
 print(json.dumps([sum(s.cache_hits.values()), sum(s.cache_misses.values())]))
 """
-    from crackscale import resize_kernel
+    from crackscale.imaging import resize as resize_kernel
 
     cache = Path(resize_kernel.resize._cache._cache_path)
 
@@ -145,9 +148,9 @@ def test_damaged_jpegs_get_tensorflows_answer_and_antialias_uses_tensorflow():
     for name, bad in {"truncated": blob[: len(blob) // 2], "corrupt": blob[:600] + bytes(range(256)) * 8,
                       "no-eoi": blob[:-2]}.items():
         assert jpeg.decode(bad, 64) is None or name == "no-eoi", name  # libjpeg's warnings are not ignored
-        assert runtime.decode_image(bad, "x.jpg", 64, AUTO)[1] == runtime.decode_image(bad, "x.jpg", 64, TF)[1], name
-    assert runtime.fast_jpeg(AUTO, antialias=False) and not runtime.fast_jpeg(AUTO, antialias=True)
-    assert not runtime.fast_jpeg(TF, antialias=False)
+        assert scoring_decode.decode_image(bad, "x.jpg", 64, AUTO)[1] == scoring_decode.decode_image(bad, "x.jpg", 64, TF)[1], name
+    assert scoring_decode.fast_jpeg(AUTO, antialias=False) and not scoring_decode.fast_jpeg(AUTO, antialias=True)
+    assert not scoring_decode.fast_jpeg(TF, antialias=False)
     with pytest.raises(ConfigError, match="'decoder' must be auto or tf"):
         ScoreConfig(decoder="pil").validate()
 
@@ -158,10 +161,10 @@ def test_cpu_actor_scores_jpegs_without_importing_tensorflow(model_artifact, syn
     code = f"""
 import sys, numpy as np, glob, io
 from PIL import Image
-from crackscale import runtime
+from crackscale.scoring import predictor
 from crackscale.config import ScoreConfig
 cfg = ScoreConfig(model={model_artifact['uri']!r})
-p = runtime.Predictor(cfg, decode={{"image_size": 64, "cfg": cfg, "antialias": False}})
+p = predictor.Predictor(cfg, decode={{"image_size": 64, "cfg": cfg, "antialias": False}})
 files = sorted(glob.glob({str(synth_data)!r} + "/*/*.jpg"))[:12]
 out = p({{"uri": np.array(files, dtype=object), "size": np.full(len(files), -1)}})
 assert not any(out["error"]) and np.isfinite(out["crack_probability"]).all(), out["error"]

@@ -11,8 +11,15 @@ import numpy as np
 import pytest
 from conftest import PY, REAL_DATA, ROOT
 
-from crackscale import artifact, runtime
+from crackscale import artifact
 from crackscale.config import ScoreConfig
+from crackscale.imaging import tfdecode
+from crackscale.runtimes import base as rt_base
+from crackscale.runtimes import keras as rt_keras
+from crackscale.runtimes import litert
+from crackscale.runtimes import select as rt_select
+from crackscale.scoring import decode as scoring_decode
+from crackscale.scoring import predictor
 
 
 def sample(size: int, n: int = 48) -> np.ndarray:
@@ -20,8 +27,8 @@ def sample(size: int, n: int = 48) -> np.ndarray:
     if REAL_DATA.is_dir():
         cfg = ScoreConfig()
         files = sorted((REAL_DATA / "Positive").glob("*.jpg"))[: n // 2] + sorted((REAL_DATA / "Negative").glob("*.jpg"))[: n // 2]
-        return np.stack([runtime.decode_image(f.read_bytes(), f.name, size, cfg)[0] for f in files])
-    return runtime.sample_images(size, n, seed=3)
+        return np.stack([scoring_decode.decode_image(f.read_bytes(), f.name, size, cfg)[0] for f in files])
+    return litert.sample_images(size, n, seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -33,10 +40,10 @@ def lite_cache(tmp_path_factory) -> str:
 def test_litert_matches_tf_keras(model_artifact, lite_cache):
     loaded = artifact.load(model_artifact["uri"])
     images = sample(64)
-    rt, info = runtime.select(loaded.model, loaded.meta, "litert", 16, threads=2,
+    rt, info = rt_select.select(loaded.model, loaded.meta, "litert", 16, threads=2,
                               cache_dir=lite_cache, check_images=images)
     assert rt.name == "litert" and info["parity_max_abs_diff"] <= 1e-4
-    assert runtime.cache_path(lite_cache, loaded.meta["model_sha256"]).is_file()
+    assert litert.cache_path(lite_cache, loaded.meta["model_sha256"]).is_file()
     p_lite = rt.predict(images)
     p_keras = loaded.model.predict(images.astype(np.float32), batch_size=16, verbose=0).reshape(-1)
     assert p_lite.shape == (len(images),)
@@ -49,12 +56,12 @@ def test_litert_matches_tf_keras(model_artifact, lite_cache):
 def test_parity_guard_refuses_a_wrong_export(model_artifact, model_artifact_v2, tmp_path):
     """A cached .tflite that is not this model (stale/corrupt cache) is caught by the parity check."""
     v1, v2 = artifact.load(model_artifact["uri"]), artifact.load(model_artifact_v2["uri"])
-    runtime.export_litert(v2.model, runtime.cache_path(str(tmp_path), v1.meta["model_sha256"]))
-    rt, info = runtime.select(v1.model, v1.meta, "auto", 0, cache_dir=str(tmp_path))
+    litert.export_litert(v2.model, litert.cache_path(str(tmp_path), v1.meta["model_sha256"]))
+    rt, info = rt_select.select(v1.model, v1.meta, "auto", 0, cache_dir=str(tmp_path))
     assert rt.name == "tf" and info["parity_max_abs_diff"] > 1e-4
-    assert rt.batch_size == runtime.DEFAULT_BATCH["tf"] == 64  # batch_size 0: tf.keras's own default
+    assert rt.batch_size == rt_base.DEFAULT_BATCH["tf"] == 64  # batch_size 0: tf.keras's own default
     with pytest.raises(ValueError, match="runtime: litert was requested"):
-        runtime.select(v1.model, v1.meta, "litert", 8, cache_dir=str(tmp_path))
+        rt_select.select(v1.model, v1.meta, "litert", 8, cache_dir=str(tmp_path))
 
 
 def test_predictor_without_ray_gpu_path_on_cpu(model_artifact, lite_cache):
@@ -72,7 +79,7 @@ def test_predictor_without_ray_gpu_path_on_cpu(model_artifact, lite_cache):
     for kind, gpu in (("tf", True), ("litert", False)):
         cfg = ScoreConfig(model=model_artifact["uri"], runtime=kind, use_gpu=gpu, batch_size=4,
                           cache_dir=lite_cache)
-        pred = runtime.Predictor(cfg, loader=loader)
+        pred = predictor.Predictor(cfg, loader=loader)
         res = pred(batch)
         assert "image" not in res and list(res["uri"]) == list(batch["uri"])
         assert np.isnan(res["crack_probability"][[1, 6]]).all()
@@ -82,7 +89,7 @@ def test_predictor_without_ray_gpu_path_on_cpu(model_artifact, lite_cache):
         out[kind] = ok
     assert calls == [model_artifact["uri"]] * 2  # loaded once per actor
     assert np.abs(out["tf"] - out["litert"]).max() <= 1e-4
-    assert runtime.configure_tf(use_gpu=True) == 0  # no GPU here: memory-growth loop is a no-op
+    assert rt_keras.configure_tf(use_gpu=True) == 0  # no GPU here: memory-growth loop is a no-op
 
 
 def test_predictor_that_decodes_equals_decode_tasks_then_predictor(model_artifact, synth_data, tmp_path):
@@ -98,9 +105,9 @@ def test_predictor_that_decodes_equals_decode_tasks_then_predictor(model_artifac
              "chunk": np.array(["c0"] * len(uris), dtype=object)}
     cfg = ScoreConfig(model=model_artifact["uri"], runtime="litert", batch_size=4)
     decode = {"image_size": model_artifact["meta"]["image_size"], "cfg": cfg,
-              "antialias": runtime.resize_antialias(model_artifact["meta"])}
-    split = runtime.Predictor(cfg)(runtime.decode_batch(batch, **decode))
-    fused = runtime.Predictor(cfg, decode=decode)
+              "antialias": tfdecode.resize_antialias(model_artifact["meta"])}
+    split = predictor.Predictor(cfg)(scoring_decode.decode_batch(batch, **decode))
+    fused = predictor.Predictor(cfg, decode=decode)
     one = fused(batch)
     assert "image" not in one and set(one) == set(split)
     assert list(one["error"]) == list(split["error"]) and one["error"][6].startswith("decode:")
@@ -124,8 +131,8 @@ def test_predictor_starts_from_the_artifacts_own_export_without_tensorflow(model
     images = sample(64, 24)
     np.save(tmp_path / "x.npy", images)
     code = ("import json, sys, time; import numpy as np; t = time.time()\n"
-            "from crackscale import runtime; from crackscale.config import ScoreConfig\n"
-            "p = runtime.Predictor(ScoreConfig(model=sys.argv[1])); ready = time.time() - t\n"
+            "from crackscale.scoring import predictor; from crackscale.config import ScoreConfig\n"
+            "p = predictor.Predictor(ScoreConfig(model=sys.argv[1])); ready = time.time() - t\n"
             "x = np.load(sys.argv[2]); b = {'image': x, 'error': np.array([''] * len(x), dtype=object)}\n"
             "print(json.dumps({'info': p.info, 'tf': 'tensorflow' in sys.modules, 'ready_s': ready,\n"
             "                  'batch': p.runtime.batch_size,\n"
@@ -136,7 +143,7 @@ def test_predictor_starts_from_the_artifacts_own_export_without_tensorflow(model
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["info"]["runtime"] == "litert" and out["info"]["litert"] == "artifact", out["info"]
     assert out["tf"] is False, "the LiteRT actor imported TensorFlow"
-    assert out["batch"] == runtime.DEFAULT_BATCH["litert"] == 4  # batch_size 0: LiteRT's own default
+    assert out["batch"] == rt_base.DEFAULT_BATCH["litert"] == 4  # batch_size 0: LiteRT's own default
     keras = artifact.load(model_artifact["uri"]).model
     p_keras = keras.predict(images.astype(np.float32), batch_size=8, verbose=0).reshape(-1)
     assert np.abs(np.array(out["p"]) - p_keras).max() <= 1e-4
@@ -150,14 +157,14 @@ def test_a_tampered_or_missing_export_is_refused_or_redone(model_artifact, tmp_p
     data[len(data) // 2] ^= 0xFF
     (art / "model.tflite").write_bytes(bytes(data))
     with pytest.raises(artifact.ArtifactError, match="model.tflite of .* does not match the checksum"):
-        runtime.Predictor(cfg)
+        predictor.Predictor(cfg)
     (art / "model.tflite").unlink()
     with pytest.raises(artifact.ArtifactError, match="LiteRT file missing from artifact"):
-        runtime.Predictor(cfg)
+        predictor.Predictor(cfg)
     # an artifact from before exports were stored (no "litert" key): converted and checked on load
     meta = json.loads((art / "model.json").read_text())
     del meta["litert"]
     (art / "model.json").write_text(json.dumps(meta))
-    pred = runtime.Predictor(cfg)
+    pred = predictor.Predictor(cfg)
     assert pred.info["runtime"] == "litert" and pred.info["litert"] == "converted", pred.info
     assert pred.info["parity_max_abs_diff"] <= 1e-4

@@ -11,7 +11,8 @@ import pyarrow as pa
 import pytest
 from conftest import last_json, run_job  # noqa: F401
 
-from crackscale import query, score
+from crackscale import query
+from crackscale.scoring import commit
 
 T0 = dt.datetime(2026, 11, 20, 2, 0, tzinfo=dt.timezone.utc)
 
@@ -24,7 +25,7 @@ def _chunk(uris: list[str], probs: list[float | None], errors: list[str | None],
         "crack": [None if p is None else p >= 0.5 for p in probs],
         "threshold": pa.array([0.5] * n, pa.float32()), "model_name": [model_name] * n,
         "runtime": ["litert"] * n, "run_id": ["r1"] * n, "scored_at": [T0] * n, "error": errors,
-    }, schema=score.SCHEMA)
+    }, schema=commit.SCHEMA)
 
 
 def write_fixture_scores(output: str) -> None:
@@ -32,11 +33,11 @@ def write_fixture_scores(output: str) -> None:
     b = output.rstrip("/") + "-images"
     site_a = [f"{b}/site-a/{i}.jpg" for i in range(4)]
     site_b = [f"{b}/site-b/{i}.jpg" for i in range(3)]
-    score.commit_chunk(_chunk(site_a, [0.9, 0.2, 0.7, None], [None, None, None, "decode: not an image"], "m"),
+    commit.commit_chunk(_chunk(site_a, [0.9, 0.2, 0.7, None], [None, None, None, "decode: not an image"], "m"),
                        output, "aaaa000000000001", "2026-11-20", None)
-    score.commit_chunk(_chunk(site_b, [0.95, 0.1, 0.6], [None] * 3, "m"), output, "aaaa000000000001",
+    commit.commit_chunk(_chunk(site_b, [0.95, 0.1, 0.6], [None] * 3, "m"), output, "aaaa000000000001",
                        "2026-11-21", None)
-    score.commit_chunk(_chunk(site_a + site_b, [0.01] * 7, [None] * 7, "m2"), output, "bbbb000000000002",
+    commit.commit_chunk(_chunk(site_a + site_b, [0.01] * 7, [None] * 7, "m2"), output, "bbbb000000000002",
                        "2026-11-22", None)
 
 
@@ -100,16 +101,38 @@ def test_query_cli_formats(tmp_path):
 
 
 def test_query_registers_in_cli():
-    import argparse
+    from crackscale import cli
 
-    p = argparse.ArgumentParser()
-    sub = p.add_subparsers(dest="command")
-    query.add_cli(sub)
-    score.add_cli(sub)
+    p = cli.build_parser()
     args = p.parse_args(["query", "counts", "--output", "x", "--by", "prefix"])
-    assert args.func is query.cmd_query and args.by == "prefix"
+    assert args.func is cli.cmd_query and args.by == "prefix"
     args = p.parse_args(["score", "--model", "m", "--input", "i", "--output", "o", "--set", "batch_size=8"])
-    cfg = score.config_from_args(args)
+    cfg = cli.score_config(args)
     assert (cfg.model, cfg.input, cfg.output, cfg.batch_size) == ("m", "i", "o", 8)
     with pytest.raises(Exception, match="batch_sizee"):
-        score.config_from_args(p.parse_args(["score", "--set", "batch_sizee=8"]))
+        cli.score_config(p.parse_args(["score", "--set", "batch_sizee=8"]))
+
+
+def test_every_command_reads_config_and_storage_the_same_way(tmp_path):
+    """--config FILE and --set key=value on every command; query/report/doctor take output and
+    storage.* from a scoring config, flags on top, unknown keys refused with the key named."""
+    from crackscale import cli
+    from crackscale.config import ConfigError
+
+    config = tmp_path / "score.yaml"
+    config.write_text("output: s3://night/scores/\nstorage:\n  s3_endpoint: http://127.0.0.1:9\n")
+    p = cli.build_parser()
+    for command in cli.COMMANDS:
+        args = p.parse_args([command, "--config", str(config), "--set", "storage.s3_region=eu-west-1"])
+        assert args.config == str(config) and args.set == ["storage.s3_region=eu-west-1"], command
+    for command in ("query", "report", "doctor"):
+        args = p.parse_args([command, "--config", str(config), "--set", "storage.s3_region=eu-west-1"])
+        cfg = cli.scoring_config(args, {"output": getattr(args, "output", None)})
+        assert (cfg.output, cfg.storage.s3_endpoint, cfg.storage.s3_region) == (
+            "s3://night/scores/", "http://127.0.0.1:9", "eu-west-1"), command
+        args = p.parse_args([command, "--config", str(config), "--s3-endpoint", "http://127.0.0.1:7"])
+        assert cli.scoring_config(args, {}).storage.s3_endpoint == "http://127.0.0.1:7", command
+        with pytest.raises(ConfigError, match="storage.s3_regio"):
+            cli.scoring_config(p.parse_args([command, "--set", "storage.s3_regio=x"]), {})
+    args = p.parse_args(["query", "top", "--config", str(config), "--output", "elsewhere/"])
+    assert cli.scoring_config(args, {"output": args.output}).output == "elsewhere/"

@@ -18,8 +18,12 @@ import pytest
 from conftest import PY, ROOT, last_json, upload_tree
 from PIL import Image
 
-from crackscale import query, report, score
+from crackscale import query
 from crackscale.config import ScoreConfig
+from crackscale.reports import page as report_page
+from crackscale.reports import scoring as report_scoring
+from crackscale.reports import training as report_training
+from crackscale.scoring import run as scoring_run
 
 CHROMIUM = "/usr/bin/chromium"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -105,7 +109,7 @@ def trained(trained_run, tmp_path_factory) -> str:
 
 
 def test_training_report(trained, chromium, tmp_path, s3_server, s3_bucket):
-    index = report.training_report(trained)
+    index = report_training.training_report(trained)
     assert index == str(Path(trained, "report", "index.html"))
     meta = json.loads(Path(trained, "model.json").read_text())
     preds = list(csv.DictReader(io.StringIO(Path(trained, "test_predictions.csv").read_text())))
@@ -147,7 +151,7 @@ def test_training_report(trained, chromium, tmp_path, s3_server, s3_bucket):
 
     # the same report for an artifact on S3 lands next to it
     upload_tree(s3_server, Path(trained), s3_bucket, "models/rep")
-    uri = report.training_report(f"s3://{s3_bucket}/models/rep")
+    uri = report_training.training_report(f"s3://{s3_bucket}/models/rep")
     assert uri == f"s3://{s3_bucket}/models/rep/report/index.html"
     import boto3
 
@@ -169,7 +173,7 @@ def night(synth_data: Path, dest: Path, neg: slice, pos: slice, bad: bool = Fals
 
 
 def ks(a: np.ndarray, b: np.ndarray) -> float:
-    """Kolmogorov–Smirnov statistic, brute force (independent of report.ks_statistic)."""
+    """Kolmogorov–Smirnov statistic, brute force (independent of report_scoring.ks_statistic)."""
     return max(abs((a <= x).mean() - (b <= x).mean()) for x in np.r_[a, b])
 
 
@@ -178,12 +182,12 @@ def test_scoring_report(ray_local, trained, synth_data, chromium, tmp_path, s3_s
     runs = {}
     for date, d in (("2026-11-23", night(synth_data, tmp_path / "n1", slice(100, 115), slice(100, 105))),
                     ("2026-11-24", night(synth_data, tmp_path / "n2", slice(120, 125), slice(120, 135), True))):
-        runs[date] = score.run(ScoreConfig(model=trained, input=str(d), output=out, batch_size=8, chunk_size=8,
+        runs[date] = scoring_run.run(ScoreConfig(model=trained, input=str(d), output=out, batch_size=8, chunk_size=8,
                                            runtime="tf", run_date=date))
     s = runs["2026-11-24"]
     assert (s["listed"], s["scored"], s["failed"]) == (22, 20, 2)
     # regenerated from the outputs alone, as a user would
-    r = subprocess.run([PY, "-m", "crackscale.report", "--run", s["run_id"], "--output", out, "--top", "8"],
+    r = subprocess.run([PY, "-m", "crackscale.cli", "report", "--run", s["run_id"], "--output", out, "--top", "8"],
                        cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     index = Path(last_json(r.stdout)["report"])
@@ -223,7 +227,7 @@ def test_scoring_report(ray_local, trained, synth_data, chromium, tmp_path, s3_s
 
     # the same report for outputs on S3 is written next to them
     upload_tree(s3_server, Path(out), s3_bucket, "scores")
-    uri = report.scoring_report(f"s3://{s3_bucket}/scores", s["run_id"], top_n=4)
+    uri = report_scoring.scoring_report(f"s3://{s3_bucket}/scores", s["run_id"], top_n=4)
     assert uri == f"s3://{s3_bucket}/scores/_reports/{s['run_id']}/index.html"
     import boto3
 
@@ -231,12 +235,12 @@ def test_scoring_report(ray_local, trained, synth_data, chromium, tmp_path, s3_s
         Bucket=s3_bucket, Prefix=f"scores/_reports/{s['run_id']}/")["Contents"]
     assert sorted(o["Key"].rsplit("/", 1)[-1] for o in objs if not o["Key"].endswith("/")) == ["000.png", "001.png", "002.png", "003.png",
                                                                   "histogram.png", "index.html"]
-    assert report.safely(report.scoring_report, out, "no-such-run") == ""  # jobs never fail on a report
+    assert report_page.safely(report_scoring.scoring_report, out, "no-such-run") == ""  # jobs never fail on a report
 
     # a re-run finds everything scored: its report says so from the summary (no rows of its own)
-    again = score.run(ScoreConfig(model=trained, input=str(tmp_path / "n2"), output=out, runtime="tf",
+    again = scoring_run.run(ScoreConfig(model=trained, input=str(tmp_path / "n2"), output=out, runtime="tf",
                                   run_date="2026-11-24"))
     assert (again["already_scored"], again["scored"]) == (22, 0)
-    text = Path(report.scoring_report(out, again["run_id"])).read_text()
+    text = Path(report_scoring.scoring_report(out, again["run_id"])).read_text()
     assert 'id="already-scored" data-value="22"' in text and 'id="scored" data-value="0"' in text
     assert "No images scored in this run." in text

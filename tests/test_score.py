@@ -17,8 +17,14 @@ import pytest
 from conftest import PY, ROOT, last_json, run_job, upload_tree
 from PIL import Image, ImageOps
 
-from crackscale import query, runtime, score, storage
+from crackscale import query, storage
 from crackscale.config import ConfigError, ScoreConfig
+from crackscale.imaging import tfdecode
+from crackscale.scoring import blocks, manifests, pipeline
+from crackscale.scoring import decode as scoring_decode
+from crackscale.scoring import keys as scoring_keys
+from crackscale.scoring import listing as scoring_listing
+from crackscale.scoring import run as scoring_run
 
 
 def bad_files() -> dict[str, bytes]:
@@ -43,27 +49,27 @@ def read_scores(output: str):
 def test_decode_matches_training_and_flags_bad_files(synth_data):
     import tensorflow as tf
 
-    from crackscale import data
+    from crackscale.imaging import tfdecode
 
     cfg = ScoreConfig(max_pixels=1_000_000)
     blob = next((synth_data / "Positive").glob("*.jpg")).read_bytes()
-    # exactly what training feeds the model: data.decode, rounded to uint8 as data.tf_dataset does,
+    # exactly what training feeds the model: tfdecode.decode, rounded to uint8 as tfdata.tf_dataset does,
     # with the artifact's resize (artifacts without "resize_antialias" were trained antialiased)
-    assert runtime.resize_antialias({}) is True and runtime.resize_antialias({"resize_antialias": False}) is False
+    assert tfdecode.resize_antialias({}) is True and tfdecode.resize_antialias({"resize_antialias": False}) is False
     imgs = {}
     for aa in (False, True):
-        img, err = runtime.decode_image(blob, "a.jpg", 64, cfg, aa)
+        img, err = scoring_decode.decode_image(blob, "a.jpg", 64, cfg, aa)
         assert err == "" and img.dtype == np.uint8 and img.shape == (64, 64, 3)
-        assert np.array_equal(img, tf.cast(tf.round(data.decode(blob, 64, aa)), tf.uint8).numpy())
+        assert np.array_equal(img, tf.cast(tf.round(tfdecode.decode(blob, 64, aa)), tf.uint8).numpy())
         imgs[aa] = img
     assert not np.array_equal(imgs[False], imgs[True])  # the two resizes differ: the key matters
     for name, content in bad_files().items():
-        img, err = runtime.decode_image(content, name, 64, cfg)
+        img, err = scoring_decode.decode_image(content, name, 64, cfg)
         assert img is None and err.startswith(EXPECTED_ERRORS[name]), (name, err)
-    assert runtime.decode_image(blob, "x.tiff", 64, cfg)[1] == "unsupported: extension .tiff"
+    assert scoring_decode.decode_image(blob, "x.tiff", 64, cfg)[1] == "unsupported: extension .tiff"
     big = io.BytesIO()
     Image.new("RGB", (1200, 1000)).save(big, "PNG")
-    assert runtime.decode_image(big.getvalue(), "big.png", 64, cfg)[1].startswith("too large: 1200x1000")
+    assert scoring_decode.decode_image(big.getvalue(), "big.png", 64, cfg)[1].startswith("too large: 1200x1000")
     # EXIF orientation is applied (camera images), as PIL.ImageOps.exif_transpose does
     rng = np.random.default_rng(0)
     arr = rng.integers(0, 255, (40, 64, 3), dtype=np.uint8)
@@ -75,7 +81,7 @@ def test_decode_matches_training_and_flags_bad_files(synth_data):
         im.save(buf, "PNG", exif=exif.tobytes())
         upright = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(buf.getvalue()))))
         want = tf.cast(tf.round(tf.image.resize(upright, (32, 32))), tf.uint8).numpy()
-        got, err = runtime.decode_image(buf.getvalue(), "r.png", 32, cfg)
+        got, err = scoring_decode.decode_image(buf.getvalue(), "r.png", 32, cfg)
         assert err == "" and np.array_equal(got, want), orientation
 
 
@@ -89,9 +95,9 @@ def test_decode_batch_is_per_image_decode_and_isolates_bad_files(synth_data, tmp
     for files in (good, good[:6] + sorted(tmp_path.iterdir()) + good[6:]):
         batch = {"uri": np.array([str(f) for f in files], dtype=object), "size": np.full(len(files), -1)}
         for aa in (False, True):
-            out = runtime.decode_batch(batch, 48, cfg, aa)
+            out = scoring_decode.decode_batch(batch, 48, cfg, aa)
             for f, img, err in zip(files, out["image"], out["error"]):
-                want, want_err = runtime.decode_image(f.read_bytes(), f.name, 48, cfg, aa)
+                want, want_err = scoring_decode.decode_image(f.read_bytes(), f.name, 48, cfg, aa)
                 assert err == want_err, f
                 assert np.array_equal(img, want) if want is not None else not img.any(), f
                 if f.name in EXPECTED_ERRORS:
@@ -273,7 +279,7 @@ def test_kill_and_rerun_exactly_once(synth_data, model_artifact, tmp_path):
 
 @pytest.mark.parametrize("decode", ["actor", "tasks"])
 def test_manifest_in_process(ray_local, synth_data, model_artifact, tmp_path, decode):
-    """score.run() in-process on a local Ray; input from a .txt manifest that also names an
+    """scoring_run.run() in-process on a local Ray; input from a .txt manifest that also names an
     unsupported file, a missing object and a duplicate line. Images decoded in the model actors
     (the CPU default) or in tasks before them (the GPU default)."""
     imgs = sorted((synth_data / "Negative").glob("*.jpg"))[:6]
@@ -285,8 +291,8 @@ def test_manifest_in_process(ray_local, synth_data, model_artifact, tmp_path, de
     cfg = ScoreConfig(model=model_artifact["uri"], input=str(manifest), output=str(tmp_path / "out"),
                       batch_size=4, block_size=4, chunk_size=4, runtime="tf", cache_dir=str(tmp_path / "c"),
                       decode=decode)
-    assert score.decode_in_actor(cfg) == (decode == "actor")
-    s = score.run(cfg)
+    assert pipeline.decode_in_actor(cfg) == (decode == "actor")
+    s = scoring_run.run(cfg)
     assert (s["listed"], s["scored"], s["failed"], s["runtime"]) == (8, 6, 2, "tf")
     # start-up ends with the first result batch (at most one block): its images are counted
     assert 0 < s["startup_s"] <= s["duration_s"] and 1 <= s["startup_images"] <= cfg.block_size
@@ -296,7 +302,7 @@ def test_manifest_in_process(ray_local, synth_data, model_artifact, tmp_path, de
     # a plain manifest carries no metadata: size comes from the bytes read, mtime stays unknown
     assert rows[str(imgs[0])]["size"] == imgs[0].stat().st_size and rows[str(imgs[0])]["mtime"] is None
     with pytest.raises(Exception, match="config key 'output' is required"):
-        score.run(ScoreConfig(model=cfg.model, input=cfg.input))
+        scoring_run.run(ScoreConfig(model=cfg.model, input=cfg.input))
 
 
 @pytest.mark.slow
@@ -312,17 +318,17 @@ def test_scoring_starts_while_the_listing_goes_on(ray_local, synth_data, model_a
     src.mkdir()
     for p in sorted(synth_data.rglob("*.jpg"))[:16]:
         shutil.copy(p, src / f"{p.parent.name}-{p.name}")
-    real = score.list_input
+    real = scoring_listing.list_input
 
     def slow(cfg):
         for o in real(cfg):
             time.sleep(0.25)
             yield o
 
-    monkeypatch.setattr(score, "list_input", slow)
+    monkeypatch.setattr(scoring_listing, "list_input", slow)
     cfg = ScoreConfig(model=model_artifact["uri"], input=str(src), output=str(tmp_path / "out"), batch_size=4,
                       block_size=4, chunk_size=4, first_wave_s=1.0, cache_dir=str(tmp_path / "c"))
-    s = score.run(cfg)
+    s = scoring_run.run(cfg)
     assert s["waves"] >= 2 and s["attempts"] == s["waves"], s
     assert (s["listed"], s["scored"], s["failed"], s["chunks"]) == (16, 16, 0, 4), s
     uris = read_scores(cfg.output).column("uri").to_pylist()
@@ -334,13 +340,13 @@ def test_scoring_starts_while_the_listing_goes_on(ray_local, synth_data, model_a
                 raise storage.StorageError(f"cannot list {cfg.input}: connection reset")
             yield o
 
-    monkeypatch.setattr(score, "list_input", failing)
+    monkeypatch.setattr(scoring_listing, "list_input", failing)
     cfg = dataclasses.replace(cfg, output=str(tmp_path / "out2"), first_wave_s=0.0)
     with pytest.raises(storage.StorageError, match="connection reset"):
-        score.run(cfg)
+        scoring_run.run(cfg)
     assert read_scores(cfg.output).num_rows == 8  # two whole chunks; the third was cut by the failure
-    monkeypatch.setattr(score, "list_input", real)
-    s = score.run(cfg)
+    monkeypatch.setattr(scoring_listing, "list_input", real)
+    s = scoring_run.run(cfg)
     assert (s["already_scored"], s["scored"]) == (8, 8)
     uris = read_scores(cfg.output).column("uri").to_pylist()
     assert len(uris) == len(set(uris)) == 16
@@ -355,8 +361,8 @@ def test_manifests_are_streamed_and_keep_the_first_of_repeated_keys(tmp_path, mo
     import pyarrow.csv as pcsv
     import pyarrow.parquet as pq
 
-    monkeypatch.setattr(score, "MANIFEST_BLOCK", 7)
-    monkeypatch.setattr(score, "MANIFEST_BATCH", 2)
+    monkeypatch.setattr(manifests, "MANIFEST_BLOCK", 7)
+    monkeypatch.setattr(manifests, "MANIFEST_BATCH", 2)
     uris = [f"s3://bucket/site-{i % 3}/img-{i}.jpg" for i in range(9)]
     txt = tmp_path / "tonight.txt"
     txt.write_bytes(("# tonight's uploads\r\n" + "\r\n".join(uris[:4]) + "\n\n  " + uris[2] + "  \n"
@@ -366,7 +372,7 @@ def test_manifests_are_streamed_and_keep_the_first_of_repeated_keys(tmp_path, mo
     pcsv.write_csv(table, tmp_path / "tonight.csv")
     pq.write_table(table, tmp_path / "tonight.parquet", row_group_size=3)
     for name in ("tonight.txt", "tonight.csv", "tonight.parquet"):
-        got = list(score.list_input(ScoreConfig(input=str(tmp_path / name))))
+        got = list(scoring_listing.list_input(ScoreConfig(input=str(tmp_path / name))))
         assert [o["uri"] for o in got] == uris, name
         if name != "tonight.txt":
             assert [o["size"] for o in got] == list(range(10, 19)) and got[5]["etag"] == "e5", name
@@ -376,25 +382,25 @@ def test_manifests_are_streamed_and_keep_the_first_of_repeated_keys(tmp_path, mo
     pcsv.write_csv(pa.table({"key": uris}), tmp_path / "bad.csv")
     for name in ("bad.parquet", "bad.csv"):
         with pytest.raises(ConfigError, match=f"manifest .*{name} has no 'uri' column"):
-            list(score.list_input(ScoreConfig(input=str(tmp_path / name))))
+            list(scoring_listing.list_input(ScoreConfig(input=str(tmp_path / name))))
     with pytest.raises(storage.StorageError, match="not found: .*gone.txt"):
-        list(score.list_input(ScoreConfig(input=str(tmp_path / "gone.txt"))))
+        list(scoring_listing.list_input(ScoreConfig(input=str(tmp_path / "gone.txt"))))
 
 
 def test_key_set_finds_repeats_before_and_after_merging():
-    ks = score.KeySet(merge_at=3)
-    keys = [score.key_hash(f"s3://b/{i}.jpg") for i in range(10)]
+    ks = scoring_keys.KeySet(merge_at=3)
+    keys = [scoring_keys.key_hash(f"s3://b/{i}.jpg") for i in range(10)]
     assert ks.add_many(keys[:4] + [keys[0]]) == [True] * 4 + [False]  # a repeat within one call
     assert len(ks) == 4  # merged into the sorted array
     assert ks.add_many(keys) == [False] * 4 + [True] * 6 and len(ks) == 10
     assert ks.add_many(keys[::-1]) == [False] * 10 and len(ks) == 10
-    assert ks.add_many([score.key_hash("s3://b/new.jpg")]) == [True] and len(ks) == 11
+    assert ks.add_many([scoring_keys.key_hash("s3://b/new.jpg")]) == [True] and len(ks) == 11
 
 
 def test_committed_key_lookup_survives_hashes_ending_in_nul():
     """Regression: numpy's bytes dtype strips trailing NULs, which once made ~1 key in 256 look
     unscored and get scored twice on a re-run. Checked in the merged arrays and before merging."""
-    from crackscale.score import KeySet, key_hash
+    from crackscale.scoring.keys import KeySet, key_hash
 
     uris = [f"s3://b/site/{i:06d}.jpg" for i in range(3000)]
     hashes = [key_hash(u) for u in uris]
@@ -413,7 +419,7 @@ def test_cpu_layout_is_one_single_threaded_actor_per_core(ray_local):
     """num_actors / threads 0 on CPU: with decode: actor, one actor per actor_cpus Ray CPUs, sharing
     the CPUs as threads; with decode: tasks, one actor per node on all its cores; set values win."""
     def layout(**kw):
-        return score._layout(ScoreConfig(**kw))
+        return pipeline.layout(ScoreConfig(**kw))
 
     assert ray_local.cluster_resources()["CPU"] == 4
     assert layout() == (4, 1)
@@ -426,22 +432,22 @@ def test_cpu_layout_is_one_single_threaded_actor_per_core(ray_local):
 
 
 def test_listed_blocks_become_a_dataset_without_metadata_tasks(ray_local, monkeypatch):
-    """The listing computes each block's Ray Data metadata itself, and ``_dataset`` builds the
+    """The listing computes each block's Ray Data metadata itself, and ``blocks.dataset`` builds the
     Dataset from it: the rows, counts and schema of ``ray.data.from_arrow_refs``, without its remote
     metadata task per block (with the pinned Ray: an upgrade that moves its internals fails here)."""
     import ray
 
     tables = [pa.table({"uri": [f"/in/{b}-{i}.jpg" for i in range(n)], "chunk": ["c"] * n,
                         "size": pa.array(range(n), pa.int64())}) for b, n in enumerate((3, 5, 1))]
-    blocks = [(ray.put(t), score._block_metadata(t)) for t in tables]
-    assert all(m is not None and m.metadata.num_rows == t.num_rows for (_, m), t in zip(blocks, tables))
-    expected = ray.data.from_arrow_refs([r for r, _ in blocks])
+    listed = [(ray.put(t), blocks.block_metadata(t)) for t in tables]
+    assert all(m is not None and m.metadata.num_rows == t.num_rows for (_, m), t in zip(listed, tables))
+    expected = ray.data.from_arrow_refs([r for r, _ in listed])
 
     def no_tasks(*a, **k):
         raise AssertionError("from_arrow_refs runs a metadata task per block")
 
     monkeypatch.setattr(ray.data, "from_arrow_refs", no_tasks)
-    ds = score._dataset(blocks)
+    ds = blocks.dataset(listed)
     assert ds.count() == 9 and ds.num_blocks() == 3 and ds.schema() == expected.schema()
     assert ds.take_all() == expected.take_all()
     assert ds.map_batches(lambda b: {"n": [len(b["uri"])]}, batch_size=None).sum("n") == 9
@@ -450,15 +456,15 @@ def test_listed_blocks_become_a_dataset_without_metadata_tasks(ray_local, monkey
 def test_actor_calls_overlap_reads_only_for_objects_on_s3(ray_local, tmp_path):
     """``actor_calls`` 0: two calls at once per model actor when the listing met an S3 object, one
     for local files; a set value wins. The listing records whether it met one."""
-    assert score.actor_calls(ScoreConfig(), remote=False) == 1
-    assert score.actor_calls(ScoreConfig(), remote=True) == 2
-    assert score.actor_calls(ScoreConfig(actor_calls=3), remote=False) == 3
+    assert pipeline.actor_calls(ScoreConfig(), remote=False) == 1
+    assert pipeline.actor_calls(ScoreConfig(), remote=True) == 2
+    assert pipeline.actor_calls(ScoreConfig(actor_calls=3), remote=False) == 3
     with pytest.raises(ConfigError, match="'actor_calls' must be >= 0"):
         ScoreConfig(actor_calls=-1).validate()
     (tmp_path / "a.jpg").write_bytes(b"x")
     for lines, remote in (([str(tmp_path / "a.jpg")], False), ([str(tmp_path / "a.jpg"), "s3://b/k.jpg"], True)):
         (tmp_path / "m.txt").write_text("\n".join(lines))
-        listing = score._Listing(ScoreConfig(input=str(tmp_path / "m.txt"), chunk_size=1), score.KeySet())
+        listing = scoring_listing.Listing(ScoreConfig(input=str(tmp_path / "m.txt"), chunk_size=1), scoring_keys.KeySet())
         listing.next_wave(set(), time.time() + 600)  # waits for the listing's end
         assert listing.error is None and listing.remote is remote and len(listing.sizes) == len(lines)
 
@@ -508,7 +514,8 @@ def test_a_worker_whose_tensorflow_import_was_cut_short_exits_for_a_retry():
     as ``ImportError: initialization failed`` instead (as a KeyboardInterrupt would in Ray)."""
     code = """
 import signal, sys
-from crackscale import runtime
+from crackscale.imaging import tfdecode
+from crackscale.scoring import decode as scoring_decode
 
 class Cut(BaseException):
     pass
@@ -523,10 +530,10 @@ try:
 except (Cut, ImportError):  # a cut inside a C extension's init surfaces as "initialization failed"
     pass
 signal.setitimer(signal.ITIMER_REAL, 0)
-if not runtime.tf_import_cut_short():
+if not tfdecode.tf_import_cut_short():
     print("not cut short")
     sys.exit(0)
-runtime.import_tf_or_exit()
+tfdecode.import_tf_or_exit()
 print("re-import worked")
 """
     # cut points spread over how long a whole import takes on this machine now
@@ -538,7 +545,7 @@ print("re-import worked")
     for i in range(30):
         r = subprocess.run([PY, "-c", code, str(took * (0.1 + 0.03 * i))], cwd=ROOT, capture_output=True,
                            text=True, timeout=300)
-        if r.returncode == runtime.TF_IMPORT_CUT_SHORT_EXIT:
+        if r.returncode == tfdecode.TF_IMPORT_CUT_SHORT_EXIT:
             assert "TensorFlow import was cut short" in r.stderr and "re-import worked" not in r.stdout
             break
         # otherwise the process must carry on: cut where a re-import still works, or not at all

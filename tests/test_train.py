@@ -7,10 +7,15 @@ import subprocess
 
 import numpy as np
 import pytest
-
-from crackscale import artifact, data, train
-from crackscale import model as M
 from conftest import PY, ROOT, check_learned, last_json, small_train_config, upload_tree
+
+from crackscale import artifact
+from crackscale import model as M
+from crackscale.data import labelled
+from crackscale.imaging import tfdecode
+from crackscale.training import driver as train_driver
+from crackscale.training import loop as train_loop
+from crackscale.training import tfdata
 
 pytestmark = pytest.mark.slow
 
@@ -43,20 +48,20 @@ def test_one_worker_learns_and_writes_a_self_describing_artifact(trained_run):
     assert 0 <= lit["parity_max_abs_diff"] <= 1e-4 and artifact.sha256_file(art / "model.tflite") == lit["sha256"]
     # the artifact alone reproduces the reported test metrics
     loaded = artifact.load(str(art))
-    prepared = data.scan(cfg, str(cfg.data))
+    prepared = labelled.scan(cfg, str(cfg.data))
     assert prepared.manifest_hash == meta["manifest_hash"]
-    ds = data.tf_dataset(prepared.images["test"], prepared.labels["test"], 96, 64, False, 0, False,
+    ds = tfdata.tf_dataset(prepared.images["test"], prepared.labels["test"], 96, 64, False, 0, False,
                          antialias=meta["resize_antialias"])
     p = M.predict(loaded.model, ds)
     m = M.metrics(np.array(prepared.labels["test"]), p, meta["threshold"])
     assert m["accuracy"] == pytest.approx(summary["test"]["accuracy"])
     # a run name is never silently reused (refused before Ray starts)
     with pytest.raises(Exception, match="already exists"):
-        train.run(cfg)
+        train_driver.run(cfg)
 
 
 def test_cosine_lr_decays_within_a_phase():
-    lrs = [train.cosine_lr(1e-3, i, 4) for i in range(4)]
+    lrs = [train_loop.cosine_lr(1e-3, i, 4) for i in range(4)]
     assert lrs[0] == pytest.approx(1e-3) and all(a > b > 0 for a, b in zip(lrs, lrs[1:]))
     assert lrs[2] == pytest.approx(0.5e-3)
 
@@ -71,13 +76,13 @@ def test_training_and_evaluation_resize_as_configured(synth_data):
     neg = sorted((synth_data / "Negative").glob("*.jpg"))[:2]
     images, labels = [p.read_bytes() for p in pos + neg], [1, 1, 0, 0]
     mean_pixel = lambda x, training: tf.reduce_mean(x, axis=[1, 2, 3]) / 255.0  # noqa: E731 (a stand-in model)
-    decoded = {aa: np.stack([tf.round(data.decode(b, 96, aa)).numpy() for b in images]) for aa in (False, True)}
+    decoded = {aa: np.stack([tf.round(tfdecode.decode(b, 96, aa)).numpy() for b in images]) for aa in (False, True)}
     assert np.abs(decoded[True] - decoded[False]).max() > 10  # the two resizes differ on these images
     for aa in (False, True):
         cfg = replace(TrainConfig(), image_size=96, batch_size=4, resize_antialias=aa)
-        x = next(iter(train._distributed(tf.distribute.get_strategy(), images, labels, cfg, training=False)))[0]
+        x = next(iter(train_loop._distributed(tf.distribute.get_strategy(), images, labels, cfg, training=False)))[0]
         np.testing.assert_array_equal(x.numpy(), decoded[aa])
-        _, p = train._evaluate(mean_pixel, images, labels, cfg)
+        _, p = train_loop._evaluate(mean_pixel, images, labels, cfg)
         np.testing.assert_allclose(p, decoded[aa].mean(axis=(1, 2, 3)) / 255.0, rtol=1e-5)
 
 
@@ -86,7 +91,7 @@ def test_s3_data_in_artifact_out(ray_local, s3_server, s3_bucket, synth_data, tm
     cfg = small_train_config(f"s3://{s3_bucket}/inspections/train", tmp_path, name="s3run",
                              head_epochs=2, fine_tune_epochs=1, limit_per_class=60,
                              storage_path=f"s3://{s3_bucket}/runs")
-    summary = train.run(cfg)
+    summary = train_driver.run(cfg)
     assert summary["artifact"] == f"s3://{s3_bucket}/runs/s3run/model"
     loaded = artifact.load(summary["artifact"])
     assert loaded.meta["config"]["data"].startswith("s3://") and loaded.meta["history"]
@@ -115,23 +120,25 @@ PER_DEVICE_DATASETS = """
 import json, sys
 import tensorflow as tf
 from tensorflow.python.data.ops import multi_device_iterator_ops as mdi
-from crackscale import data, train
+from crackscale.training import tfdata
+from crackscale.training import loop as train_loop
+from crackscale.training import strategy as train_strategy
 from crackscale.config import TrainConfig, replace
 
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 if sys.argv[1] == "patched":
-    train._per_device_datasets_without_autotune()
-    train._per_device_datasets_without_autotune()  # idempotent: wrapped once
+    train_strategy._per_device_datasets_without_autotune()
+    train_strategy._per_device_datasets_without_autotune()  # idempotent: wrapped once
 build, seen, sources = mdi._create_device_dataset, [], []
 mdi._create_device_dataset = lambda *a, **k: seen.append(build(*a, **k)) or seen[-1]
-tf_dataset = data.tf_dataset
-data.tf_dataset = lambda *a, **k: sources.append(tf_dataset(*a, **k)) or sources[-1]
+tf_dataset = tfdata.tf_dataset
+tfdata.tf_dataset = lambda *a, **k: sources.append(tf_dataset(*a, **k)) or sources[-1]
 strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 images = [open(p, "rb").read() for p in sys.argv[2:]]
 cfg = replace(TrainConfig(), image_size=32, batch_size=4)
-x = next(iter(train._distributed(strategy, images, [0, 1, 0, 1], cfg, training=True)))[0]
-next(iter(train._distributed(tf.distribute.get_strategy(), images, [0, 1, 0, 1], cfg, training=True)))
+x = next(iter(train_loop._distributed(strategy, images, [0, 1, 0, 1], cfg, training=True)))[0]
+next(iter(train_loop._distributed(tf.distribute.get_strategy(), images, [0, 1, 0, 1], cfg, training=True)))
 inner = [c.cell_contents for c in build.__closure__ or ()]  # what the wrapper wraps
 print(json.dumps({"wrapped_once": getattr(build, "crackscale_no_autotune", False) and
                   not any(getattr(f, "crackscale_no_autotune", False) for f in inner if callable(f)),
@@ -144,7 +151,7 @@ print(json.dumps({"wrapped_once": getattr(build, "crackscale_no_autotune", False
 @pytest.mark.parametrize("mode", ["patched", "tensorflow default"])
 def test_distributed_input_pipelines_run_without_tf_data_autotuning(mode, synth_data):
     """The autotuning thread of a tf.data iterator stalls its teardown (up to 60 s at each phase
-    change, see data.no_autotune_options). Under a multi-device strategy (MirroredStrategy over 2
+    change, see tfdata.no_autotune_options). Under a multi-device strategy (MirroredStrategy over 2
     logical CPUs here, as over 2 GPUs; MWMS alike) our pipelines turn it off, and so do the
     per-device datasets the strategy builds. Single-device pipelines keep it (faster here)."""
     imgs = [str(p) for p in sorted((synth_data / "Positive").glob("*.jpg"))[:4]]
@@ -164,13 +171,16 @@ TRAINER_WITHOUT_TF = """
 import json, os, sys
 import ray
 from ray import cloudpickle
-from crackscale import train, tf_backend
+from crackscale.training import loop as train_loop
+from crackscale.training import strategy as train_strategy
+from crackscale.training import driver as train_driver
+from crackscale.training import backend as train_backend
 from crackscale.config import TrainConfig
 
 ray.init(num_cpus=1, include_dashboard=False)
-trainer = train.make_trainer(TrainConfig(num_workers=2), {})
+trainer = train_driver.make_trainer(TrainConfig(num_workers=2), {})
 cloudpickle.loads(cloudpickle.dumps(trainer))  # what the Train controller receives
-tf_backend.set_tf_config(["10.0.0.1:1234", "10.0.0.2:5678"], 1)
+train_backend.set_tf_config(["10.0.0.1:1234", "10.0.0.2:5678"], 1)
 print(json.dumps({"tf": "tensorflow" in sys.modules, "TF_CONFIG": json.loads(os.environ["TF_CONFIG"]),
                   "legacy": os.environ["TF_USE_LEGACY_KERAS"], "backend": type(trainer.backend_config).__name__}))
 ray.shutdown()

@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import PY, ROOT, last_json, run_job, upload_tree
 
 pytestmark = pytest.mark.slow
@@ -128,12 +127,13 @@ def test_killed_run_resumes_without_redoing_epochs(synth_data, tmp_path):
 def test_two_workers_on_two_nodes_learn(ray_two_nodes, synth_data, tmp_path):
     """MultiWorkerMirroredStrategy across 2 Train workers, one per node (2 CPUs each), learns."""
     import ray
-
-    from crackscale import artifact, train
     from conftest import check_learned, small_train_config
 
+    from crackscale import artifact
+    from crackscale.training import driver as train_driver
+
     cfg = small_train_config(synth_data, tmp_path, name="twonode", num_workers=2, cpus_per_worker=2)
-    summary = train.run(cfg)
+    summary = train_driver.run(cfg)
     meta = artifact.read_meta(summary["artifact"])
     assert meta["num_workers"] == 2 and meta["num_replicas"] == 2
     assert meta["strategy"] == "MultiWorkerMirroredStrategy"

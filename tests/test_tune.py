@@ -8,10 +8,13 @@ import time
 
 import numpy as np
 import pytest
-
-from crackscale import artifact, score, tune
-from crackscale.config import ConfigError, ScoreConfig, TuneConfig, load
 from conftest import PY, ROOT, last_json, run_job, small_tune_config
+
+from crackscale import artifact
+from crackscale.config import ConfigError, ScoreConfig, TuneConfig, load
+from crackscale.scoring import run as scoring_run
+from crackscale.tuning import driver as tune_driver
+from crackscale.tuning import search as tune_search
 
 pytestmark = pytest.mark.slow
 
@@ -59,22 +62,22 @@ def test_resources_the_cluster_can_never_satisfy(ray_tune_local, synth_data, tmp
     # ray_local has one node with 4 CPUs
     too_big = small_tune_config(synth_data, tmp_path, train={"cpus_per_worker": 8})
     with pytest.raises(ConfigError, match="no node of the cluster can hold one training worker"):
-        tune.concurrency(too_big)
+        tune_search.concurrency(too_big)
     too_many = small_tune_config(synth_data, tmp_path, train={"num_workers": 5})
     with pytest.raises(ConfigError, match=r"one trial needs \{'CPU': 5.0\}.*cluster has only CPU 4"):
-        tune.run(too_many)
+        tune_driver.run(too_many)
     # concurrency comes from the cluster and the per-trial shape, capped by max_concurrent
-    assert tune.concurrency(small_tune_config(synth_data, tmp_path, max_concurrent=0, num_samples=8)) == 4
-    assert tune.concurrency(small_tune_config(synth_data, tmp_path, max_concurrent=0, num_samples=8,
+    assert tune_search.concurrency(small_tune_config(synth_data, tmp_path, max_concurrent=0, num_samples=8)) == 4
+    assert tune_search.concurrency(small_tune_config(synth_data, tmp_path, max_concurrent=0, num_samples=8,
                                               train={"num_workers": 2})) == 2
-    assert tune.concurrency(small_tune_config(synth_data, tmp_path, max_concurrent=1)) == 1
+    assert tune_search.concurrency(small_tune_config(synth_data, tmp_path, max_concurrent=1)) == 1
 
 
 # ---- real searches ------------------------------------------------------------------------------
 
 def test_asha_stops_weak_trials_and_exports_a_best_artifact_that_scores(ray_tune_local, synth_data, tmp_path):
     cfg = small_tune_config(synth_data, tmp_path, name="asha")
-    s = tune.run(cfg)
+    s = tune_driver.run(cfg)
     assert s["status"] == "done" and s["trials"] == 4 and s["errored"] == 0, s
     # ASHA (grace 1, reduction 4) stopped at least one trial before its last epoch
     stopped = [r for r in s["table"] if r["stop_reason"] == "stopped early (asha)"]
@@ -91,11 +94,12 @@ def test_asha_stops_weak_trials_and_exports_a_best_artifact_that_scores(ray_tune
     assert loaded.meta["tune"]["config"] == s["best"]["config"]
     assert loaded.meta["config"]["head_lr"] == pytest.approx(s["best"]["config"]["head_lr"])
     from crackscale import model as M
-    from crackscale import data
     from crackscale.config import replace
+    from crackscale.data import labelled
+    from crackscale.training import tfdata
 
-    prepared = data.scan(replace(cfg.train), str(synth_data))
-    ds = data.tf_dataset(prepared.images["test"], prepared.labels["test"], 64, 64, False, 0, False,
+    prepared = labelled.scan(replace(cfg.train), str(synth_data))
+    ds = tfdata.tf_dataset(prepared.images["test"], prepared.labels["test"], 64, 64, False, 0, False,
                          antialias=loaded.meta["resize_antialias"])
     p = M.predict(loaded.model, ds)
     assert p.shape == (len(prepared.labels["test"]),) and np.all((p >= 0) & (p <= 1))
@@ -109,7 +113,7 @@ def test_asha_stops_weak_trials_and_exports_a_best_artifact_that_scores(ray_tune
         ckpts = list((exp / r["trial"]).glob("checkpoint_*"))
         assert bool(ckpts) == (r["trial"] in kept), (r["trial"], ckpts)
     # the scorer uses it unchanged (in-process on this Ray: jobs/score.py is a thin wrapper of it)
-    sc = score.run(ScoreConfig(model=s["artifact"], input=str(synth_data / "Positive"), output=str(tmp_path / "scores"),
+    sc = scoring_run.run(ScoreConfig(model=s["artifact"], input=str(synth_data / "Positive"), output=str(tmp_path / "scores"),
                                runtime="tf", cache_dir=str(tmp_path / "cache")))
     assert (sc["scored"], sc["failed"]) == (len(list((synth_data / "Positive").glob("*.jpg"))), 0), sc
 
@@ -119,7 +123,7 @@ def test_pbt_exploits_and_reports_the_schedule(ray_tune_local, synth_data, tmp_p
                             perturbation_interval=3, pbt_synch=True, train={"resize_antialias": True},
                             search_space={"dropout": {"uniform": [0.1, 0.5]}},
                             pbt_mutations={"head_lr": {"loguniform": [1e-4, 3e-2]}})
-    s = tune.run(cfg)
+    s = tune_driver.run(cfg)
     assert s["status"] == "done", s
     # synchronous PBT, 2 trials, quantile 0.5: at epoch 3 the weaker trial copies the stronger
     assert s["pbt"]["exploits"] >= 1, s

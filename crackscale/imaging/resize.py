@@ -3,8 +3,8 @@ its order of operations) compiled by numba without fast-math, then clip and roun
 ``tf.round``. Used by ``jpeg.decode``; imported only when a JPEG is decoded without TensorFlow.
 
 The kernels are top-level functions on purpose: numba's disk cache keys a closure by its captured
-variables, which differ in every process, so a nested kernel was compiled again (≈ 1.4 s of CPU) in
-every process, and each compile added another cache file.
+variables, which differ in every process, so a nested kernel would be compiled again in every
+process, each compile adding another cache file.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 def _jit(fn: Any) -> Any:
     """Compiled with numba's disk cache (next to this module, else numba's user cache); where neither
-    is writable (read-only install, no home directory) compiled in each process instead (≈ 1.4 s)."""
+    is writable (read-only install, no home directory) compiled in each process instead."""
     try:
         return numba.njit(cache=True, nogil=True)(fn)
     except RuntimeError as e:

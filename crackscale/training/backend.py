@@ -1,10 +1,10 @@
-"""The Ray Train backend of ``crackscale.train``: ``TF_CONFIG`` for MultiWorkerMirroredStrategy.
+"""The Ray Train backend of ``crackscale.training``: ``TF_CONFIG`` for MultiWorkerMirroredStrategy.
 
 Ray's ``TensorflowTrainer`` does the same through ``ray.train.tensorflow.TensorflowConfig``, but
 that package imports TensorFlow at import time, in every process that touches the config: the
 driver that builds the trainer (a Tune trial's driver function) and the Train controller actor
-that unpickles it. Neither runs a TensorFlow op, and each import costs ≈ 5 s of CPU here, so every
-training run and every Tune trial started ≈ 10 s later than it needed to. This backend sets the same
+that unpickles it. Neither runs a TensorFlow op, and each import costs seconds of CPU at the start
+of every training run and every Tune trial (docs/decisions.md). This backend sets the same
 environment on the workers (one ``TF_CONFIG`` per worker, addresses in world-rank order, and
 ``TF_USE_LEGACY_KERAS=1`` as Ray 2.60 does) from a module that never imports TensorFlow.
 """

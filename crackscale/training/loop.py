@@ -1,13 +1,7 @@
-"""Distributed two-phase MobileNetV2 training with Ray Train (DataParallelTrainer + MWMS).
-
-Driver: scan/dedup/split the data once, put the image bytes in Ray's object store (so workers on
-any node get them without shared storage), start a ``DataParallelTrainer`` whose backend
-(``crackscale.tf_backend``) gives each worker its ``TF_CONFIG``. Each worker: a
-``MultiWorkerMirroredStrategy`` over all workers and their local GPUs, its shard of the data, head
-phase (Adam, base frozen when pretrained) then fine-tune phase (RMSprop, base from
-``fine_tune_at``), EarlyStopping per phase, a checkpoint every epoch. Rank 0 evaluates before and
-after, picks the decision threshold on validation, and writes the model artifact.
-"""
+"""What each Ray Train worker runs: build the model inside the strategy scope, restore the last
+checkpoint, evaluate before, train the head phase then the fine-tune phase (EarlyStopping per phase,
+a checkpoint every epoch), evaluate after; rank 0 picks the decision threshold on validation and
+writes the model artifact."""
 
 from __future__ import annotations
 
@@ -22,9 +16,11 @@ from typing import Any
 
 import numpy as np
 
-from crackscale import artifact, data, storage
+from crackscale import artifact
 from crackscale import model as M
-from crackscale.config import ConfigError, TrainConfig, dump, from_dict, to_dict
+from crackscale.config import TrainConfig, dump, from_dict, to_dict
+from crackscale.training.strategy import make_strategy, multi_device
+from crackscale.training import tfdata
 
 log = logging.getLogger(__name__)
 
@@ -32,15 +28,13 @@ STATE_FILE = "state.json"
 WEIGHTS_FILE = "weights.npz"
 
 
-# ---- worker side ------------------------------------------------------------------------------
-
 def _distributed(strategy: Any, images: list[bytes], labels: list[int], cfg: TrainConfig,
                  training: bool) -> Any:
     per_replica = max(1, cfg.batch_size // strategy.num_replicas_in_sync)
-    autotune = not _multi_device(strategy)
+    autotune = not multi_device(strategy)
 
     def fn(ctx: Any) -> Any:
-        return data.tf_dataset(images, labels, cfg.image_size, per_replica, shuffle=training,
+        return tfdata.tf_dataset(images, labels, cfg.image_size, per_replica, shuffle=training,
                                seed=cfg.seed + ctx.input_pipeline_id, repeat=True,
                                shard=(ctx.num_input_pipelines, ctx.input_pipeline_id),
                                antialias=cfg.resize_antialias, autotune=autotune)
@@ -48,19 +42,11 @@ def _distributed(strategy: Any, images: list[bytes], labels: list[int], cfg: Tra
     return strategy.distribute_datasets_from_function(fn)
 
 
-def _multi_device(strategy: Any) -> bool:
-    """True under MWMS or MirroredStrategy: their input goes through a MultiDeviceIterator, and its
-    pipelines run without tf.data autotuning (see data.no_autotune_options)."""
-    import tensorflow as tf
-
-    return isinstance(strategy, (tf.distribute.MultiWorkerMirroredStrategy, tf.distribute.MirroredStrategy))
-
-
 def _evaluate(mdl: Any, images: list[bytes], labels: list[int], cfg: TrainConfig,
               threshold: float | None = None, autotune: bool = True) -> tuple[dict[str, Any], np.ndarray]:
     if not images:
         return {}, np.zeros(0)
-    ds = data.tf_dataset(images, labels, cfg.image_size, 64, shuffle=False, seed=0, repeat=False,
+    ds = tfdata.tf_dataset(images, labels, cfg.image_size, 64, shuffle=False, seed=0, repeat=False,
                          antialias=cfg.resize_antialias, autotune=autotune)
     p = M.predict(mdl, ds)
     y = np.asarray(labels)
@@ -128,44 +114,6 @@ def cosine_lr(lr0: float, i: int, n: int) -> float:
     return float(lr0 * 0.5 * (1 + np.cos(np.pi * min(max(i, 0), n) / n)))
 
 
-def make_strategy(world_size: int) -> tuple[Any, str]:
-    """MultiWorkerMirroredStrategy across workers; inside a lone worker, MirroredStrategy over its
-    GPUs, or no strategy on one device: a strategy around a single CPU replica made each training
-    step ≈ 2.5× slower here (MobileNetV2 128 px: 12.4 vs 31.4 img/s, MWMS or MirroredStrategy alike)."""
-    import tensorflow as tf
-
-    if world_size > 1:
-        _per_device_datasets_without_autotune()
-        return tf.distribute.MultiWorkerMirroredStrategy(), "MultiWorkerMirroredStrategy"
-    if len(tf.config.list_logical_devices("GPU")) > 1:
-        _per_device_datasets_without_autotune()
-        return tf.distribute.MirroredStrategy(), "MirroredStrategy"
-    return tf.distribute.get_strategy(), "default (one device)"
-
-
-def _per_device_datasets_without_autotune() -> None:
-    """A strategy's distributed iterator (a MultiDeviceIterator, whatever the InputOptions) builds
-    one small dataset per device with default options, so each gets its own tf.data autotuning
-    thread, and with it the teardown stall ``data.no_autotune_options`` explains. TensorFlow has no
-    option for those datasets, so this wraps its private builder (once per process) to add ours.
-    Without the builder (another TensorFlow version) training still works, with the stall."""
-    from tensorflow.python.data.ops import multi_device_iterator_ops as mdi
-
-    build = getattr(mdi, "_create_device_dataset", None)
-    if build is None:
-        log.warning("tf.data per-device datasets keep autotuning (no _create_device_dataset in this "
-                    "TensorFlow): expect a stall of up to 60 s at the end of each training phase")
-        return
-    if getattr(build, "crackscale_no_autotune", False):
-        return
-
-    def without_autotune(*args: Any, **kwargs: Any) -> Any:
-        return build(*args, **kwargs).with_options(data.no_autotune_options())
-
-    without_autotune.crackscale_no_autotune = True  # type: ignore[attr-defined]
-    mdi._create_device_dataset = without_autotune
-
-
 def save_weights(weights: list[np.ndarray], path: str) -> None:
     """A model's ``get_weights()`` list as .npz (order = the model's weight order)."""
     np.savez(path, *weights)
@@ -202,8 +150,8 @@ def _fit_phase(mdl: Any, base: Any, cfg: TrainConfig, phase: str, state: dict[st
             lambda epoch, _lr: cosine_lr(lr0, epoch - start, epochs)))
     log.info("phase %s: epochs %d..%d", phase, state["epoch"] + 1, state["phase_end"])
     mdl.fit(train_ds, epochs=state["phase_end"], initial_epoch=state["epoch"],
-            steps_per_epoch=data.steps(n_train, cfg.batch_size), validation_data=val_ds,
-            validation_steps=data.steps(n_val, cfg.batch_size), callbacks=callbacks, verbose=2)
+            steps_per_epoch=tfdata.steps(n_train, cfg.batch_size), validation_data=val_ds,
+            validation_steps=tfdata.steps(n_val, cfg.batch_size), callbacks=callbacks, verbose=2)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -218,7 +166,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     for gpu in tf.config.list_physical_devices("GPU"):
         tf.config.experimental.set_memory_growth(gpu, True)
     strategy, strategy_name = make_strategy(ctx.get_world_size())
-    autotune = not _multi_device(strategy)
+    autotune = not multi_device(strategy)
     splits = ray.get(config["data"])
     (tr_x, tr_y), (va_x, va_y), (te_x, te_y) = splits["train"], splits["val"], splits["test"]
 
@@ -297,162 +245,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
             shutil.copytree(tb_dir, Path(extra, "tensorboard"))
         # the LiteRT export's parity check runs on real validation images, decoded as for training
-        check = next(iter(data.tf_dataset(va_x[:64], va_y[:64], cfg.image_size, 64, shuffle=False,
+        check = next(iter(tfdata.tf_dataset(va_x[:64], va_y[:64], cfg.image_size, 64, shuffle=False,
                                           seed=0, repeat=False, antialias=cfg.resize_antialias)))[0].numpy()
         artifact.save(plain, meta, config["output"], extra_dir=extra, cfg=cfg.storage, check_images=check)
         final.update({f"test_{k_}": v for k_, v in test_m.items() if isinstance(v, (int, float))})
         final.update({f"val_{k_}": v for k_, v in val_m.items() if isinstance(v, (int, float))})
         final["artifact"] = config["output"]
     ray.train.report(final, checkpoint=None)
-
-
-# ---- driver side ------------------------------------------------------------------------------
-
-def resolve_data(cfg: TrainConfig) -> str:
-    """The data URI; with ``data: ""`` synthetic demo images are generated first."""
-    if cfg.data:
-        return cfg.data
-    from crackscale import synth
-
-    return str(synth.generate(cfg.synth_dir, per_class=cfg.synth_per_class, seed=cfg.seed,
-                              class_names=tuple(cfg.class_names)))  # type: ignore[arg-type]
-
-
-def auto_workers(cfg: TrainConfig) -> tuple[int, int]:
-    """(num_workers, gpus_per_worker): ``num_workers: 0`` means one worker per GPU node."""
-    import ray
-
-    gpu_nodes = [n for n in ray.nodes() if n.get("Alive") and n["Resources"].get("GPU", 0) >= 1]
-    if cfg.use_gpu and not gpu_nodes:
-        # an autoscaling cluster may add GPU nodes later; a fixed one never will
-        log.warning("use_gpu: true but the cluster has no GPU node yet; waiting for the autoscaler")
-    if cfg.num_workers > 0:
-        return cfg.num_workers, cfg.gpus_per_worker
-    if not cfg.use_gpu or not gpu_nodes:
-        return 1, cfg.gpus_per_worker
-    return len(gpu_nodes), int(min(n["Resources"]["GPU"] for n in gpu_nodes))
-
-
-def run_dir(cfg: TrainConfig) -> str:
-    return storage.join(cfg.storage_path, cfg.name)
-
-
-def latest_run(storage_path: str) -> str:
-    runs = sorted(p for p in Path(storage_path).glob("train-*") if (p / "crackscale").is_dir())
-    if not runs:
-        raise ConfigError(f"--resume: no previous run under storage_path {storage_path}; set name=")
-    return runs[-1].name
-
-
-def _storage_args(cfg: TrainConfig) -> dict[str, Any]:
-    if storage.is_s3(cfg.storage_path):
-        return {"storage_path": cfg.storage_path[len("s3://"):],
-                "storage_filesystem": storage.s3_filesystem(cfg.storage)}
-    return {"storage_path": str(Path(cfg.storage_path).expanduser().absolute())}
-
-
-def absolute_paths(cfg: TrainConfig) -> TrainConfig:
-    """Local paths made absolute: Ray workers do not share the driver's working directory."""
-    def fix(v: str) -> str:
-        return v if (not v or storage.is_s3(v) or v.lower() in ("none", "imagenet")) else str(Path(v).expanduser().absolute())
-
-    return from_dict(TrainConfig, {**to_dict(cfg), "data": fix(cfg.data), "output": fix(cfg.output),
-                                   "storage_path": fix(cfg.storage_path), "synth_dir": fix(cfg.synth_dir),
-                                   "weights": fix(cfg.weights)})
-
-
-def make_trainer(cfg: TrainConfig, loop_config: dict[str, Any], run_config: Any = None) -> Any:
-    """The Ray Train trainer for ``cfg`` (shared by ``run`` and the Tune driver function): a
-    ``DataParallelTrainer`` with the MWMS backend of ``crackscale.tf_backend`` (what
-    ``TensorflowTrainer`` does, without importing TensorFlow in the driver and the controller)."""
-    from ray.train import ScalingConfig
-    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
-
-    from crackscale.tf_backend import MWMSConfig
-
-    workers, gpus = auto_workers(cfg)
-    resources = {"CPU": cfg.cpus_per_worker}
-    if cfg.use_gpu:
-        resources["GPU"] = gpus
-    return DataParallelTrainer(
-        train_loop_per_worker, train_loop_config=loop_config, run_config=run_config,
-        backend_config=MWMSConfig(),
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker=resources),
-    )
-
-
-def prepare(cfg: TrainConfig, prepared: data.Prepared | None = None) -> dict[str, Any]:
-    """The worker config for ``cfg``: image bytes go to Ray's object store, read once here."""
-    import ray
-
-    data_uri = resolve_data(cfg)
-    if prepared is None:
-        prepared = data.scan(cfg, data_uri)
-    ref = ray.put({s: (prepared.images[s], prepared.labels[s]) for s in data.SPLITS})
-    return {
-        "cfg": to_dict(cfg), "data": ref, "name": cfg.name,
-        "output": cfg.output or storage.join(run_dir(cfg), "model"),
-        "manifest_hash": prepared.manifest_hash, "manifest_csv": data.manifest_csv(prepared.manifest),
-        "data_stats": prepared.stats, "data_uri": data_uri,
-        "test_uris": [r["uri"] for r in prepared.manifest if r["split"] == "test"],
-    }
-
-
-def run(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
-    """Train per ``cfg`` on the connected Ray cluster; returns a JSON-able summary."""
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig
-
-    t0 = time.time()
-    if resume and not cfg.name:
-        if storage.is_s3(cfg.storage_path):
-            raise ConfigError("--resume with an s3:// storage_path needs the run name: --set name=...")
-        cfg = from_dict(TrainConfig, {**to_dict(cfg), "name": latest_run(cfg.storage_path)})
-    if not cfg.name:
-        stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        cfg = from_dict(TrainConfig, {**to_dict(cfg), "name": f"train-{stamp}"})
-    cfg = absolute_paths(cfg)
-    meta_dir = storage.join(run_dir(cfg), "crackscale")
-    storage.check_bucket(cfg.storage_path, cfg.storage)
-    exists = storage.exists(storage.join(meta_dir, "config.yaml"), cfg.storage)
-    if exists and not resume:
-        raise ConfigError(f"run '{cfg.name}' already exists in {cfg.storage_path}: "
-                          "pass --resume to continue it or choose another name")
-    if resume and not exists:
-        raise ConfigError(f"--resume: no run named '{cfg.name}' in {cfg.storage_path}")
-    prepared = data.scan(cfg, resolve_data(cfg))  # before Ray starts: bad data fails fast
-    if not ray.is_initialized():
-        ray.init()
-    loop_config = prepare(cfg, prepared)
-    hash_uri = storage.join(meta_dir, "manifest_hash.txt")
-    if resume and storage.read_text(hash_uri, cfg.storage).strip() != loop_config["manifest_hash"]:
-        raise ConfigError(f"--resume: the data under {loop_config['data_uri']} changed since run "
-                          f"'{cfg.name}' started (manifest hash differs); start a new run")
-    storage.write_text(storage.join(meta_dir, "config.yaml"), dump(cfg), cfg.storage)
-    storage.write_text(hash_uri, loop_config["manifest_hash"], cfg.storage)
-    storage.write_text(storage.join(meta_dir, "manifest.csv"), loop_config["manifest_csv"], cfg.storage)
-
-    run_config = RunConfig(
-        name=cfg.name, **_storage_args(cfg),
-        failure_config=FailureConfig(max_failures=cfg.max_failures),
-        checkpoint_config=CheckpointConfig(num_to_keep=2),
-    )
-    result = make_trainer(cfg, loop_config, run_config).fit()
-    if result.error:
-        raise result.error
-    meta = artifact.read_meta(loop_config["output"], cfg.storage)
-    keys = ("accuracy", "precision", "recall", "roc_auc", "threshold", "accuracy_at_0.5", "n")
-    summary = {
-        "run": cfg.name,
-        "artifact": loop_config["output"],
-        "epochs_run": len(meta["history"]),
-        "resumed_at_epochs": meta.get("resumed_at_epochs", []),
-        "data": loop_config["data_stats"],
-        "test": {k: meta["metrics"]["after"]["test"].get(k) for k in keys},
-        "val": {k: meta["metrics"]["after"]["val"].get(k) for k in keys},
-        "test_before": {k: meta["metrics"]["before"]["test"].get(k) for k in keys},
-        "duration_s": round(time.time() - t0, 1),
-    }
-    storage.write_text(storage.join(meta_dir, "summary.json"), json.dumps(summary, indent=2), cfg.storage)
-    return summary

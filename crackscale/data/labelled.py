@@ -1,4 +1,4 @@
-"""Labelled image tree → deduplicated, grouped, reproducible train/val/test split + tf.data input.
+"""Labelled image tree → deduplicated, grouped, reproducible train/val/test split.
 
 Steps: list ``<data>/<class>/*`` (local or S3), read bytes, SHA-256, drop byte-identical
 duplicates (first by path wins; a hash seen under both classes is dropped as ambiguous), check each
@@ -17,7 +17,6 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from crackscale import storage
@@ -194,71 +193,3 @@ def manifest_csv(manifest: list[dict[str, Any]]) -> str:
     for r in manifest:
         lines.append(",".join(json.dumps(r[c]) if c == "uri" else str(r[c]) for c in cols))
     return "\n".join(lines) + "\n"
-
-
-# ---- tf.data (imported lazily: the driver need not load TensorFlow) -----------------------------
-
-# The default resize (TrainConfig.resize_antialias): bilinear without antialiasing, as the original
-# script's image_dataset_from_directory did (half the CPU of an antialiased resize: 0.8 vs 1.6 ms per
-# 227 px JPEG on one core here). Recorded in model.json as "resize_antialias"; artifacts without the
-# key were trained with True.
-RESIZE_ANTIALIAS: bool = TrainConfig.resize_antialias
-
-
-def decode(data: Any, image_size: int, antialias: bool = RESIZE_ANTIALIAS) -> Any:
-    """JPEG/PNG/BMP/GIF bytes → float32 [size, size, 3] RGB in 0..255 (model does the scaling)."""
-    import tensorflow as tf
-
-    img = tf.io.decode_image(data, channels=3, expand_animations=False)
-    img = tf.image.resize(img, (image_size, image_size), antialias=antialias)
-    img.set_shape((image_size, image_size, 3))
-    return img
-
-
-def tf_dataset(images: list[bytes], labels: list[int], image_size: int, batch_size: int,
-               shuffle: bool, seed: int, repeat: bool, shard: tuple[int, int] = (1, 0), *,
-               antialias: bool, autotune: bool = True) -> Any:
-    """Batched (image, label) dataset; decoding is cached so epochs after the first are cheap.
-
-    ``antialias`` has no default: every caller passes the config's (or artifact's) resize, so no
-    run trains with one resize and records the other. ``autotune=False`` for pipelines a
-    distribution strategy iterates (see ``no_autotune_options``)."""
-    import tensorflow as tf
-
-    ds = tf.data.Dataset.from_tensor_slices((tf.constant(images, dtype=tf.string),
-                                             tf.constant(labels, dtype=tf.float32)))
-    num, index = shard
-    if num > 1:
-        ds = ds.shard(num, index)
-    ds = ds.map(lambda b, y: (tf.cast(tf.round(decode(b, image_size, antialias)), tf.uint8), y),
-                num_parallel_calls=tf.data.AUTOTUNE).cache()
-    if shuffle:
-        ds = ds.shuffle(min(len(images), 4096), seed=seed, reshuffle_each_iteration=True)
-    if repeat:
-        ds = ds.repeat()
-    ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), y))
-    ds = ds.batch(batch_size, drop_remainder=repeat).prefetch(tf.data.AUTOTUNE)
-    return ds if autotune else ds.with_options(no_autotune_options())
-
-
-def no_autotune_options() -> Any:
-    """tf.data options without the autotuning model thread (AUTOTUNE map parallelism then means one
-    call per core, and prefetch buffers still grow on demand).
-
-    Why: destroying an iterator whose model thread has run for a while (the training iterator at
-    the end of each ``model.fit``) blocks for up to the thread's optimisation period, which grows to
-    60 s. The thread misses the cancellation wake-up (its callback runs before the cancellation
-    manager reports "cancelled") and sleeps out the period. Under MultiWorkerMirroredStrategy the
-    other workers wait in the next collective meanwhile: 6-8 s per phase change in a 2-process run
-    here, 30-74 s in the two-node Ray test. Single-device training keeps autotuning: without it a
-    plain ``model.fit`` here ran at 103-120 instead of 130-133 img/s."""
-    import tensorflow as tf
-
-    options = tf.data.Options()
-    options.autotune.enabled = False
-    return options
-
-
-def steps(n: int, global_batch: int) -> int:
-    return max(1, int(np.ceil(n / global_batch)))
-

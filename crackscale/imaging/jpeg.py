@@ -1,14 +1,14 @@
-"""JPEG decode + resize without TensorFlow, bit-identical to training's (``data.decode`` with
+"""JPEG decode + resize without TensorFlow, bit-identical to training's (``imaging.tfdecode.decode`` with
 ``resize_antialias: false``: ``tf.io.decode_image`` + bilinear ``tf.image.resize``, rounded to uint8).
 
-Why: a scoring actor that decodes with TensorFlow imports it (≈ 3.5 s of CPU and ≈ 600 MiB per
-process here) only for that. With the artifact's LiteRT export, the model needs no TensorFlow either,
+Why: a scoring actor that decodes with TensorFlow imports it (seconds of CPU and hundreds of MiB
+per process) only for that. With the artifact's LiteRT export, the model needs no TensorFlow either,
 so a CPU actor that decodes this way never imports it.
 
 - Decode: libjpeg-turbo through ``simplejpeg`` with the settings TensorFlow's decoder uses: the
   integer fast DCT and fancy (smooth) chroma upsampling. ``strict``: any libjpeg warning (a truncated
-  or damaged file) raises, and the caller lets TensorFlow decide on that file, as before.
-- Resize: TensorFlow's ``ResizeBilinear`` CPU kernel, compiled by numba (``resize_kernel``).
+  or damaged file) raises, and the caller lets TensorFlow decide on that file.
+- Resize: TensorFlow's ``ResizeBilinear`` CPU kernel, compiled by numba (``imaging.resize``).
 - ``available()`` proves it on this node before the first use: the package's ``decode_check.jpg``
   must decode and resize to the SHA-256 digests TensorFlow gives (``CHECK_DIGESTS``; a test checks
   them against TensorFlow). A different libjpeg-turbo or numba build that differs turns this path
@@ -39,16 +39,16 @@ _state: dict[str, Any] = {}
 
 
 def _kernels() -> Any:
-    """The compiled resize (``resize_kernel``: numba, loaded from its disk cache or compiled)."""
+    """The compiled resize (``imaging.resize``: numba, loaded from its disk cache or compiled)."""
     if "resize" not in _state:
-        from crackscale import resize_kernel
+        from crackscale.imaging import resize  # numba: imported only when a JPEG is decoded this way
 
-        _state["resize"] = resize_kernel.resize
+        _state["resize"] = resize.resize
     return _state["resize"]
 
 
 def orient(img: np.ndarray, orientation: int) -> np.ndarray:
-    """EXIF orientation 1..8 → upright, as ``runtime``'s TensorFlow decoder (PIL.ImageOps.exif_transpose)."""
+    """EXIF orientation 1..8 → upright, as the TensorFlow decoder of ``imaging.tfdecode`` (PIL.ImageOps.exif_transpose)."""
     if orientation == 2:
         return img[:, ::-1]
     if orientation == 3:

@@ -1,0 +1,90 @@
+"""LiteRT (XNNPACK) as a scoring runtime: export from a tf.keras model, the interpreter, and the
+parity check that a LiteRT export gives tf.keras's probabilities before it is trusted."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from crackscale.runtimes.base import Runtime, pad
+
+
+class LiteRTRuntime:
+    """An exported ``.tflite`` model on the LiteRT interpreter (XNNPACK delegate, fp32)."""
+
+    name = "litert"
+
+    def __init__(self, model: str | Path | bytes, batch_size: int, threads: int = 0) -> None:
+        """``model``: a ``.tflite`` path, or its bytes."""
+        from ai_edge_litert.interpreter import Interpreter
+
+        self.batch_size = batch_size
+        source = {"model_content": model} if isinstance(model, bytes) else {"model_path": str(model)}
+        self._it = Interpreter(**source, num_threads=threads or os.cpu_count() or 1)
+        inp = self._it.get_input_details()[0]
+        self._in = inp["index"]
+        self._it.resize_tensor_input(self._in, [batch_size, *inp["shape"][1:]])
+        self._it.allocate_tensors()
+        self._out = self._it.get_output_details()[0]["index"]
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        out = []
+        for i in range(0, len(images), self.batch_size):
+            part = images[i: i + self.batch_size]
+            self._it.set_tensor(self._in, pad(part.astype(np.float32, copy=False), self.batch_size))
+            self._it.invoke()
+            out.append(self._it.get_tensor(self._out).reshape(-1)[: len(part)].copy())
+        return np.concatenate(out).astype(np.float32) if out else np.zeros(0, np.float32)
+
+
+def export_litert(model: Any, path: str | Path) -> Path:
+    """Convert a tf.keras model to an fp32 ``.tflite`` file (inference mode, any batch size;
+    atomic write).
+
+    Converted from one concrete function whose only tracked state is the model's variables:
+    ``TFLiteConverter.from_keras_model`` first writes a Keras SavedModel, tracing every layer's
+    call, which takes several times longer and yields the same probabilities.
+    """
+    import tensorflow as tf
+
+    spec = tf.TensorSpec([None, *model.inputs[0].shape[1:]], tf.float32)
+    holder = tf.Module()
+    holder.variables_ = list(model.variables)
+    holder.serve = tf.function(lambda x: model(x, training=False), input_signature=[spec])
+    conv = tf.lite.TFLiteConverter.from_concrete_functions([holder.serve.get_concrete_function()], holder)
+    data = conv.convert()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)  # concurrent actors on one node may race: last complete file wins
+    return path
+
+
+def sample_images(image_size: int, n: int = 16, seed: int = 0) -> np.ndarray:
+    """Deterministic concrete-like images (half with cracks) for parity checks, uint8 NHWC."""
+    from PIL import Image
+
+    from crackscale.data import synth
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        img, _ = synth.make_image(rng, crack=bool(i % 2), size=max(image_size, 64))
+        out.append(np.asarray(img.resize((image_size, image_size), Image.BILINEAR), dtype=np.uint8))
+    return np.stack(out)
+
+
+def parity(a: Runtime, b: Runtime, images: np.ndarray) -> float:
+    """max |Δp| between two runtimes on ``images``."""
+    return float(np.max(np.abs(a.predict(images) - b.predict(images)))) if len(images) else 0.0
+
+
+def cache_path(cache_dir: str, model_sha256: str) -> Path:
+    root = Path(cache_dir or os.path.join(tempfile.gettempdir(), "crackscale-cache"))
+    return root / "litert" / f"{model_sha256}.tflite"
