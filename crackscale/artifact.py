@@ -41,8 +41,12 @@ def versions() -> dict[str, str]:
     import ray
     import tensorflow as tf
 
-    return {"crackscale": __version__, "tensorflow": tf.__version__, "ray": ray.__version__,
-            "python": platform.python_version()}
+    return {
+        "crackscale": __version__,
+        "tensorflow": tf.__version__,
+        "ray": ray.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def sha256_file(path: str | Path) -> str:
@@ -70,12 +74,23 @@ def _export_litert(model: Any, local: Path, check_images: Any = None) -> dict[st
         log.warning("no LiteRT export stored in the artifact: %s", msg)
         return {"error": msg[:500]}
     log.info("LiteRT export stored: max |Δp| vs tf.keras = %.2e on %d %s", diff, len(check_images), on)
-    return {"file": LITERT_FILE, "sha256": sha256_file(path), "parity_max_abs_diff": diff,
-            "parity_images": len(check_images), "parity_on": on}
+    return {
+        "file": LITERT_FILE,
+        "sha256": sha256_file(path),
+        "parity_max_abs_diff": diff,
+        "parity_images": len(check_images),
+        "parity_on": on,
+    }
 
 
-def save(model: Any, meta: dict[str, Any], uri: str, extra_dir: str | Path | None = None,
-         cfg: StorageConfig | None = None, check_images: Any = None) -> str:
+def save(
+    model: Any,
+    meta: dict[str, Any],
+    uri: str,
+    extra_dir: str | Path | None = None,
+    cfg: StorageConfig | None = None,
+    check_images: Any = None,
+) -> str:
     """Write model + its LiteRT export + model.json (+ files of ``extra_dir``) to ``uri``;
     model.json is written last. ``check_images``: uint8 NHWC images for the LiteRT parity check."""
     with tempfile.TemporaryDirectory(prefix="crackscale-art-") as tmp:
@@ -86,9 +101,13 @@ def save(model: Any, meta: dict[str, Any], uri: str, extra_dir: str | Path | Non
             shutil.copytree(extra_dir, local)
         local.mkdir(exist_ok=True)
         model.save(local / MODEL_FILE)
-        meta = dict(meta, format_version=FORMAT_VERSION, model_file=MODEL_FILE,
-                    model_sha256=sha256_file(local / MODEL_FILE),
-                    litert=_export_litert(model, local, check_images))
+        meta = dict(
+            meta,
+            format_version=FORMAT_VERSION,
+            model_file=MODEL_FILE,
+            model_sha256=sha256_file(local / MODEL_FILE),
+            litert=_export_litert(model, local, check_images),
+        )
         meta_text = json.dumps(meta, indent=2, sort_keys=False, default=str)
         storage.upload_dir(local, uri, cfg)
         # model.json last: an artifact without it is incomplete and refused by load()
@@ -120,7 +139,8 @@ def read_litert(uri: str, meta: dict[str, Any], cfg: StorageConfig | None = None
     if digest != lit["sha256"]:
         raise ArtifactError(
             f"{LITERT_FILE} of {uri} does not match the checksum in {META_FILE} "
-            f"({digest[:12]}… != {str(lit['sha256'])[:12]}…): refusing a tampered artifact")
+            f"({digest[:12]}… != {str(lit['sha256'])[:12]}…): refusing a tampered artifact"
+        )
     return data
 
 
@@ -138,8 +158,10 @@ def load(uri: str, cfg: StorageConfig | None = None, compile: bool = False) -> L
     if Path(name).name != name or not name.endswith(".keras"):
         # only the native .keras format is checked by safe mode: legacy .h5/SavedModel loading runs
         # a Lambda layer's bytecode even with safe_mode=True (checked with tf-keras 2.21)
-        raise ArtifactError(f"artifact {uri}: model_file {name!r} refused (only a '.keras' file inside "
-                            "the artifact directory is loaded)")
+        raise ArtifactError(
+            f"artifact {uri}: model_file {name!r} refused (only a '.keras' file inside "
+            "the artifact directory is loaded)"
+        )
     local = storage.download_dir(uri, cfg=cfg)
     path = local / name
     if not path.is_file():

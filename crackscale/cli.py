@@ -15,7 +15,8 @@ import argparse
 import json
 import logging
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from crackscale import storage
 from crackscale.artifact import ArtifactError
@@ -32,13 +33,19 @@ EXAMPLES = {
     "doctor": "crackscale doctor",
 }
 MORE_EXAMPLES = {
-    "query": ["crackscale query counts --by night --config jobs/configs/score.yaml --format csv",
-              'crackscale query --output scores/ --sql "SELECT count(*) FROM scores"'],
-    "report": ["crackscale report --run 20261124T010203Z-1a2b3c --output scores/ --top 24",
-               "crackscale report --artifact runs/demo/model"],
-    "doctor": ["crackscale doctor --ray-address 10.0.0.5:6379 --bucket s3://crack-data",
-               "RAY_AUTH_MODE=token crackscale doctor --ray-address http://127.0.0.1:8265 "
-               "--set storage.s3_endpoint=http://minio:9000"],
+    "query": [
+        "crackscale query counts --by night --config jobs/configs/score.yaml --format csv",
+        'crackscale query --output scores/ --sql "SELECT count(*) FROM scores"',
+    ],
+    "report": [
+        "crackscale report --run 20261124T010203Z-1a2b3c --output scores/ --top 24",
+        "crackscale report --artifact runs/demo/model",
+    ],
+    "doctor": [
+        "crackscale doctor --ray-address 10.0.0.5:6379 --bucket s3://crack-data",
+        "RAY_AUTH_MODE=token crackscale doctor --ray-address http://127.0.0.1:8265 "
+        "--set storage.s3_endpoint=http://minio:9000",
+    ],
     "tune": ["crackscale tune --config jobs/configs/tune.yaml --set scheduler=pbt"],
 }
 HELP = {
@@ -50,17 +57,28 @@ HELP = {
     "report": "(re)build the HTML report of a scoring run or a model artifact",
     "doctor": "check Python/TF/Ray versions, the Ray cluster, S3 and GPUs",
 }
-USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, storage.StorageError, DataError, ArtifactError,
-                                                FileNotFoundError)
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ConfigError,
+    storage.StorageError,
+    DataError,
+    ArtifactError,
+    FileNotFoundError,
+)
 
 
 # ---- shared arguments ---------------------------------------------------------------------------
 
+
 def add_config_args(p: argparse.ArgumentParser, what: str = "") -> None:
     p.add_argument("--config", help=f"YAML config file{what} (keys: docs/configuration.md)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key (repeatable; dotted keys for sections, e.g. "
-                        "storage.s3_endpoint=http://127.0.0.1:9000)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key (repeatable; dotted keys for sections, e.g. "
+        "storage.s3_endpoint=http://127.0.0.1:9000)",
+    )
 
 
 def add_storage_flag(p: argparse.ArgumentParser) -> None:
@@ -78,10 +96,14 @@ def scoring_config(args: argparse.Namespace, flags: dict[str, str | None]) -> Sc
 
 # ---- commands -----------------------------------------------------------------------------------
 
+
 def train_arguments(p: argparse.ArgumentParser) -> None:
     add_config_args(p, " (keys of TrainConfig)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run named by `name` (default: the latest run in storage_path)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run named by `name` (default: the latest run in storage_path)",
+    )
 
 
 def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
@@ -97,9 +119,12 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
 
 def tune_arguments(p: argparse.ArgumentParser) -> None:
     add_config_args(p, " (keys of TuneConfig)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the tuning run named by `name` (default: the latest in storage_path); "
-                        "finished trials are not run again")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the tuning run named by `name` (default: the latest in storage_path); "
+        "finished trials are not run again",
+    )
 
 
 def cmd_tune(args: argparse.Namespace) -> dict[str, Any]:
@@ -133,8 +158,12 @@ def cmd_score(args: argparse.Namespace) -> dict[str, Any]:
 def query_arguments(p: argparse.ArgumentParser) -> None:
     from crackscale.query import COUNT_BY, FORMATS
 
-    p.add_argument("what", nargs="?", choices=("top", "counts", "failed"),
-                   help="top: most likely cracks; counts: per night/prefix/model; failed: errors")
+    p.add_argument(
+        "what",
+        nargs="?",
+        choices=("top", "counts", "failed"),
+        help="top: most likely cracks; counts: per night/prefix/model; failed: errors",
+    )
     add_config_args(p, " (a scoring config: its output and storage are read)")
     p.add_argument("--output", help="scores root written by `crackscale score` (local or s3://; = --set output=…)")
     p.add_argument("--sql", help='any SQL over the view "scores", e.g. "SELECT count(*) FROM scores"')
@@ -165,7 +194,7 @@ def cmd_query(args: argparse.Namespace) -> int:
     elif args.what == "failed":
         table = query.failed(con, n=args.n, **filters)
     else:
-        raise ConfigError("say what to query: top, counts, failed, or --sql \"SELECT … FROM scores\"")
+        raise ConfigError('say what to query: top, counts, failed, or --sql "SELECT … FROM scores"')
     print(query.render(table, args.format))
     return 0
 
@@ -193,7 +222,9 @@ def cmd_report(args: argparse.Namespace) -> dict[str, Any]:
 
 def doctor_arguments(p: argparse.ArgumentParser) -> None:
     add_config_args(p, " (a scoring config: its storage, and the bucket of its output, are checked)")
-    p.add_argument("--ray-address", default="", help="Ray cluster: host:6379 or http://host:8265 (default: RAY_ADDRESS)")
+    p.add_argument(
+        "--ray-address", default="", help="Ray cluster: host:6379 or http://host:8265 (default: RAY_ADDRESS)"
+    )
     add_storage_flag(p)
     p.add_argument("--bucket", default="", help="also check this bucket exists (name or s3://bucket/...)")
     p.add_argument("--json", action="store_true", help="print the checks as JSON")
@@ -225,8 +256,9 @@ def cmd_synth(args: argparse.Namespace) -> dict[str, Any]:
     flags = {"synth_dir": args.out, "synth_per_class": args.per_class, "seed": args.seed}
     cfg = load(TrainConfig, args.config, list(args.set) + [f"{k}={v}" for k, v in flags.items() if v is not None])
     seed = cfg.seed if (args.config or args.set or args.seed is not None) else 0
-    out = synth.generate(cfg.synth_dir, per_class=cfg.synth_per_class, size=args.size, seed=seed,
-                         class_names=tuple(cfg.class_names))  # type: ignore[arg-type]
+    out = synth.generate(
+        cfg.synth_dir, per_class=cfg.synth_per_class, size=args.size, seed=seed, class_names=tuple(cfg.class_names)
+    )  # type: ignore[arg-type]
     return {"out": str(out), "per_class": cfg.synth_per_class}
 
 
@@ -242,6 +274,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[a
 
 
 # ---- running ------------------------------------------------------------------------------------
+
 
 def run_guarded(fn: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> int:
     """Run ``fn``; print its JSON summary last, or one clear error line (exit 2)."""
@@ -267,8 +300,12 @@ def _epilog(command: str) -> str:
 
 def command_parser(command: str, prog: str) -> argparse.ArgumentParser:
     """A stand-alone parser for one command (``jobs/<command>.py``)."""
-    p = argparse.ArgumentParser(prog=prog, description=HELP[command], epilog=_epilog(command),
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description=HELP[command],
+        epilog=_epilog(command),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     COMMANDS[command][0](p)
     p.set_defaults(func=COMMANDS[command][1], verbose=False)
     return p
@@ -276,23 +313,26 @@ def command_parser(command: str, prog: str) -> argparse.ArgumentParser:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="crackscale", description="Distributed crack detection on Ray: train, tune, score, query.",
+        prog="crackscale",
+        description="Distributed crack detection on Ray: train, tune, score, query.",
         epilog="examples:\n  " + "\n  ".join(EXAMPLES.values()),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     for command, (arguments, func) in COMMANDS.items():
-        p = sub.add_parser(command, help=HELP[command], epilog=_epilog(command),
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p = sub.add_parser(
+            command, help=HELP[command], epilog=_epilog(command), formatter_class=argparse.RawDescriptionHelpFormatter
+        )
         arguments(p)
         p.set_defaults(func=func)
     return parser
 
 
 def setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -64,8 +64,10 @@ def build(cfg: TrainConfig, load_weights: bool = True) -> tuple[Any, Any]:
     weights = resolve_weights(cfg) if load_weights else None
     try:
         base = k.applications.MobileNetV2(
-            input_shape=(cfg.image_size, cfg.image_size, 3), alpha=cfg.alpha,
-            include_top=False, weights=weights,
+            input_shape=(cfg.image_size, cfg.image_size, 3),
+            alpha=cfg.alpha,
+            include_top=False,
+            weights=weights,
         )
     except Exception as e:  # download failure, wrong file, shape mismatch
         if weights == "imagenet":
@@ -112,8 +114,7 @@ def set_phase(cfg: TrainConfig, model: Any, base: Any, phase: str) -> None:
     model.compile(
         optimizer=opt,
         loss=k.losses.BinaryCrossentropy(),
-        metrics=[k.metrics.BinaryAccuracy(name="accuracy"), k.metrics.Recall(name="recall"),
-                 k.metrics.AUC(name="auc")],
+        metrics=[k.metrics.BinaryAccuracy(name="accuracy"), k.metrics.Recall(name="recall"), k.metrics.AUC(name="auc")],
     )
 
 
@@ -152,7 +153,9 @@ def metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, Any]:
         "precision": tp / (tp + fp) if tp + fp else 0.0,
         "recall": tp / (tp + fn) if tp + fn else 0.0,
         "roc_auc": roc_auc(y, p),
-        "loss": float(-np.mean(y * np.log(np.clip(p, 1e-7, 1)) + (1 - y) * np.log(np.clip(1 - p, 1e-7, 1)))) if n else 0.0,
+        "loss": float(-np.mean(y * np.log(np.clip(p, 1e-7, 1)) + (1 - y) * np.log(np.clip(1 - p, 1e-7, 1))))
+        if n
+        else 0.0,
         "confusion_matrix": {"tn": tn, "fp": fp, "fn": fn, "tp": tp},
     }
 
@@ -170,7 +173,7 @@ def roc_auc(y: np.ndarray, p: np.ndarray) -> float:
         j = i
         while j + 1 < len(allv) and allv[j + 1] == allv[i]:
             j += 1
-        ranks[i: j + 1] = (i + j) / 2 + 1
+        ranks[i : j + 1] = (i + j) / 2 + 1
         i = j + 1
     r = np.empty(len(allv))
     r[order] = ranks

@@ -32,9 +32,13 @@ def open_scores(output: str, cfg: StorageConfig | None = None) -> Any:
     try:
         if fs.get_file_info(root).type == 0:  # FileType.NotFound
             raise storage.StorageError(f"no scores found at {output}")
-        return ds.dataset(root, filesystem=fs, format="parquet",
-                          schema=pa.unify_schemas([SCHEMA, PARTITIONING]),
-                          partitioning=ds.partitioning(PARTITIONING, flavor="hive"))
+        return ds.dataset(
+            root,
+            filesystem=fs,
+            format="parquet",
+            schema=pa.unify_schemas([SCHEMA, PARTITIONING]),
+            partitioning=ds.partitioning(PARTITIONING, flavor="hive"),
+        )
     except OSError as e:
         raise storage.StorageError(f"cannot read scores at {output}: {e}") from None
 
@@ -48,8 +52,9 @@ def connect(output: str, cfg: StorageConfig | None = None) -> Any:
     return con
 
 
-def _where(prefix: str = "", since: str = "", until: str = "", model: str = "",
-           extra: str = "") -> tuple[str, list[Any]]:
+def _where(
+    prefix: str = "", since: str = "", until: str = "", model: str = "", extra: str = ""
+) -> tuple[str, list[Any]]:
     conds, params = ([extra] if extra else []), []
     if prefix:
         conds.append("starts_with(uri, ?)")
@@ -79,30 +84,44 @@ def latest_model(con: Any) -> str:
 def top(con: Any, n: int = 20, prefix: str = "", since: str = "", until: str = "", model: str = "") -> pa.Table:
     """The ``n`` most likely cracks (by P(crack)) for one model (default: the latest)."""
     where, params = _where(prefix, since, until, model or latest_model(con), "error IS NULL")
-    return _run(con, "SELECT uri, crack_probability, crack, model_id, model_name, run_date, scored_at "
-                f"FROM scores{where} ORDER BY crack_probability DESC, uri LIMIT ?", params + [n])
+    return _run(
+        con,
+        "SELECT uri, crack_probability, crack, model_id, model_name, run_date, scored_at "
+        f"FROM scores{where} ORDER BY crack_probability DESC, uri LIMIT ?",
+        params + [n],
+    )
 
 
-def counts(con: Any, by: str = "night", prefix: str = "", since: str = "", until: str = "",
-           model: str = "") -> pa.Table:
+def counts(
+    con: Any, by: str = "night", prefix: str = "", since: str = "", until: str = "", model: str = ""
+) -> pa.Table:
     """Images, cracks and failures per night (run_date), per prefix (parent folder) or per model."""
     if by not in COUNT_BY:
         raise ConfigError(f"--by must be one of {', '.join(COUNT_BY)}, got {by!r}")
-    key = {"night": "run_date, model_id", "prefix": "regexp_replace(uri, '[^/]*$', '') AS prefix, model_id",
-           "model": "model_id, model_name"}[by]
+    key = {
+        "night": "run_date, model_id",
+        "prefix": "regexp_replace(uri, '[^/]*$', '') AS prefix, model_id",
+        "model": "model_id, model_name",
+    }[by]
     group = {"night": "run_date, model_id", "prefix": "prefix, model_id", "model": "model_id, model_name"}[by]
     where, params = _where(prefix, since, until, model)
-    return _run(con, f"SELECT {key}, count(*) AS images, count(*) FILTER (WHERE crack) AS cracks, "
-                f"count(error) AS failed, min(scored_at) AS first_scored, max(scored_at) AS last_scored "
-                f"FROM scores{where} GROUP BY {group} ORDER BY {group}", params)
+    return _run(
+        con,
+        f"SELECT {key}, count(*) AS images, count(*) FILTER (WHERE crack) AS cracks, "
+        f"count(error) AS failed, min(scored_at) AS first_scored, max(scored_at) AS last_scored "
+        f"FROM scores{where} GROUP BY {group} ORDER BY {group}",
+        params,
+    )
 
 
-def failed(con: Any, prefix: str = "", since: str = "", until: str = "", model: str = "",
-           n: int = 1000) -> pa.Table:
+def failed(con: Any, prefix: str = "", since: str = "", until: str = "", model: str = "", n: int = 1000) -> pa.Table:
     """Images that could not be scored, with their errors."""
     where, params = _where(prefix, since, until, model, "error IS NOT NULL")
-    return _run(con, f"SELECT uri, error, size, model_id, run_date, run_id FROM scores{where} "
-                "ORDER BY run_date DESC, uri LIMIT ?", params + [n])
+    return _run(
+        con,
+        f"SELECT uri, error, size, model_id, run_date, run_id FROM scores{where} ORDER BY run_date DESC, uri LIMIT ?",
+        params + [n],
+    )
 
 
 def sql(con: Any, query: str) -> pa.Table:
@@ -125,8 +144,10 @@ def render(table: pa.Table, fmt: str = "table") -> str:
         buf = io.BytesIO()
         pcsv.write_csv(table, buf)
         return buf.getvalue().decode()
-    rows = [[("" if v is None else f"{v:.6f}" if isinstance(v, float) else str(v)) for v in r.values()]
-            for r in table.to_pylist()]
+    rows = [
+        [("" if v is None else f"{v:.6f}" if isinstance(v, float) else str(v)) for v in r.values()]
+        for r in table.to_pylist()
+    ]
     widths = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(table.column_names)]
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
     out = [line(table.column_names), line(["-" * w for w in widths])] + [line(r) for r in rows]

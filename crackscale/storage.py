@@ -3,8 +3,9 @@
 Files and folders go through ``pyarrow.fs`` so Ray Data, pyarrow datasets and DuckDB see the same
 filesystem. Scoring lists S3 prefixes with boto3's paginator and reads each image with one boto3
 ``get_object`` (:func:`read_object`; pyarrow's streams send a HEAD first), both through
-:func:`s3_client`, bounded like :func:`s3_filesystem`. The endpoint comes from config, else ``AWS_ENDPOINT_URL``; credentials always come from the standard AWS chain (env,
-~/.aws, instance role) and are never stored or logged.
+:func:`s3_client`, bounded like :func:`s3_filesystem`. The endpoint comes from config, else
+``AWS_ENDPOINT_URL``; credentials always come from the standard AWS chain (env, ~/.aws, instance
+role) and are never stored or logged.
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ import posixpath
 import shutil
 import tempfile
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
@@ -49,7 +50,7 @@ class S3Settings:
     region: str
 
     @classmethod
-    def resolve(cls, cfg: StorageConfig | None = None) -> "S3Settings":
+    def resolve(cls, cfg: StorageConfig | None = None) -> S3Settings:
         cfg = cfg or StorageConfig()
         endpoint = cfg.s3_endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL", "")
         region = cfg.s3_region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
@@ -90,8 +91,11 @@ def s3_client(cfg: StorageConfig | None = None, pool: int = 10):
 
         s = S3Settings.resolve(cfg)
         config = botocore.config.Config(
-            retries={"total_max_attempts": 5, "mode": "standard"}, connect_timeout=5, read_timeout=30,
-            max_pool_connections=pool)
+            retries={"total_max_attempts": 5, "mode": "standard"},
+            connect_timeout=5,
+            read_timeout=30,
+            max_pool_connections=pool,
+        )
         _S3_CLIENTS[key] = boto3.client("s3", endpoint_url=s.endpoint or None, region_name=s.region, config=config)
     return _S3_CLIENTS[key]
 
@@ -99,7 +103,7 @@ def s3_client(cfg: StorageConfig | None = None, pool: int = 10):
 def resolve(uri: str, cfg: StorageConfig | None = None) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path inside it) for a local path or an ``s3://bucket/key`` URI."""
     if is_s3(uri):
-        rest = uri[len("s3://"):].strip("/")
+        rest = uri[len("s3://") :].strip("/")
         if not rest:
             raise StorageError(f"S3 URI {uri!r} names no bucket")
         return s3_filesystem(cfg), rest
@@ -170,7 +174,7 @@ def read_many(uris: list[str], cfg: StorageConfig | None = None, threads: int = 
     fs, _ = resolve(uris[0], cfg)  # one filesystem (one S3 client) for all reads
 
     def one(u: str) -> bytes:
-        path = u[len("s3://"):] if is_s3(u) else str(Path(u).expanduser().absolute())
+        path = u[len("s3://") :] if is_s3(u) else str(Path(u).expanduser().absolute())
         try:
             with fs.open_input_stream(path) as f:
                 return f.read()
@@ -242,7 +246,7 @@ def check_bucket(uri: str, cfg: StorageConfig | None = None) -> None:
     """Fail fast, with the endpoint named, if the bucket of ``uri`` is unreachable or missing."""
     if not is_s3(uri):
         return
-    bucket = uri[len("s3://"):].split("/", 1)[0]
+    bucket = uri[len("s3://") :].split("/", 1)[0]
     fi = info(f"s3://{bucket}", cfg)
     if fi.type == pafs.FileType.NotFound:
         raise StorageError(f"bucket not found: s3://{bucket} (endpoint {S3Settings.resolve(cfg).describe()})")
@@ -254,6 +258,7 @@ def basename(uri: str) -> str:
 
 # ---- object reads for scoring (one GET each, per-object errors, transient faults retried) ----
 
+
 def get_object(uri: str, cfg: StorageConfig | None = None, pool: int = 10) -> bytes:
     """An S3 object's bytes in one GET (pyarrow's streams send a HEAD first: twice the requests).
 
@@ -262,7 +267,7 @@ def get_object(uri: str, cfg: StorageConfig | None = None, pool: int = 10) -> by
     import botocore.exceptions as bx
     import urllib3.exceptions
 
-    bucket, _, key = uri[len("s3://"):].partition("/")
+    bucket, _, key = uri[len("s3://") :].partition("/")
     try:
         client = s3_client(cfg, pool=pool)
         return client.get_object(Bucket=bucket, Key=key)["Body"].read()
@@ -306,8 +311,10 @@ def read_object(uri: str, cfg: StorageConfig | None = None, attempts: int = 3, p
             if not is_s3(uri) or not transient:  # get_object raises OSError only for transient faults
                 return f"read: {msg}"
             if attempt + 1 == attempts:
-                raise StorageError(f"cannot read {uri} (endpoint {S3Settings.resolve(cfg).describe()}) "
-                                   f"after {attempts} rounds "
-                                   f"of retries: {msg}") from None
-            time.sleep(2 ** attempt)
+                raise StorageError(
+                    f"cannot read {uri} (endpoint {S3Settings.resolve(cfg).describe()}) "
+                    f"after {attempts} rounds "
+                    f"of retries: {msg}"
+                ) from None
+            time.sleep(2**attempt)
     raise AssertionError("unreachable")

@@ -113,22 +113,52 @@ def main() -> int:
         from crackscale.config import TrainConfig
 
         m, _ = M.build(TrainConfig(weights="none", image_size=32, alpha=0.35))
-        artifact.save(m, {"name": "load-bench", "class_names": ["Negative", "Positive"],
-                          "crack_class": "Positive", "image_size": 32, "threshold": 0.5}, str(model_dir))
+        artifact.save(
+            m,
+            {
+                "name": "load-bench",
+                "class_names": ["Negative", "Positive"],
+                "crack_class": "Positive",
+                "image_size": 32,
+                "threshold": 0.5,
+            },
+            str(model_dir),
+        )
     env = dict(os.environ, RAY_ADDRESS=os.environ.get("RAY_ADDRESS", "local"))
     rows = {}
     for n in (args.small, args.n):
         images = tiny_images(work / f"images-{n}", n)
         out = work / f"out-{n}"
         shutil.rmtree(out, ignore_errors=True)
-        s, mem = run_measured([sys.executable, "jobs/score.py", "--model", str(model_dir), "--input", str(images),
-                               "--output", str(out), "--set", f"chunk_size={args.chunk_size}",
-                               "--set", f"batch_size={args.batch_size}",
-                               "--set", f"cache_dir={work / 'cache'}"], env)
+        s, mem = run_measured(
+            [
+                sys.executable,
+                "jobs/score.py",
+                "--model",
+                str(model_dir),
+                "--input",
+                str(images),
+                "--output",
+                str(out),
+                "--set",
+                f"chunk_size={args.chunk_size}",
+                "--set",
+                f"batch_size={args.batch_size}",
+                "--set",
+                f"cache_dir={work / 'cache'}",
+            ],
+            env,
+        )
         if s["scored"] + s["failed"] != n:
             raise RuntimeError(f"N={n}: {s['scored']} scored + {s['failed']} failed != {n}")
-        rows[n] = {"scored": s["scored"], "failed": s["failed"], "chunks": s["chunks"],
-                   "wall_s": s["duration_s"], "img_s": s["throughput_img_s"], "peak_rss_mib": mem}
+        rows[n] = {
+            "scored": s["scored"],
+            "failed": s["failed"],
+            "chunks": s["chunks"],
+            "wall_s": s["duration_s"],
+            "img_s": s["throughput_img_s"],
+            "peak_rss_mib": mem,
+        }
         if not args.keep:
             shutil.rmtree(images, ignore_errors=True)
     small, big = rows[args.small]["peak_rss_mib"], rows[args.n]["peak_rss_mib"]
@@ -138,8 +168,10 @@ def main() -> int:
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for n, r in rows.items():
         m = r["peak_rss_mib"]
-        print(f"| {n:,} | {r['wall_s']:.0f} | {r['img_s']:.0f} | {m['driver']} | {m['worker_max']} | "
-              f"{m['workers_sum']} | {m['ray_daemons']} | {m['total']} |")
+        print(
+            f"| {n:,} | {r['wall_s']:.0f} | {r['img_s']:.0f} | {m['driver']} | {m['worker_max']} | "
+            f"{m['workers_sum']} | {m['ray_daemons']} | {m['total']} |"
+        )
     print(json.dumps({"runs": rows, "peak_ratio_large_over_small": ratio}))
     return 0
 

@@ -48,21 +48,25 @@ print(len(p), time.time() - t)
 """
 
 
-def peak_rss(cmd: list[str], env: dict | None = None, gcs_port: int | None = None
-             ) -> tuple[subprocess.CompletedProcess, float]:
+def peak_rss(
+    cmd: list[str], env: dict | None = None, gcs_port: int | None = None
+) -> tuple[subprocess.CompletedProcess, float]:
     """Run ``cmd``; (result, peak RSS in MiB of it and all its descendants, and with ``gcs_port``
     of the Ray cluster whose GCS listens there: its processes and theirs, the job's workers)."""
     import psutil
 
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env or dict(os.environ), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env or dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     peak = [0.0]
 
     def sample() -> None:
         p = psutil.Process(proc.pid)
         while proc.poll() is None:
             try:
-                procs = {q.pid: q for q in [p] + p.children(recursive=True) + (cluster_procs(gcs_port) if gcs_port else [])}
+                procs = {
+                    q.pid: q for q in [p] + p.children(recursive=True) + (cluster_procs(gcs_port) if gcs_port else [])
+                }
                 peak[0] = max(peak[0], sum(q.memory_info().rss for q in procs.values() if q.is_running()) / 2**20)
             except psutil.Error:
                 pass
@@ -139,8 +143,7 @@ def per_core_rate(model: bytes, batch, batch_size: int, seconds: float) -> float
     ctx = mp.get_context("spawn")
     k = os.cpu_count() or 1
     start, out = ctx.Barrier(k), ctx.Queue()
-    procs = [ctx.Process(target=litert_rate, args=(model, batch, batch_size, 1, seconds, start, out))
-             for _ in range(k)]
+    procs = [ctx.Process(target=litert_rate, args=(model, batch, batch_size, 1, seconds, start, out)) for _ in range(k)]
     for p in procs:
         p.start()
     rates = [out.get(timeout=seconds + 300) for _ in procs]
@@ -164,8 +167,9 @@ def ceiling(model_dir: Path, images: Path, size: int, seconds: float = 10.0) -> 
     loaded = artifact.load(str(model_dir))
     cfg = ScoreConfig()
     aa = resize_antialias(loaded.meta)
-    batch = np.stack([decode_image(p.read_bytes(), p.name, size, cfg, aa)[0]
-                      for p in sorted(images.glob("*.jpg"))[:64]])
+    batch = np.stack(
+        [decode_image(p.read_bytes(), p.name, size, cfg, aa)[0] for p in sorted(images.glob("*.jpg"))[:64]]
+    )
     lite = artifact.read_litert(str(model_dir), loaded.meta)
     sweep = {}
     for bs in (1, 4, 16, 64):
@@ -176,16 +180,38 @@ def ceiling(model_dir: Path, images: Path, size: int, seconds: float = 10.0) -> 
     return {"litert": sweep[best], "layout": best, "sweep": sweep, "tf": rate(rt, batch, seconds)}
 
 
-def crackscale_run(model: str, inp: str, out: str, env: dict | None = None, chunk_size: int = 2000,
-                   decode: str = "auto", gcs_port: int | None = None) -> dict:
+def crackscale_run(
+    model: str,
+    inp: str,
+    out: str,
+    env: dict | None = None,
+    chunk_size: int = 2000,
+    decode: str = "auto",
+    gcs_port: int | None = None,
+) -> dict:
     """``jobs/score.py`` with a Ray of its own (``RAY_ADDRESS=local``), or attached to the running
     cluster whose GCS listens on ``gcs_port``; its summary, with peak RSS and the steady rate."""
     env = dict(env or os.environ, RAY_ADDRESS="local")  # a fresh Ray per run, never a running cluster
     if gcs_port:
         env.update(RAY_ADDRESS=f"127.0.0.1:{gcs_port}", RAY_AUTH_MODE="token")
-    res, mem = peak_rss([sys.executable, "jobs/score.py", "--model", model, "--input", inp,
-                         "--output", out, "--set", f"chunk_size={chunk_size}", "--set", f"decode={decode}"],
-                        env, gcs_port)
+    res, mem = peak_rss(
+        [
+            sys.executable,
+            "jobs/score.py",
+            "--model",
+            model,
+            "--input",
+            inp,
+            "--output",
+            out,
+            "--set",
+            f"chunk_size={chunk_size}",
+            "--set",
+            f"decode={decode}",
+        ],
+        env,
+        gcs_port,
+    )
     s = json.loads(res.stdout.strip().splitlines()[-1])
     s["peak_rss_mib"] = mem
     # after the first result batch, whose images count as start-up (meaningless with < 3 chunks)
@@ -205,13 +231,31 @@ def on_cluster(model: str, images: Path, work: Path, chunk_size: int, jobs: int 
 
     port = free_port()
     tmp = tempfile.mkdtemp(prefix="bc", dir="/tmp")  # short: Ray's socket paths live under it
-    env = dict(os.environ, RAY_PORT=str(port), DASHBOARD_PORT=str(free_port()), TEMP_DIR=tmp,
-               RAY=str(Path(sys.executable).parent / "ray"))
-    ports = [f"--{k}={free_port()}" for k in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                               "metrics-export-port", "runtime-env-agent-port",
-                                               "ray-client-server-port")]
-    up = subprocess.run(["bash", "cluster/local/cluster.sh", "up", "--", *ports], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=300)
+    env = dict(
+        os.environ,
+        RAY_PORT=str(port),
+        DASHBOARD_PORT=str(free_port()),
+        TEMP_DIR=tmp,
+        RAY=str(Path(sys.executable).parent / "ray"),
+    )
+    ports = [
+        f"--{k}={free_port()}"
+        for k in (
+            "dashboard-agent-listen-port",
+            "dashboard-agent-grpc-port",
+            "metrics-export-port",
+            "runtime-env-agent-port",
+            "ray-client-server-port",
+        )
+    ]
+    up = subprocess.run(
+        ["bash", "cluster/local/cluster.sh", "up", "--", *ports],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     try:
         if up.returncode:
             raise RuntimeError(f"cluster.sh up failed:\n{up.stderr[-3000:]}")
@@ -222,8 +266,9 @@ def on_cluster(model: str, images: Path, work: Path, chunk_size: int, jobs: int 
             runs.append(crackscale_run(model, str(images), str(out), chunk_size=chunk_size, gcs_port=port))
         return runs
     finally:
-        subprocess.run(["bash", "cluster/local/cluster.sh", "down"], cwd=ROOT, env=env, capture_output=True,
-                       timeout=300)
+        subprocess.run(
+            ["bash", "cluster/local/cluster.sh", "down"], cwd=ROOT, env=env, capture_output=True, timeout=300
+        )
         shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -250,8 +295,13 @@ def list_rates(endpoint: str, uri: str, latency: float = 0.1) -> dict[str, float
 
 def row(s: dict) -> dict:
     """A (b) table row from a run summary of ``crackscale_run``."""
-    return {"img_s": s["throughput_img_s"], "steady_img_s": s.get("steady_img_s"), "wall_s": s["duration_s"],
-            "startup_s": s.get("startup_s"), "peak_rss_mib": s["peak_rss_mib"]}
+    return {
+        "img_s": s["throughput_img_s"],
+        "steady_img_s": s.get("steady_img_s"),
+        "wall_s": s["duration_s"],
+        "startup_s": s.get("startup_s"),
+        "peak_rss_mib": s["peak_rss_mib"],
+    }
 
 
 def main() -> int:
@@ -280,10 +330,19 @@ def main() -> int:
         from crackscale.config import TrainConfig
 
         m, _ = M.build(TrainConfig(weights="none", image_size=args.image_size, alpha=args.alpha))
-        artifact.save(m, {"name": "bench", "class_names": ["Negative", "Positive"], "crack_class": "Positive",
-                          "image_size": args.image_size, "threshold": 0.5,
-                          "resize_antialias": RESIZE_ANTIALIAS, "preprocessing": "see imaging.tfdecode.decode"},
-                      str(model_dir))
+        artifact.save(
+            m,
+            {
+                "name": "bench",
+                "class_names": ["Negative", "Positive"],
+                "crack_class": "Positive",
+                "image_size": args.image_size,
+                "threshold": 0.5,
+                "resize_antialias": RESIZE_ANTIALIAS,
+                "preprocessing": "see imaging.tfdecode.decode",
+            },
+            str(model_dir),
+        )
     rows: dict[str, dict] = {}
 
     def local_key(n: int, decode: str = "auto") -> str:
@@ -312,17 +371,32 @@ def main() -> int:
     if "tasks" not in skip:
         local(args.n, big, decode="tasks")
     a = {k: (a0[k] + a1[k]) / 2 for k in ("litert", "tf")}
-    rows = {"(a) model only, LiteRT, preloaded tensors (fastest layout, mean of before/after)": {
-                "img_s": a["litert"], "before": a0["litert"], "after": a1["litert"],
-                "layout": [a0["layout"], a1["layout"]], "sweep": [a0["sweep"], a1["sweep"]]},
-            "(a') model only, tf.keras graph, preloaded": {"img_s": a["tf"]},
-            **{k: rows[k] for k in (cluster_key(args.n, "next"), cluster_key(args.n, "first"), local_key(args.small),
-                                    local_key(args.n), local_key(args.n, "tasks")) if k in rows}}
+    rows = {
+        "(a) model only, LiteRT, preloaded tensors (fastest layout, mean of before/after)": {
+            "img_s": a["litert"],
+            "before": a0["litert"],
+            "after": a1["litert"],
+            "layout": [a0["layout"], a1["layout"]],
+            "sweep": [a0["sweep"], a1["sweep"]],
+        },
+        "(a') model only, tf.keras graph, preloaded": {"img_s": a["tf"]},
+        **{
+            k: rows[k]
+            for k in (
+                cluster_key(args.n, "next"),
+                cluster_key(args.n, "first"),
+                local_key(args.small),
+                local_key(args.n),
+                local_key(args.n, "tasks"),
+            )
+            if k in rows
+        },
+    }
     if "s3" not in skip:
-        from moto.server import ThreadedMotoServer
+        from concurrent.futures import ThreadPoolExecutor
 
         import boto3
-        from concurrent.futures import ThreadPoolExecutor
+        from moto.server import ThreadedMotoServer
 
         from tests.conftest import free_port
 
@@ -330,26 +404,39 @@ def main() -> int:
         server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
         server.start()
         endpoint = f"http://127.0.0.1:{port}"
-        env = dict(os.environ, AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="bench",
-                   AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
+        env = dict(
+            os.environ,
+            AWS_ENDPOINT_URL=endpoint,
+            AWS_ACCESS_KEY_ID="bench",
+            AWS_SECRET_ACCESS_KEY="bench",
+            AWS_DEFAULT_REGION="us-east-1",
+        )
         os.environ.update({k: env[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")})
         s3 = boto3.client("s3", endpoint_url=endpoint)
         s3.create_bucket(Bucket="bench")
         with ThreadPoolExecutor(16) as pool:  # in 20 folders, as sites of an inspection bucket
-            list(pool.map(lambda ip: s3.upload_file(str(ip[1]), "bench", f"images/site-{ip[0] % 20:02d}/{ip[1].name}"),
-                          enumerate(sorted(big.glob("*.jpg")))))
+            list(
+                pool.map(
+                    lambda ip: s3.upload_file(str(ip[1]), "bench", f"images/site-{ip[0] % 20:02d}/{ip[1].name}"),
+                    enumerate(sorted(big.glob("*.jpg"))),
+                )
+            )
         s = crackscale_run(str(model_dir), "s3://bench/images/", "s3://bench/scores/", env, args.chunk_size)
         rows[f"(b) crackscale S3 (moto) → S3 Parquet, N={args.n}"] = row(s)
         listing = list_rates(endpoint, "s3://bench/images/")
         server.stop()
     if "original" not in skip:
         for n, d in ([] if "small" in skip else [(args.small, small)]) + [(args.n, big)]:
-            res, mem = peak_rss([sys.executable, "-c", ORIGINAL, str(d), str(model_dir / "model.keras"),
-                                 str(args.image_size)])
+            res, mem = peak_rss(
+                [sys.executable, "-c", ORIGINAL, str(d), str(model_dir / "model.keras"), str(args.image_size)]
+            )
             cnt, secs = res.stdout.split()[-2:]
             rows[f"(c) image_dataset_from_directory + predict, N={n}"] = {
-                "img_s": int(cnt) / float(secs), "wall_s": float(secs), "peak_rss_mib": mem}
-    for k, v in (listing.items() if "s3" not in skip else ()):
+                "img_s": int(cnt) / float(secs),
+                "wall_s": float(secs),
+                "peak_rss_mib": mem,
+            }
+    for k, v in listing.items() if "s3" not in skip else ():
         print(f"S3 listing of N={args.n} keys in 20 folders, {k}: {v:.2f} s")
     print(f"\nMobileNetV2 α={args.alpha}, {args.image_size} px, {os.cpu_count()} CPUs\n")
     print("(a) LiteRT ceiling sweep, img/s before / after the local runs:")
@@ -360,24 +447,34 @@ def main() -> int:
     print("| --- | --- | --- | --- | --- | --- |")
     for k, v in rows.items():
         f = lambda x, p=0: "" if x is None else f"{x:.{p}f}"  # noqa: E731
-        print(f"| {k} | {f(v['img_s'])} | {f(v.get('steady_img_s'))} | {f(v.get('wall_s'), 1)} "
-              f"| {f(v.get('startup_s'), 1)} | {f(v.get('peak_rss_mib'))} |")
+        print(
+            f"| {k} | {f(v['img_s'])} | {f(v.get('steady_img_s'))} | {f(v.get('wall_s'), 1)} "
+            f"| {f(v.get('startup_s'), 1)} | {f(v.get('peak_rss_mib'))} |"
+        )
     # (b) is the nightly way when measured (a job on a cluster that has run one before), else a job
     # with a Ray of its own
     primary = cluster_key(args.n, "next") if cluster_key(args.n, "next") in rows else local_key(args.n)
     b, private = rows[primary], rows[local_key(args.n)]
     c = rows.get(f"(c) image_dataset_from_directory + predict, N={args.n}", {})
-    ratios = {"b_over_a_wall": b.get("img_s", 0) / a["litert"],
-              "b_over_a_steady": (b.get("steady_img_s") or 0) / a["litert"],
-              "b_private_ray_over_a_wall": private["img_s"] / a["litert"],
-              "b_private_ray_over_a_steady": (private.get("steady_img_s") or 0) / a["litert"]}
+    ratios = {
+        "b_over_a_wall": b.get("img_s", 0) / a["litert"],
+        "b_over_a_steady": (b.get("steady_img_s") or 0) / a["litert"],
+        "b_private_ray_over_a_wall": private["img_s"] / a["litert"],
+        "b_private_ray_over_a_steady": (private.get("steady_img_s") or 0) / a["litert"],
+    }
     if c:
-        ratios.update(b_over_c_wall=b.get("img_s", 0) / c["img_s"],
-                      b_over_c_steady=(b.get("steady_img_s") or 0) / c["img_s"],
-                      a_over_c=a["litert"] / c["img_s"])
+        ratios.update(
+            b_over_c_wall=b.get("img_s", 0) / c["img_s"],
+            b_over_c_steady=(b.get("steady_img_s") or 0) / c["img_s"],
+            a_over_c=a["litert"] / c["img_s"],
+        )
     print(f"\n(b) in the ratios: {primary}")
     print("ratios at N=%d: %s" % (args.n, ", ".join(f"{k} {v:.2f}" for k, v in ratios.items())))
-    print(json.dumps({"rows": rows, "ratios": ratios, "b": primary, **({"listing_s": listing} if "s3" not in skip else {})}))
+    print(
+        json.dumps(
+            {"rows": rows, "ratios": ratios, "b": primary, **({"listing_s": listing} if "s3" not in skip else {})}
+        )
+    )
     return 0
 
 

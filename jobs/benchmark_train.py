@@ -30,10 +30,26 @@ def plain_fit(cfg: TrainConfig, prepared: labelled.Prepared) -> list[float]:
     k = M.keras()
     mdl, base = M.build(cfg)
     M.set_phase(cfg, mdl, base, "head")
-    tr = tfdata.tf_dataset(prepared.images["train"], prepared.labels["train"], cfg.image_size,
-                         cfg.batch_size, shuffle=True, seed=0, repeat=True, antialias=cfg.resize_antialias)
-    va = tfdata.tf_dataset(prepared.images["val"], prepared.labels["val"], cfg.image_size,
-                         cfg.batch_size, shuffle=False, seed=0, repeat=True, antialias=cfg.resize_antialias)
+    tr = tfdata.tf_dataset(
+        prepared.images["train"],
+        prepared.labels["train"],
+        cfg.image_size,
+        cfg.batch_size,
+        shuffle=True,
+        seed=0,
+        repeat=True,
+        antialias=cfg.resize_antialias,
+    )
+    va = tfdata.tf_dataset(
+        prepared.images["val"],
+        prepared.labels["val"],
+        cfg.image_size,
+        cfg.batch_size,
+        shuffle=False,
+        seed=0,
+        repeat=True,
+        antialias=cfg.resize_antialias,
+    )
     times: list[float] = []
 
     class Timer(k.callbacks.Callback):
@@ -43,9 +59,15 @@ def plain_fit(cfg: TrainConfig, prepared: labelled.Prepared) -> list[float]:
         def on_epoch_end(self, epoch, logs=None):
             times.append(time.perf_counter() - self.t0)
 
-    mdl.fit(tr, epochs=cfg.head_epochs, steps_per_epoch=tfdata.steps(len(prepared.images["train"]), cfg.batch_size),
-            validation_data=va, validation_steps=tfdata.steps(len(prepared.images["val"]), cfg.batch_size),
-            callbacks=[Timer()], verbose=2)
+    mdl.fit(
+        tr,
+        epochs=cfg.head_epochs,
+        steps_per_epoch=tfdata.steps(len(prepared.images["train"]), cfg.batch_size),
+        validation_data=va,
+        validation_steps=tfdata.steps(len(prepared.images["val"]), cfg.batch_size),
+        callbacks=[Timer()],
+        verbose=2,
+    )
     return times
 
 
@@ -60,10 +82,22 @@ def main() -> int:
     cli.setup_logging()
     tmp = Path(tempfile.mkdtemp(prefix="crackscale-bench-"))
     src = REAL if REAL.is_dir() else synth.generate(tmp / "data", per_class=args.per_class)
-    cfg = TrainConfig(data=str(src), weights="none", image_size=args.image_size, alpha=args.alpha,
-                      batch_size=args.batch_size, head_epochs=args.epochs, fine_tune_epochs=0,
-                      head_lr=1e-3, limit_per_class=args.per_class, storage_path=str(tmp / "runs"),
-                      name="bench", patience=args.epochs, cpus_per_worker=2, group_size=1)
+    cfg = TrainConfig(
+        data=str(src),
+        weights="none",
+        image_size=args.image_size,
+        alpha=args.alpha,
+        batch_size=args.batch_size,
+        head_epochs=args.epochs,
+        fine_tune_epochs=0,
+        head_lr=1e-3,
+        limit_per_class=args.per_class,
+        storage_path=str(tmp / "runs"),
+        name="bench",
+        patience=args.epochs,
+        cpus_per_worker=2,
+        group_size=1,
+    )
     prepared = labelled.scan(cfg, str(src))
     n_train = tfdata.steps(len(prepared.images["train"]), cfg.batch_size) * cfg.batch_size
 
@@ -76,10 +110,16 @@ def main() -> int:
         return n_train / statistics.median(times[1:] if len(times) > 1 else times)
 
     result = {
-        "data": str(src), "train_images_per_epoch": n_train, "epochs": args.epochs,
-        "image_size": cfg.image_size, "alpha": cfg.alpha, "batch_size": cfg.batch_size,
-        "plain_fit_img_s": round(ips(plain), 1), "ray_train_1_worker_img_s": round(ips(ray_times), 1),
-        "plain_epoch_s": [round(t, 2) for t in plain], "ray_epoch_s": ray_times,
+        "data": str(src),
+        "train_images_per_epoch": n_train,
+        "epochs": args.epochs,
+        "image_size": cfg.image_size,
+        "alpha": cfg.alpha,
+        "batch_size": cfg.batch_size,
+        "plain_fit_img_s": round(ips(plain), 1),
+        "ray_train_1_worker_img_s": round(ips(ray_times), 1),
+        "plain_epoch_s": [round(t, 2) for t in plain],
+        "ray_epoch_s": ray_times,
     }
     result["ray_overhead_ratio"] = round(result["plain_fit_img_s"] / result["ray_train_1_worker_img_s"], 3)
     print(json.dumps(result))

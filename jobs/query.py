@@ -1,7 +1,7 @@
 """Query scoring outputs with DuckDB (same as `crackscale query`).
 
-    python jobs/query.py top --output s3://bucket/scores/ --n 20 --prefix s3://bucket/images/site-a/
-    python jobs/query.py --output demo/scores --sql "SELECT run_date, count(*) FROM scores GROUP BY 1"
+python jobs/query.py top --output s3://bucket/scores/ --n 20 --prefix s3://bucket/images/site-a/
+python jobs/query.py --output demo/scores --sql "SELECT run_date, count(*) FROM scores GROUP BY 1"
 """
 
 import sys

@@ -1,7 +1,7 @@
 """Train a crack classifier on the connected Ray cluster (same as `crackscale train`).
 
-    ray job submit --working-dir . -- python jobs/train.py --config jobs/configs/train.yaml
-    python jobs/train.py --config jobs/configs/demo.yaml --set num_workers=2
+ray job submit --working-dir . -- python jobs/train.py --config jobs/configs/train.yaml
+python jobs/train.py --config jobs/configs/demo.yaml --set num_workers=2
 """
 
 import sys

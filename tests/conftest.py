@@ -151,8 +151,13 @@ def ray_local(s3_server):
 
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=True,
-             runtime_env={"env_vars": {"TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}})
+    ray.init(
+        address="local",
+        num_cpus=4,
+        include_dashboard=False,
+        log_to_driver=True,
+        runtime_env={"env_vars": {"TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}},
+    )
     yield ray
     ray.shutdown()
 
@@ -202,25 +207,38 @@ def ray_head(s3_server):
     # puts each worker's tmp_path one level deeper, which overflowed them)
     tmp = Path(tempfile.mkdtemp(prefix="rh", dir="/tmp"))
     # as after `source .venv/bin/activate`: the job's `python` must be the venv's
-    env = dict(os.environ, RAY_AUTH_MODE="token",
-               PATH=f"{Path(PY).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-    cmd = [str(Path(PY).parent / "ray"), "start", "--head", f"--port={port}", "--num-cpus=4",
-           "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--disable-usage-stats",
-           f"--temp-dir={tmp}",
-           # private agent ports: other clusters on this machine may hold the defaults, and the
-           # job API then answers "No available agent to submit job"
-           f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-           f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
-           f"--ray-client-server-port={free_port()}"]
+    env = dict(os.environ, RAY_AUTH_MODE="token", PATH=f"{Path(PY).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    cmd = [
+        str(Path(PY).parent / "ray"),
+        "start",
+        "--head",
+        f"--port={port}",
+        "--num-cpus=4",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dash}",
+        "--disable-usage-stats",
+        f"--temp-dir={tmp}",
+        # private agent ports: other clusters on this machine may hold the defaults, and the
+        # job API then answers "No available agent to submit job"
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--dashboard-agent-grpc-port={free_port()}",
+        f"--metrics-export-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}",
+        f"--ray-client-server-port={free_port()}",
+    ]
     subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=180)
-    client_env = dict(env, RAY_API_SERVER_ADDRESS=f"http://127.0.0.1:{dash}",
-                      RAY_ADDRESS=f"http://127.0.0.1:{dash}")
+    client_env = dict(env, RAY_API_SERVER_ADDRESS=f"http://127.0.0.1:{dash}", RAY_ADDRESS=f"http://127.0.0.1:{dash}")
     # the job agent comes up after `ray start` returns ("No available agent to submit job"):
     # wait until the head accepts job API calls, as a user would by retrying
     deadline = time.time() + 120
     while time.time() < deadline:
-        probe = subprocess.run([str(Path(PY).parent / "ray"), "job", "submit", "--", "true"],
-                               env=client_env, capture_output=True, text=True, timeout=120)
+        probe = subprocess.run(
+            [str(Path(PY).parent / "ray"), "job", "submit", "--", "true"],
+            env=client_env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         if probe.returncode == 0:
             break
         time.sleep(2)
@@ -258,8 +276,9 @@ def stop_ray_under(temp_dir: Path) -> None:
 
 def run_job(args: list[str], env: dict | None = None, timeout: int = 1500) -> subprocess.CompletedProcess:
     """Run a jobs/ script as a user would (``python jobs/x.py ...``) from the project root."""
-    return subprocess.run([PY, *args], cwd=ROOT, env=env or dict(os.environ), capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [PY, *args], cwd=ROOT, env=env or dict(os.environ), capture_output=True, text=True, timeout=timeout
+    )
 
 
 def last_json(stdout: str) -> dict:
@@ -275,8 +294,10 @@ def last_json(stdout: str) -> dict:
 
 # ---- scoring fixtures (crackscale.scoring / query / runtimes tests) ------------------------------
 
-def make_artifact(uri: str, name: str = "test-model", seed: int = 0, image_size: int = 64,
-                  threshold: float = 0.5) -> dict:
+
+def make_artifact(
+    uri: str, name: str = "test-model", seed: int = 0, image_size: int = 64, threshold: float = 0.5
+) -> dict:
     """Save an untrained MobileNetV2 (α 0.35, BN calibrated) artifact to ``uri``; returns its model.json."""
     import json as _json
 
@@ -300,13 +321,22 @@ def make_artifact(uri: str, name: str = "test-model", seed: int = 0, image_size:
     m(tf.constant(litert.sample_images(image_size, 64, seed=seed), tf.float32), training=True)
     for b, mom in zip(bns, momenta):
         b.momentum = mom
-    artifact.save(m, {
-        "name": name, "class_names": ["Negative", "Positive"], "crack_class": "Positive",
-        "image_size": image_size, "threshold": threshold,
-        "resize_antialias": False,
-        "preprocessing": f"RGB float32 0..255, {image_size}x{image_size}, tf.image.resize bilinear",
-        "metrics": {}, "config": {}, "versions": {},
-    }, uri)
+    artifact.save(
+        m,
+        {
+            "name": name,
+            "class_names": ["Negative", "Positive"],
+            "crack_class": "Positive",
+            "image_size": image_size,
+            "threshold": threshold,
+            "resize_antialias": False,
+            "preprocessing": f"RGB float32 0..255, {image_size}x{image_size}, tf.image.resize bilinear",
+            "metrics": {},
+            "config": {},
+            "versions": {},
+        },
+        uri,
+    )
     return _json.loads(storage.read_text(storage.join(uri, "model.json")))
 
 
@@ -333,10 +363,23 @@ def small_train_config(data, tmp_path, **overrides):
     """A TrainConfig that learns the synthetic data in well under a minute on 2 cores."""
     from crackscale.config import TrainConfig
 
-    base = dict(data=str(data), weights="none", image_size=96, alpha=0.35, group_size=5,
-                batch_size=32, head_epochs=12, head_lr=0.002, fine_tune_epochs=2, bn_momentum=0.7,
-                min_epochs=4,
-                fine_tune_lr=1e-4, patience=5, storage_path=str(tmp_path / "runs"), name="t")
+    base = dict(
+        data=str(data),
+        weights="none",
+        image_size=96,
+        alpha=0.35,
+        group_size=5,
+        batch_size=32,
+        head_epochs=12,
+        head_lr=0.002,
+        fine_tune_epochs=2,
+        bn_momentum=0.7,
+        min_epochs=4,
+        fine_tune_lr=1e-4,
+        patience=5,
+        storage_path=str(tmp_path / "runs"),
+        name="t",
+    )
     base.update(overrides)
     return TrainConfig(**base)
 
@@ -375,30 +418,57 @@ def trained_run(synth_data, tmp_path_factory) -> dict:
         (path / "summary.json").write_text(_json.dumps(last_json(r.stdout)))
 
     path = shared_dir(tmp_path_factory, "trained", make)
-    return {"cfg": small_train_config(synth_data, path, name="one"),
-            "summary": _json.loads((path / "summary.json").read_text()),
-            "artifact": path / "runs" / "one" / "model"}
+    return {
+        "cfg": small_train_config(synth_data, path, name="one"),
+        "summary": _json.loads((path / "summary.json").read_text()),
+        "artifact": path / "runs" / "one" / "model",
+    }
 
 
 # ---- tuning fixtures (crackscale.tuning tests) --------------------------------------------------
+
 
 def small_tune_config(data, tmp_path, **overrides):
     """A TuneConfig whose trials are tiny training runs (64 px, α 0.35, 60 images per class, 1 worker)."""
     from crackscale.config import TuneConfig, from_dict
 
-    train = dict(data=str(data), weights="none", image_size=64, alpha=0.35, group_size=5, batch_size=32,
-                 head_epochs=4, head_lr=0.002, fine_tune_epochs=1, fine_tune_lr=1e-4, bn_momentum=0.7,
-                 min_epochs=2, patience=5, limit_per_class=60)
+    train = dict(
+        data=str(data),
+        weights="none",
+        image_size=64,
+        alpha=0.35,
+        group_size=5,
+        batch_size=32,
+        head_epochs=4,
+        head_lr=0.002,
+        fine_tune_epochs=1,
+        fine_tune_lr=1e-4,
+        bn_momentum=0.7,
+        min_epochs=2,
+        patience=5,
+        limit_per_class=60,
+    )
     train.update(overrides.pop("train", {}))
-    base = dict(train=train, scheduler="asha", num_samples=4, max_concurrent=2, grace_period=1,
-                reduction_factor=4, perturbation_interval=1, pbt_quantile=0.5, keep_top_k=2,
-                storage_path=str(tmp_path / "tune"), name="t",
-                search_space={"head_lr": {"loguniform": [1e-4, 3e-2]}, "dropout": {"uniform": [0.1, 0.5]}})
+    base = dict(
+        train=train,
+        scheduler="asha",
+        num_samples=4,
+        max_concurrent=2,
+        grace_period=1,
+        reduction_factor=4,
+        perturbation_interval=1,
+        pbt_quantile=0.5,
+        keep_top_k=2,
+        storage_path=str(tmp_path / "tune"),
+        name="t",
+        search_space={"head_lr": {"loguniform": [1e-4, 3e-2]}, "dropout": {"uniform": [0.1, 0.5]}},
+    )
     base.update(overrides)
     return from_dict(TuneConfig, base)
 
 
 # ---- reliability fixtures (tests/test_faults.py, test_hostile_input.py, test_secrets.py) ---------
+
 
 class FaultyS3Proxy:
     """A threaded HTTP proxy on 127.0.0.1 in front of the test S3 server that injects faults.
@@ -420,8 +490,17 @@ class FaultyS3Proxy:
         "deny": (403, "AccessDenied", "Access Denied"),
     }
 
-    def __init__(self, upstream: str, rate: float = 0.25, max_consecutive: int = 2, seed: int = 0,
-                 match=None, mode: str = "mixed", fail_first: bool = False, latency: float = 0.0) -> None:
+    def __init__(
+        self,
+        upstream: str,
+        rate: float = 0.25,
+        max_consecutive: int = 2,
+        seed: int = 0,
+        match=None,
+        mode: str = "mixed",
+        fail_first: bool = False,
+        latency: float = 0.0,
+    ) -> None:
         import http.server
         import random
         import threading
@@ -478,8 +557,10 @@ class FaultyS3Proxy:
                     return
                 if kind:
                     status, code, msg = proxy.ERRORS[kind]
-                    xml = (f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code>'
-                           f"<Message>{msg}</Message><RequestId>fault</RequestId></Error>").encode()
+                    xml = (
+                        f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code>'
+                        f"<Message>{msg}</Message><RequestId>fault</RequestId></Error>"
+                    ).encode()
                     self.send_response(status)
                     self.send_header("Content-Type", "application/xml")
                     self.send_header("Content-Length", str(len(xml)))
@@ -498,8 +579,11 @@ class FaultyS3Proxy:
                 try:
                     time.sleep(proxy.latency)
                     conn = http.client.HTTPConnection(proxy.upstream, timeout=60)
-                    headers = {k: v for k, v in self.headers.items()
-                               if k.lower() not in ("expect", "transfer-encoding", "connection")}
+                    headers = {
+                        k: v
+                        for k, v in self.headers.items()
+                        if k.lower() not in ("expect", "transfer-encoding", "connection")
+                    }
                     if body or self.command in ("PUT", "POST"):
                         headers["Content-Length"] = str(len(body))
                     conn.request(self.command, self.path, body=body, headers=headers)
@@ -594,8 +678,14 @@ def ray_tune_local(s3_server):
     port = free_port()
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("RAY_API_SERVER_ADDRESS", f"http://127.0.0.1:{port}")
-        ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
-                 dashboard_port=port, log_to_driver=True,
-                 runtime_env={"env_vars": {"TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}})
+        ray.init(
+            address="local",
+            num_cpus=4,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            dashboard_port=port,
+            log_to_driver=True,
+            runtime_env={"env_vars": {"TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}},
+        )
         yield ray
         ray.shutdown()

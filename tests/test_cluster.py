@@ -264,7 +264,7 @@ def _check_rayjob_spec(spec: dict, name: str, script: str) -> None:
 
 
 def test_rayjob_train():
-    (name, doc), = [(n, d) for n, d in _k8s_docs() if d["kind"] == "RayJob"]
+    ((name, doc),) = [(n, d) for n, d in _k8s_docs() if d["kind"] == "RayJob"]
     _check_rayjob_spec(doc["spec"], name, "jobs/train.py")
     argv = shlex.split(doc["spec"]["entrypoint"])
     assert "num_workers=0" in argv and "use_gpu=true" in argv
@@ -293,7 +293,7 @@ def test_nightly_scoring_schedules():
     (c,) = pod["containers"]
     argv = c["command"] + c["args"]
     assert argv[:3] == ["ray", "job", "submit"] and "--no-wait" not in argv
-    _assert_job_command(argv[argv.index("--") + 1:], "jobs/score.py")
+    _assert_job_command(argv[argv.index("--") + 1 :], "jobs/score.py")
     assert "use_gpu=true" in argv
     _check_runtime_env(json.loads(argv[argv.index("--runtime-env-json") + 1]), name)
     env = {e["name"]: e for e in c["env"]}
@@ -302,7 +302,9 @@ def test_nightly_scoring_schedules():
     (cluster,) = [d for _, d in _k8s_docs() if d["kind"] == "RayCluster"]
     assert env["RAY_API_SERVER_ADDRESS"]["value"] == f"http://{cluster['metadata']['name']}-head-svc:8265"
     assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {
-        "name": cluster["spec"]["authOptions"]["secretName"], "key": "auth_token"}
+        "name": cluster["spec"]["authOptions"]["secretName"],
+        "key": "auth_token",
+    }
 
 
 # ----------------------------------------------------------------------------- docs
@@ -311,8 +313,18 @@ def test_readme_covers_every_file_and_topic():
     for path in sorted(CLUSTER.rglob("*")):
         if path.is_file() and path.name != "README.md":
             assert path.relative_to(CLUSTER).as_posix() in text, f"README does not mention {path}"
-    for topic in ("MinIO", "AWS_ENDPOINT_URL", "num_workers: 0", "num_actors: 0", "RayCronJob",
-                  "RAY_AUTH_MODE=token", "127.0.0.1", "port-forward", "Cost", "CPUs per GPU"):
+    for topic in (
+        "MinIO",
+        "AWS_ENDPOINT_URL",
+        "num_workers: 0",
+        "num_actors: 0",
+        "RayCronJob",
+        "RAY_AUTH_MODE=token",
+        "127.0.0.1",
+        "port-forward",
+        "Cost",
+        "CPUs per GPU",
+    ):
         assert topic in text, topic
     # The client command the README gives is the one verified to work with token auth.
     assert "RAY_AUTH_MODE=token RAY_API_SERVER_ADDRESS=http://127.0.0.1:8265 ray job submit --working-dir ." in text
@@ -320,8 +332,9 @@ def test_readme_covers_every_file_and_topic():
 
 # ----------------------------------------------------------------------------- local cluster
 def _script(cmd: list[str], env: dict, timeout: int = 180) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(SCRIPT), *cmd], env=env, capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT)
+    return subprocess.run(
+        ["bash", str(SCRIPT), *cmd], env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT
+    )
 
 
 @pytest.mark.slow
@@ -329,14 +342,26 @@ def test_local_script_starts_runs_a_job_and_stops(tmp_path_factory):
     ray_port, dash_port = free_port(), free_port()
     # A short directory: Ray's unix socket paths under it must stay within 107 bytes.
     temp_dir = Path(tempfile.mkdtemp(prefix="rc", dir="/tmp"))  # not tmp_path: deeper under xdist
-    env = dict(os.environ, RAY=str(Path(PY).parent / "ray"), RAY_PORT=str(ray_port),
-               DASHBOARD_PORT=str(dash_port), NUM_CPUS="2", TEMP_DIR=str(temp_dir))
+    env = dict(
+        os.environ,
+        RAY=str(Path(PY).parent / "ray"),
+        RAY_PORT=str(ray_port),
+        DASHBOARD_PORT=str(dash_port),
+        NUM_CPUS="2",
+        TEMP_DIR=str(temp_dir),
+    )
     env.pop("RAY_ADDRESS", None)
     # Own ports for every per-node service, so this cluster can't collide with another on the machine.
-    extra = ["--", f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-             f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
-             f"--ray-client-server-port={free_port()}", f"--node-manager-port={free_port()}",
-             f"--object-manager-port={free_port()}"]
+    extra = [
+        "--",
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--dashboard-agent-grpc-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}",
+        f"--metrics-export-port={free_port()}",
+        f"--ray-client-server-port={free_port()}",
+        f"--node-manager-port={free_port()}",
+        f"--object-manager-port={free_port()}",
+    ]
     try:
         up = _script(["up", *extra], env)
         assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
@@ -346,9 +371,17 @@ def test_local_script_starts_runs_a_job_and_stops(tmp_path_factory):
         if listening.returncode == 0 and listening.stdout.strip():
             assert all(line.split()[3].startswith("127.0.0.1:") for line in listening.stdout.strip().splitlines())
 
-        sub = _script(["submit", "--", "python", "-c",
-                       "import os, crackscale, ray; ray.init(); r = ray.cluster_resources(); "
-                       "print('CRACKSCALE_OK', int(r['CPU']), os.environ['TF_USE_LEGACY_KERAS'])"], env)
+        sub = _script(
+            [
+                "submit",
+                "--",
+                "python",
+                "-c",
+                "import os, crackscale, ray; ray.init(); r = ray.cluster_resources(); "
+                "print('CRACKSCALE_OK', int(r['CPU']), os.environ['TF_USE_LEGACY_KERAS'])",
+            ],
+            env,
+        )
         out = sub.stdout + sub.stderr
         assert sub.returncode == 0, out[-4000:]
         assert re.search(r"Job 'raysubmit_\w+' succeeded", out) and "CRACKSCALE_OK 2 1" in out, out[-4000:]
@@ -361,8 +394,11 @@ def test_local_script_starts_runs_a_job_and_stops(tmp_path_factory):
 
         down = _script(["down"], env)
         assert down.returncode == 0 and "stopped" in down.stdout, down.stdout + down.stderr
-        pids = subprocess.run(["bash", "-c", f"pgrep -f -- 'gcs_server_port={ray_port}|gcs-address=[^ ]*:{ray_port}'"],
-                              capture_output=True, text=True)
+        pids = subprocess.run(
+            ["bash", "-c", f"pgrep -f -- 'gcs_server_port={ray_port}|gcs-address=[^ ]*:{ray_port}'"],
+            capture_output=True,
+            text=True,
+        )
         assert pids.stdout.strip() == "", f"left running: {pids.stdout}"
     finally:
         # Stops only this test's cluster (by its GCS port); other Ray clusters on the machine live on.

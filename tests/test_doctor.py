@@ -15,8 +15,9 @@ from crackscale.config import StorageConfig
 
 def run_doctor(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     env = dict(env or os.environ, AWS_EC2_METADATA_DISABLED="true")  # never ask an instance-metadata service
-    return subprocess.run([PY, "-m", "crackscale.cli", "doctor", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [PY, "-m", "crackscale.cli", "doctor", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def by_name(stdout: str) -> dict[str, dict]:
@@ -77,7 +78,8 @@ def test_cli_help_shows_examples():
     r = subprocess.run([PY, "-m", "crackscale.cli", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "examples:" in r.stdout, r.stderr[-2000:]
     for sub in SUBCOMMANDS:
-        r = subprocess.run([PY, "-m", "crackscale.cli", sub, "--help"], cwd=ROOT, capture_output=True, text=True,
-                           timeout=120)
+        r = subprocess.run(
+            [PY, "-m", "crackscale.cli", sub, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120
+        )
         assert r.returncode == 0, (sub, r.stderr[-2000:])
         assert "example" in r.stdout and f"crackscale {sub}" in r.stdout, (sub, r.stdout)

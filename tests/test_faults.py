@@ -29,15 +29,20 @@ def s3_keys(endpoint: str, bucket: str, prefix: str = "") -> list[str]:
     """Keys under ``prefix``, listed straight from the S3 server (not through the proxy)."""
     import boto3
 
-    pages = boto3.client("s3", endpoint_url=endpoint).get_paginator("list_objects_v2").paginate(
-        Bucket=bucket, Prefix=prefix)
+    pages = (
+        boto3.client("s3", endpoint_url=endpoint)
+        .get_paginator("list_objects_v2")
+        .paginate(Bucket=bucket, Prefix=prefix)
+    )
     return [o["Key"] for page in pages for o in page.get("Contents", [])]
 
 
 def stage_images(synth_data: Path, dest: Path, n: int, bad: bool = True) -> int:
     dest.mkdir(parents=True, exist_ok=True)
-    for p in sorted((synth_data / "Positive").glob("*.jpg"))[: n // 2] + \
-            sorted((synth_data / "Negative").glob("*.jpg"))[: n - n // 2]:
+    for p in (
+        sorted((synth_data / "Positive").glob("*.jpg"))[: n // 2]
+        + sorted((synth_data / "Negative").glob("*.jpg"))[: n - n // 2]
+    ):
         (dest / f"{p.parent.name}-{p.name}").write_bytes(p.read_bytes())
     if bad:
         (dest / "truncated.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
@@ -45,9 +50,19 @@ def stage_images(synth_data: Path, dest: Path, n: int, bad: bool = True) -> int:
 
 
 def cfg_for(model: str, inp: str, out: str, endpoint: str, tmp_path: Path, **kw) -> ScoreConfig:
-    base = dict(model=model, input=inp, output=out, batch_size=8, block_size=8, chunk_size=10, runtime="tf",
-                num_actors=1, read_threads=4, cache_dir=str(tmp_path / "cache"),
-                storage=StorageConfig(s3_endpoint=endpoint))
+    base = dict(
+        model=model,
+        input=inp,
+        output=out,
+        batch_size=8,
+        block_size=8,
+        chunk_size=10,
+        runtime="tf",
+        num_actors=1,
+        read_threads=4,
+        cache_dir=str(tmp_path / "cache"),
+        storage=StorageConfig(s3_endpoint=endpoint),
+    )
     base.update(kw)
     return ScoreConfig(**base)
 
@@ -58,8 +73,9 @@ def scores_direct(out: str, s3_server: str):
 
 
 @pytest.mark.slow
-def test_flaky_s3_every_image_exactly_once(ray_local, s3_server, s3_bucket, faulty_s3, synth_data,
-                                           model_artifact, tmp_path):
+def test_flaky_s3_every_image_exactly_once(
+    ray_local, s3_server, s3_bucket, faulty_s3, synth_data, model_artifact, tmp_path
+):
     """Every first attempt of every request fails, and 25 % of the rest (never 3 in a row):
     listing, HEAD/GET of images, Parquet reads and PUTs all retry with backoff; the run completes
     with one row per image and no transient failure recorded as an image error."""
@@ -82,8 +98,9 @@ def test_flaky_s3_every_image_exactly_once(ray_local, s3_server, s3_bucket, faul
     assert {"slowdown", "reset", "internal"} <= set(proxy.faults), proxy.faults
     assert any(m == "GET" and "list-type=2" in p for m, p in hit)
     assert sum(1 for m, p in hit if f"/{s3_bucket}/images/" in p) >= n
-    assert any(m in ("PUT", "POST") and "/scores/model_id" in p for m, p in hit), \
-        sorted({(m, p.split("?")[0][:60]) for m, p in hit if m != "GET"})
+    assert any(m in ("PUT", "POST") and "/scores/model_id" in p for m, p in hit), sorted(
+        {(m, p.split("?")[0][:60]) for m, p in hit if m != "GET"}
+    )
 
     # a re-run through the same flaky endpoint scores nothing twice
     s2 = scoring_run.run(cfg)
@@ -153,12 +170,15 @@ def test_s3_listing_walks_folders_in_parallel(s3_server, s3_bucket, faulty_s3, t
 
     s3 = boto3.client("s3", endpoint_url=s3_server)
     keys = ["in/top.jpg", "in/site-03/notes.txt", "in/site-00/", "in2/x.jpg", "other/y.jpg"]
-    keys += [f"in/site-{s:02d}/2026-11-{d:02d}/{i}.{'JPG' if i == 2 else 'jpg'}"
-             for s in range(12) for d in (1, 2) for i in range(3)]
+    keys += [
+        f"in/site-{s:02d}/2026-11-{d:02d}/{i}.{'JPG' if i == 2 else 'jpg'}"
+        for s in range(12)
+        for d in (1, 2)
+        for i in range(3)
+    ]
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(lambda k: s3.put_object(Bucket=s3_bucket, Key=k, Body=b"x"), keys))
-    want = sorted(f"s3://{s3_bucket}/{k}" for k in keys
-                  if k.startswith("in/") and k.lower().endswith(".jpg"))
+    want = sorted(f"s3://{s3_bucket}/{k}" for k in keys if k.startswith("in/") and k.lower().endswith(".jpg"))
     assert len(want) == 73
     monkeypatch.setattr(scoring_listing, "LIST_PROBE_KEYS", 20)
 
@@ -192,18 +212,17 @@ def test_s3_listing_walks_folders_in_parallel(s3_server, s3_bucket, faulty_s3, t
 
 
 @pytest.mark.slow
-def test_endpoint_dies_mid_run_then_rerun_completes(ray_local, s3_server, s3_bucket, faulty_s3,
-                                                    synth_data, model_artifact, tmp_path):
+def test_endpoint_dies_mid_run_then_rerun_completes(
+    ray_local, s3_server, s3_bucket, faulty_s3, synth_data, model_artifact, tmp_path
+):
     """Listing works, then every object read fails (an outage): the run stops with a clear error
     naming the endpoint instead of writing 'read:' error rows; no Parquet file is written. When the
     endpoint is back, a re-run scores every image exactly once."""
     n = stage_images(synth_data, tmp_path / "imgs", 12, bad=False)
     upload_tree(s3_server, tmp_path / "imgs", s3_bucket, "images")
-    proxy = faulty_s3(rate=1.0, max_consecutive=0,
-                      match=lambda m, p: p.startswith(f"/{s3_bucket}/images/"))
+    proxy = faulty_s3(rate=1.0, max_consecutive=0, match=lambda m, p: p.startswith(f"/{s3_bucket}/images/"))
     out = f"s3://{s3_bucket}/scores"
-    cfg = cfg_for(model_artifact["uri"], f"s3://{s3_bucket}/images/", out, proxy.endpoint, tmp_path,
-                  chunk_size=100)
+    cfg = cfg_for(model_artifact["uri"], f"s3://{s3_bucket}/images/", out, proxy.endpoint, tmp_path, chunk_size=100)
     t0 = time.monotonic()
     with pytest.raises(Exception, match=r"cannot read s3://.*endpoint http://127\.0\.0\.1") as e:
         scoring_run.run(cfg)
@@ -218,10 +237,12 @@ def test_endpoint_dies_mid_run_then_rerun_completes(ray_local, s3_server, s3_buc
     assert len(uris) == n and len(set(uris)) == n
 
 
-@pytest.mark.parametrize("case", ["dead-endpoint", "nothing-listening", "denied", "missing-input-bucket",
-                                  "missing-output-bucket"])
+@pytest.mark.parametrize(
+    "case", ["dead-endpoint", "nothing-listening", "denied", "missing-input-bucket", "missing-output-bucket"]
+)
 def test_permanent_storage_failures_are_clear_bounded_and_write_nothing(
-        case, s3_server, s3_bucket, faulty_s3, model_artifact, tmp_path):
+    case, s3_server, s3_bucket, faulty_s3, model_artifact, tmp_path
+):
     """Each fails before any Ray work, with a StorageError naming the bucket/endpoint."""
     from conftest import free_port
 
@@ -254,9 +275,20 @@ def test_permanent_storage_failures_are_clear_bounded_and_write_nothing(
 def test_denied_job_exits_with_one_clear_line(s3_server, s3_bucket, faulty_s3, model_artifact, tmp_path):
     """jobs/score.py as users run it: exit 2 and one 'error:' line, no traceback."""
     proxy = faulty_s3(mode="deny")
-    r = run_job(["jobs/score.py", "--model", model_artifact["uri"], "--input", f"s3://{s3_bucket}/images/",
-                 "--output", f"s3://{s3_bucket}/scores", "--set", f"storage.s3_endpoint={proxy.endpoint}"],
-                timeout=300)
+    r = run_job(
+        [
+            "jobs/score.py",
+            "--model",
+            model_artifact["uri"],
+            "--input",
+            f"s3://{s3_bucket}/images/",
+            "--output",
+            f"s3://{s3_bucket}/scores",
+            "--set",
+            f"storage.s3_endpoint={proxy.endpoint}",
+        ],
+        timeout=300,
+    )
     assert r.returncode == 2, r.stderr[-3000:]
     assert "Traceback" not in r.stderr
     last = r.stderr.strip().splitlines()[-1]
@@ -294,9 +326,19 @@ def test_train_worker_killed_mid_epoch_continues_from_checkpoint(ray_local, synt
     from crackscale.training import driver as train_driver
     from crackscale.training import loop as train_loop
 
-    cfg = small_train_config(synth_data, tmp_path, name="wkill", head_epochs=6, fine_tune_epochs=0,
-                             min_epochs=0, patience=10, limit_per_class=30, image_size=64, max_failures=2,
-                             lr_schedule="cosine")
+    cfg = small_train_config(
+        synth_data,
+        tmp_path,
+        name="wkill",
+        head_epochs=6,
+        fine_tune_epochs=0,
+        min_epochs=0,
+        patience=10,
+        limit_per_class=30,
+        image_size=64,
+        max_failures=2,
+        lr_schedule="cosine",
+    )
     me = psutil.Process(os.getpid())
     killed: list[int] = []
     stop = threading.Event()
@@ -324,7 +366,8 @@ def test_train_worker_killed_mid_epoch_continues_from_checkpoint(ray_local, synt
     assert [h["epoch"] for h in meta["history"]] == [1, 2, 3, 4, 5, 6]
     # the cosine schedule continued across the restart (keyed on the absolute epoch)
     assert [h["lr"] for h in meta["history"]] == pytest.approx(
-        [train_loop.cosine_lr(cfg.head_lr, i, 6) for i in range(6)], rel=1e-5)
+        [train_loop.cosine_lr(cfg.head_lr, i, 6) for i in range(6)], rel=1e-5
+    )
 
 
 def _node_processes(node, needle: str) -> list:
@@ -347,14 +390,15 @@ def _alive_actors_on(node, class_name: str) -> int:
     node, from the GCS actor table (the state API needs a dashboard, which this cluster has not)."""
     from ray._private import state
 
-    return sum(1 for a in state.actors().values()
-               if a["State"] == "ALIVE" and class_name in a["ActorClassName"]
-               and a["Address"]["NodeID"] == node.node_id)
+    return sum(
+        1
+        for a in state.actors().values()
+        if a["State"] == "ALIVE" and class_name in a["ActorClassName"] and a["Address"]["NodeID"] == node.node_id
+    )
 
 
 @pytest.mark.slow
-def test_node_removed_mid_scoring_every_image_exactly_once(ray_node_to_lose, synth_data, model_artifact,
-                                                           tmp_path):
+def test_node_removed_mid_scoring_every_image_exactly_once(ray_node_to_lose, synth_data, model_artifact, tmp_path):
     """Remove the worker node of a 2-node cluster while one model actor runs on it and chunks are
     being committed: the attempt fails, a second attempt re-runs the uncommitted chunks on the head
     node with a pool that fits there, the run completes, and every image is in the output once."""
@@ -365,9 +409,20 @@ def test_node_removed_mid_scoring_every_image_exactly_once(ray_node_to_lose, syn
     out = tmp_path / "scores"
     # actor_cpus 2 on two 2-CPU nodes: one actor per node (with 1, Ray may place both on the head,
     # and then there is no actor to lose); after the loss, the pool that fits is one actor
-    cfg = cfg_for(model_artifact["uri"], str(tmp_path / "imgs"), str(out), "", tmp_path,
-                  num_actors=2, actor_cpus=2.0, chunk_size=8, batch_size=4, block_size=4, read_threads=2,
-                  storage=StorageConfig())
+    cfg = cfg_for(
+        model_artifact["uri"],
+        str(tmp_path / "imgs"),
+        str(out),
+        "",
+        tmp_path,
+        num_actors=2,
+        actor_cpus=2.0,
+        chunk_size=8,
+        batch_size=4,
+        block_size=4,
+        read_threads=2,
+        storage=StorageConfig(),
+    )
     removed: dict[str, int] = {}
     stop = threading.Event()
 
@@ -396,8 +451,10 @@ def test_node_removed_mid_scoring_every_image_exactly_once(ray_node_to_lose, syn
 @pytest.mark.slow
 def test_benchmark_load_job_runs(tmp_path):
     """jobs/benchmark_load.py end to end at tiny N (the 10,000 vs 100,000 run is a manual benchmark)."""
-    r = run_job(["jobs/benchmark_load.py", "--small", "200", "--n", "600", "--chunk-size", "100",
-                 "--workdir", str(tmp_path)], timeout=900)
+    r = run_job(
+        ["jobs/benchmark_load.py", "--small", "200", "--n", "600", "--chunk-size", "100", "--workdir", str(tmp_path)],
+        timeout=900,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     out = last_json(r.stdout)
     for n in ("200", "600"):

@@ -49,8 +49,7 @@ def trained_model():
         for label in (0, 1):
             images.append(jpeg(synth.make_image(rng, bool(label), 227)[0]))
             labels.append(label)
-    cfg = TrainConfig(weights="none", image_size=SIZE, alpha=0.35, bn_momentum=0.7, head_lr=2e-3,
-                      rotation=0.0)
+    cfg = TrainConfig(weights="none", image_size=SIZE, alpha=0.35, bn_momentum=0.7, head_lr=2e-3, rotation=0.0)
     mdl, base = M.build(cfg)
     M.set_phase(cfg, mdl, base, "head")
     ds = tfdata.tf_dataset(images, labels, SIZE, 32, shuffle=True, seed=0, repeat=True, antialias=AA)

@@ -39,6 +39,7 @@ def _save(im: Image.Image, fmt: str, **kw) -> bytes:
 
 def png_bomb(side: int = 30000) -> bytes:
     """A valid 1-bit grayscale PNG of side×side pixels (~110 KB; 900 M pixels when decoded)."""
+
     def chunk(tag: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
 
@@ -75,7 +76,10 @@ def hostile_files() -> dict[str, tuple[bytes, str]]:
         "page.jpg": (b"<!DOCTYPE html><html><body><img src=x onerror=alert(1)></body></html>", "decode: not an image"),
         "rgba.png": (_save(_img("RGBA"), "PNG"), "ok"),
         "palette.png": (_save(_img("RGB").convert("P", palette=Image.Palette.ADAPTIVE), "PNG"), "ok"),
-        "sixteen-bit.png": (_save(Image.fromarray((np.arange(72 * 96, dtype=np.uint16) * 9).reshape(72, 96)), "PNG"), "ok"),
+        "sixteen-bit.png": (
+            _save(Image.fromarray((np.arange(72 * 96, dtype=np.uint16) * 9).reshape(72, 96)), "PNG"),
+            "ok",
+        ),
         "gray.jpg": (_save(_img("L"), "JPEG"), "ok"),
         "cmyk.jpg": (_save(_img("CMYK"), "JPEG"), "ok"),
         "exif-rotated.jpg": (rotated, "ok"),
@@ -143,8 +147,9 @@ def test_hostile_folder_and_bucket_one_row_per_file(ray_local, s3_server, s3_buc
         (src / name).write_bytes(blob)
     out = tmp_path / "out" / "scores"
     before = set(files_under(tmp_path))
-    cfg = score_cfg(model=model_artifact["uri"], input=str(tmp_path / "in"), output=str(out),
-                    cache_dir=str(tmp_path / "cache"))
+    cfg = score_cfg(
+        model=model_artifact["uri"], input=str(tmp_path / "in"), output=str(out), cache_dir=str(tmp_path / "cache")
+    )
     s = scoring_run.run(cfg)
     assert s["listed"] == len(files) and s["scored"] + s["failed"] == len(files)
     rows = {Path(r["uri"]).name: r for r in query.open_scores(str(out)).to_table().to_pylist()}
@@ -161,33 +166,44 @@ def test_hostile_folder_and_bucket_one_row_per_file(ray_local, s3_server, s3_buc
     keys = {f"in/{name}": want for name, (_, want) in files.items()}
     blobs = {f"in/{name}": blob for name, (blob, _) in files.items()}
     good = files["rgba.png"][0]
-    odd = {"in/../../escape/up.png": "ok", "in/a/../../../../etc/passwd.png": "ok",
-           "in/" + "x" * 990 + ".png": "ok", "in/deep/" + "/".join(["ü" * 40] * 6) + ".png": "ok"}
+    odd = {
+        "in/../../escape/up.png": "ok",
+        "in/a/../../../../etc/passwd.png": "ok",
+        "in/" + "x" * 990 + ".png": "ok",
+        "in/deep/" + "/".join(["ü" * 40] * 6) + ".png": "ok",
+    }
     for k in odd:
         keys[k], blobs[k] = odd[k], good
     for k, blob in blobs.items():
         assert len(k.encode()) <= 1024
         s3.put_object(Bucket=s3_bucket, Key=k, Body=blob)
-    stored = {o["Key"] for p in s3.get_paginator("list_objects_v2").paginate(Bucket=s3_bucket)
-              for o in p.get("Contents", [])}
+    stored = {
+        o["Key"] for p in s3.get_paginator("list_objects_v2").paginate(Bucket=s3_bucket) for o in p.get("Contents", [])
+    }
     assert stored == set(keys), stored ^ set(keys)  # the server kept the odd keys verbatim
-    s3cfg = score_cfg(model=model_artifact["uri"], input=f"s3://{s3_bucket}/in/",
-                      output=f"s3://{s3_bucket}/out/scores", cache_dir=str(tmp_path / "cache"),
-                      storage=StorageConfig(s3_endpoint=s3_server))
+    s3cfg = score_cfg(
+        model=model_artifact["uri"],
+        input=f"s3://{s3_bucket}/in/",
+        output=f"s3://{s3_bucket}/out/scores",
+        cache_dir=str(tmp_path / "cache"),
+        storage=StorageConfig(s3_endpoint=s3_server),
+    )
     s = scoring_run.run(s3cfg)
     assert s["listed"] == len(keys) and s["scored"] + s["failed"] == len(keys)
     t = query.open_scores(s3cfg.output, s3cfg.storage).to_table()
-    rows = {r["uri"][len(f"s3://{s3_bucket}/"):]: r for r in t.to_pylist()}
+    rows = {r["uri"][len(f"s3://{s3_bucket}/") :]: r for r in t.to_pylist()}
     assert len(rows) == t.num_rows == len(keys) and set(rows) == set(keys)
     bad = {k: rows[k]["error"] for k, want in keys.items() if not _expected_error(k, want, rows[k]["error"])}
     # an odd key may be refused by the S3 client as an error row ("read: …"), never mis-scored
     assert all(k in odd and (e or "").startswith("read:") for k, e in bad.items()), bad
-    after = {o["Key"] for p in s3.get_paginator("list_objects_v2").paginate(Bucket=s3_bucket)
-             for o in p.get("Contents", [])}
+    after = {
+        o["Key"] for p in s3.get_paginator("list_objects_v2").paginate(Bucket=s3_bucket) for o in p.get("Contents", [])
+    }
     assert all(k.startswith("out/scores/") for k in after - stored), after - stored
 
 
 # ---- model artifacts that carry code ------------------------------------------------------------
+
 
 def _evil_model(marker: Path):
     from crackscale.model import keras

@@ -145,10 +145,16 @@ print(json.dumps([sum(s.cache_hits.values()), sum(s.cache_misses.values())]))
 
 def test_damaged_jpegs_get_tensorflows_answer_and_antialias_uses_tensorflow():
     blob = variants()["227-sub2"]
-    for name, bad in {"truncated": blob[: len(blob) // 2], "corrupt": blob[:600] + bytes(range(256)) * 8,
-                      "no-eoi": blob[:-2]}.items():
+    for name, bad in {
+        "truncated": blob[: len(blob) // 2],
+        "corrupt": blob[:600] + bytes(range(256)) * 8,
+        "no-eoi": blob[:-2],
+    }.items():
         assert jpeg.decode(bad, 64) is None or name == "no-eoi", name  # libjpeg's warnings are not ignored
-        assert scoring_decode.decode_image(bad, "x.jpg", 64, AUTO)[1] == scoring_decode.decode_image(bad, "x.jpg", 64, TF)[1], name
+        assert (
+            scoring_decode.decode_image(bad, "x.jpg", 64, AUTO)[1]
+            == scoring_decode.decode_image(bad, "x.jpg", 64, TF)[1]
+        ), name
     assert scoring_decode.fast_jpeg(AUTO, antialias=False) and not scoring_decode.fast_jpeg(AUTO, antialias=True)
     assert not scoring_decode.fast_jpeg(TF, antialias=False)
     with pytest.raises(ConfigError, match="'decoder' must be auto or tf"):
@@ -163,7 +169,7 @@ import sys, numpy as np, glob, io
 from PIL import Image
 from crackscale.scoring import predictor
 from crackscale.config import ScoreConfig
-cfg = ScoreConfig(model={model_artifact['uri']!r})
+cfg = ScoreConfig(model={model_artifact["uri"]!r})
 p = predictor.Predictor(cfg, decode={{"image_size": 64, "cfg": cfg, "antialias": False}})
 files = sorted(glob.glob({str(synth_data)!r} + "/*/*.jpg"))[:12]
 out = p({{"uri": np.array(files, dtype=object), "size": np.full(len(files), -1)}})

@@ -26,7 +26,10 @@ def sample(size: int, n: int = 48) -> np.ndarray:
     """Real images of both classes (decoded as the scorer does) when present, else synthetic."""
     if REAL_DATA.is_dir():
         cfg = ScoreConfig()
-        files = sorted((REAL_DATA / "Positive").glob("*.jpg"))[: n // 2] + sorted((REAL_DATA / "Negative").glob("*.jpg"))[: n // 2]
+        files = (
+            sorted((REAL_DATA / "Positive").glob("*.jpg"))[: n // 2]
+            + sorted((REAL_DATA / "Negative").glob("*.jpg"))[: n // 2]
+        )
         return np.stack([scoring_decode.decode_image(f.read_bytes(), f.name, size, cfg)[0] for f in files])
     return litert.sample_images(size, n, seed=3)
 
@@ -40,8 +43,9 @@ def lite_cache(tmp_path_factory) -> str:
 def test_litert_matches_tf_keras(model_artifact, lite_cache):
     loaded = artifact.load(model_artifact["uri"])
     images = sample(64)
-    rt, info = rt_select.select(loaded.model, loaded.meta, "litert", 16, threads=2,
-                              cache_dir=lite_cache, check_images=images)
+    rt, info = rt_select.select(
+        loaded.model, loaded.meta, "litert", 16, threads=2, cache_dir=lite_cache, check_images=images
+    )
     assert rt.name == "litert" and info["parity_max_abs_diff"] <= 1e-4
     assert litert.cache_path(lite_cache, loaded.meta["model_sha256"]).is_file()
     p_lite = rt.predict(images)
@@ -73,12 +77,14 @@ def test_predictor_without_ray_gpu_path_on_cpu(model_artifact, lite_cache):
         return artifact.load(uri, storage_cfg)
 
     images = sample(64, 8)
-    batch = {"uri": np.array([f"u{i}" for i in range(8)], dtype=object),
-             "image": images, "error": np.array(["", "decode: bad", "", "", "", "", "empty file", ""], dtype=object)}
+    batch = {
+        "uri": np.array([f"u{i}" for i in range(8)], dtype=object),
+        "image": images,
+        "error": np.array(["", "decode: bad", "", "", "", "", "empty file", ""], dtype=object),
+    }
     out = {}
     for kind, gpu in (("tf", True), ("litert", False)):
-        cfg = ScoreConfig(model=model_artifact["uri"], runtime=kind, use_gpu=gpu, batch_size=4,
-                          cache_dir=lite_cache)
+        cfg = ScoreConfig(model=model_artifact["uri"], runtime=kind, use_gpu=gpu, batch_size=4, cache_dir=lite_cache)
         pred = predictor.Predictor(cfg, loader=loader)
         res = pred(batch)
         assert "image" not in res and list(res["uri"]) == list(batch["uri"])
@@ -101,11 +107,17 @@ def test_predictor_that_decodes_equals_decode_tasks_then_predictor(model_artifac
     good = sorted((synth_data / "Positive").glob("*.jpg"))[:6] + sorted((synth_data / "Negative").glob("*.jpg"))[:6]
     bad.write_bytes(good[0].read_bytes()[:300])
     uris = [str(p) for p in good[:6]] + [str(bad)] + [str(p) for p in good[6:]]
-    batch = {"uri": np.array(uris, dtype=object), "size": np.full(len(uris), -1, np.int64),
-             "chunk": np.array(["c0"] * len(uris), dtype=object)}
+    batch = {
+        "uri": np.array(uris, dtype=object),
+        "size": np.full(len(uris), -1, np.int64),
+        "chunk": np.array(["c0"] * len(uris), dtype=object),
+    }
     cfg = ScoreConfig(model=model_artifact["uri"], runtime="litert", batch_size=4)
-    decode = {"image_size": model_artifact["meta"]["image_size"], "cfg": cfg,
-              "antialias": tfdecode.resize_antialias(model_artifact["meta"])}
+    decode = {
+        "image_size": model_artifact["meta"]["image_size"],
+        "cfg": cfg,
+        "antialias": tfdecode.resize_antialias(model_artifact["meta"]),
+    }
     split = predictor.Predictor(cfg)(scoring_decode.decode_batch(batch, **decode))
     fused = predictor.Predictor(cfg, decode=decode)
     one = fused(batch)
@@ -130,15 +142,22 @@ def test_predictor_starts_from_the_artifacts_own_export_without_tensorflow(model
     assert 0 <= lit["parity_max_abs_diff"] <= 1e-4
     images = sample(64, 24)
     np.save(tmp_path / "x.npy", images)
-    code = ("import json, sys, time; import numpy as np; t = time.time()\n"
-            "from crackscale.scoring import predictor; from crackscale.config import ScoreConfig\n"
-            "p = predictor.Predictor(ScoreConfig(model=sys.argv[1])); ready = time.time() - t\n"
-            "x = np.load(sys.argv[2]); b = {'image': x, 'error': np.array([''] * len(x), dtype=object)}\n"
-            "print(json.dumps({'info': p.info, 'tf': 'tensorflow' in sys.modules, 'ready_s': ready,\n"
-            "                  'batch': p.runtime.batch_size,\n"
-            "                  'p': p(b)['crack_probability'].tolist()}))")
-    r = subprocess.run([PY, "-c", code, model_artifact["uri"], str(tmp_path / "x.npy")], cwd=ROOT,
-                       capture_output=True, text=True, timeout=120)
+    code = (
+        "import json, sys, time; import numpy as np; t = time.time()\n"
+        "from crackscale.scoring import predictor; from crackscale.config import ScoreConfig\n"
+        "p = predictor.Predictor(ScoreConfig(model=sys.argv[1])); ready = time.time() - t\n"
+        "x = np.load(sys.argv[2]); b = {'image': x, 'error': np.array([''] * len(x), dtype=object)}\n"
+        "print(json.dumps({'info': p.info, 'tf': 'tensorflow' in sys.modules, 'ready_s': ready,\n"
+        "                  'batch': p.runtime.batch_size,\n"
+        "                  'p': p(b)['crack_probability'].tolist()}))"
+    )
+    r = subprocess.run(
+        [PY, "-c", code, model_artifact["uri"], str(tmp_path / "x.npy")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["info"]["runtime"] == "litert" and out["info"]["litert"] == "artifact", out["info"]

@@ -14,18 +14,28 @@ from conftest import last_json, run_job  # noqa: F401
 from crackscale import query
 from crackscale.scoring import commit
 
-T0 = dt.datetime(2026, 11, 20, 2, 0, tzinfo=dt.timezone.utc)
+T0 = dt.datetime(2026, 11, 20, 2, 0, tzinfo=dt.UTC)
 
 
 def _chunk(uris: list[str], probs: list[float | None], errors: list[str | None], model_name: str) -> pa.Table:
     n = len(uris)
-    return pa.table({
-        "uri": uris, "size": [1000] * n, "etag": [None] * n, "mtime": [T0] * n,
-        "crack_probability": pa.array(probs, pa.float32()),
-        "crack": [None if p is None else p >= 0.5 for p in probs],
-        "threshold": pa.array([0.5] * n, pa.float32()), "model_name": [model_name] * n,
-        "runtime": ["litert"] * n, "run_id": ["r1"] * n, "scored_at": [T0] * n, "error": errors,
-    }, schema=commit.SCHEMA)
+    return pa.table(
+        {
+            "uri": uris,
+            "size": [1000] * n,
+            "etag": [None] * n,
+            "mtime": [T0] * n,
+            "crack_probability": pa.array(probs, pa.float32()),
+            "crack": [None if p is None else p >= 0.5 for p in probs],
+            "threshold": pa.array([0.5] * n, pa.float32()),
+            "model_name": [model_name] * n,
+            "runtime": ["litert"] * n,
+            "run_id": ["r1"] * n,
+            "scored_at": [T0] * n,
+            "error": errors,
+        },
+        schema=commit.SCHEMA,
+    )
 
 
 def write_fixture_scores(output: str) -> None:
@@ -33,20 +43,30 @@ def write_fixture_scores(output: str) -> None:
     b = output.rstrip("/") + "-images"
     site_a = [f"{b}/site-a/{i}.jpg" for i in range(4)]
     site_b = [f"{b}/site-b/{i}.jpg" for i in range(3)]
-    commit.commit_chunk(_chunk(site_a, [0.9, 0.2, 0.7, None], [None, None, None, "decode: not an image"], "m"),
-                       output, "aaaa000000000001", "2026-11-20", None)
-    commit.commit_chunk(_chunk(site_b, [0.95, 0.1, 0.6], [None] * 3, "m"), output, "aaaa000000000001",
-                       "2026-11-21", None)
-    commit.commit_chunk(_chunk(site_a + site_b, [0.01] * 7, [None] * 7, "m2"), output, "bbbb000000000002",
-                       "2026-11-22", None)
+    commit.commit_chunk(
+        _chunk(site_a, [0.9, 0.2, 0.7, None], [None, None, None, "decode: not an image"], "m"),
+        output,
+        "aaaa000000000001",
+        "2026-11-20",
+        None,
+    )
+    commit.commit_chunk(
+        _chunk(site_b, [0.95, 0.1, 0.6], [None] * 3, "m"), output, "aaaa000000000001", "2026-11-21", None
+    )
+    commit.commit_chunk(
+        _chunk(site_a + site_b, [0.01] * 7, [None] * 7, "m2"), output, "bbbb000000000002", "2026-11-22", None
+    )
 
 
 def check_queries(output: str) -> None:
     con = query.connect(output)
     # top: default model is the latest one (m2); an explicit model gives its ranking
     top = query.top(con, n=3, model="aaaa000000000001")
-    assert [u.rsplit("/", 2)[-2:] for u in top["uri"].to_pylist()] == [["site-b", "0.jpg"], ["site-a", "0.jpg"],
-                                                                       ["site-a", "2.jpg"]]
+    assert [u.rsplit("/", 2)[-2:] for u in top["uri"].to_pylist()] == [
+        ["site-b", "0.jpg"],
+        ["site-a", "0.jpg"],
+        ["site-a", "2.jpg"],
+    ]
     assert set(query.top(con, n=100)["model_id"].to_pylist()) == {"bbbb000000000002"}
     pre = output.rstrip("/") + "-images/site-a/"
     assert query.top(con, n=5, prefix=pre, model="m")["uri"].to_pylist()[0].endswith("site-a/0.jpg")
@@ -54,10 +74,19 @@ def check_queries(output: str) -> None:
     assert dated.num_rows == 3 and set(dated["run_date"].to_pylist()) == {"2026-11-21"}
     nights = query.counts(con, "night").to_pylist()
     assert [(r["run_date"], r["images"], r["cracks"], r["failed"]) for r in nights] == [
-        ("2026-11-20", 4, 2, 1), ("2026-11-21", 3, 2, 0), ("2026-11-22", 7, 0, 0)]
-    prefixes = {(r["prefix"].rsplit("/", 2)[-2], r["model_id"]): r["images"] for r in query.counts(con, "prefix").to_pylist()}
-    assert prefixes == {("site-a", "aaaa000000000001"): 4, ("site-b", "aaaa000000000001"): 3,
-                        ("site-a", "bbbb000000000002"): 4, ("site-b", "bbbb000000000002"): 3}
+        ("2026-11-20", 4, 2, 1),
+        ("2026-11-21", 3, 2, 0),
+        ("2026-11-22", 7, 0, 0),
+    ]
+    prefixes = {
+        (r["prefix"].rsplit("/", 2)[-2], r["model_id"]): r["images"] for r in query.counts(con, "prefix").to_pylist()
+    }
+    assert prefixes == {
+        ("site-a", "aaaa000000000001"): 4,
+        ("site-b", "aaaa000000000001"): 3,
+        ("site-a", "bbbb000000000002"): 4,
+        ("site-b", "bbbb000000000002"): 3,
+    }
     models = query.counts(con, "model").to_pylist()
     assert [(r["model_name"], r["images"]) for r in models] == [("m", 7), ("m2", 7)]
     bad = query.failed(con).to_pylist()
@@ -129,7 +158,10 @@ def test_every_command_reads_config_and_storage_the_same_way(tmp_path):
         args = p.parse_args([command, "--config", str(config), "--set", "storage.s3_region=eu-west-1"])
         cfg = cli.scoring_config(args, {"output": getattr(args, "output", None)})
         assert (cfg.output, cfg.storage.s3_endpoint, cfg.storage.s3_region) == (
-            "s3://night/scores/", "http://127.0.0.1:9", "eu-west-1"), command
+            "s3://night/scores/",
+            "http://127.0.0.1:9",
+            "eu-west-1",
+        ), command
         args = p.parse_args([command, "--config", str(config), "--s3-endpoint", "http://127.0.0.1:7"])
         assert cli.scoring_config(args, {}).storage.s3_endpoint == "http://127.0.0.1:7", command
         with pytest.raises(ConfigError, match="storage.s3_regio"):

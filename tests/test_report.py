@@ -26,8 +26,16 @@ from crackscale.reports import training as report_training
 from crackscale.scoring import run as scoring_run
 
 CHROMIUM = "/usr/bin/chromium"
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 @pytest.fixture(scope="session")
@@ -79,11 +87,19 @@ def browse(chromium: str, index: Path, tmp: Path) -> tuple[Page, Path]:
     """Open ``index`` like a user would: the DOM after load (scripts run) and a screenshot."""
     url = index.resolve().as_uri()
     shot = tmp / "screenshot.png"
-    r = subprocess.run([chromium, *FLAGS, f"--user-data-dir={tmp / 'ud1'}", f"--screenshot={shot}",
-                        "--window-size=1280,2000", url], capture_output=True, text=True, timeout=180)
+    r = subprocess.run(
+        [chromium, *FLAGS, f"--user-data-dir={tmp / 'ud1'}", f"--screenshot={shot}", "--window-size=1280,2000", url],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert r.returncode == 0 and shot.is_file(), r.stderr[-2000:]
-    r = subprocess.run([chromium, *FLAGS, f"--user-data-dir={tmp / 'ud2'}", "--virtual-time-budget=10000",
-                        "--dump-dom", url], capture_output=True, text=True, timeout=180)
+    r = subprocess.run(
+        [chromium, *FLAGS, f"--user-data-dir={tmp / 'ud2'}", "--virtual-time-budget=10000", "--dump-dom", url],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert r.returncode == 0 and "</html>" in r.stdout, r.stderr[-2000:]
     return Page(r.stdout), shot
 
@@ -132,7 +148,8 @@ def test_training_report(trained, chromium, tmp_path, s3_server, s3_bucket):
     # the matrix and the per-image file describe the same test split
     cm = test["confusion_matrix"]
     assert cm["tp"] + cm["fn"] == sum(r["label"] == "1" for r in preds) and cm["tn"] + cm["fp"] == len(preds) - (
-        cm["tp"] + cm["fn"])
+        cm["tp"] + cm["fn"]
+    )
     # learning curves: one row per epoch, phases in order; early stop stated as it happened
     hist = meta["history"]
     assert page.ids["epochs-run"] == str(len(hist))
@@ -142,8 +159,9 @@ def test_training_report(trained, chromium, tmp_path, s3_server, s3_bucket):
     # the error grid: false negatives first (lowest score first), then false positives
     assert (page.ids["n-false-negatives"], page.ids["n-false-positives"]) == (str(len(fn)), str(len(fp)))
     grid = [(f["class"], f["data-uri"], float(f["data-probability"])) for f in page.figures]
-    want = ([("fn", r["uri"], float(r["probability"])) for r in sorted(fn, key=lambda r: float(r["probability"]))]
-            + [("fp", r["uri"], float(r["probability"])) for r in sorted(fp, key=lambda r: -float(r["probability"]))])
+    want = [("fn", r["uri"], float(r["probability"])) for r in sorted(fn, key=lambda r: float(r["probability"]))] + [
+        ("fp", r["uri"], float(r["probability"])) for r in sorted(fp, key=lambda r: -float(r["probability"]))
+    ]
     # the page shows 6 decimals; the CSV keeps full precision
     assert [(c, u) for c, u, _ in grid] == [(c, u) for c, u, _ in want[:24]]
     assert all(abs(a[2] - b[2]) < 1e-6 for a, b in zip(grid, want))
@@ -155,8 +173,12 @@ def test_training_report(trained, chromium, tmp_path, s3_server, s3_bucket):
     assert uri == f"s3://{s3_bucket}/models/rep/report/index.html"
     import boto3
 
-    keys = {o["Key"] for o in boto3.client("s3", endpoint_url=s3_server).list_objects_v2(
-        Bucket=s3_bucket, Prefix="models/rep/report/")["Contents"]}
+    keys = {
+        o["Key"]
+        for o in boto3.client("s3", endpoint_url=s3_server).list_objects_v2(
+            Bucket=s3_bucket, Prefix="models/rep/report/"
+        )["Contents"]
+    }
     assert {f"models/rep/report/{n}" for n in ("index.html", "learning_curves.png", "test_curves.png")} <= keys
     assert sum(k.endswith(".png") for k in keys) == 2 + min(24, len(fn) + len(fp))
 
@@ -180,15 +202,25 @@ def ks(a: np.ndarray, b: np.ndarray) -> float:
 def test_scoring_report(ray_local, trained, synth_data, chromium, tmp_path, s3_server, s3_bucket):
     out = str(tmp_path / "scores")
     runs = {}
-    for date, d in (("2026-11-23", night(synth_data, tmp_path / "n1", slice(100, 115), slice(100, 105))),
-                    ("2026-11-24", night(synth_data, tmp_path / "n2", slice(120, 125), slice(120, 135), True))):
-        runs[date] = scoring_run.run(ScoreConfig(model=trained, input=str(d), output=out, batch_size=8, chunk_size=8,
-                                           runtime="tf", run_date=date))
+    for date, d in (
+        ("2026-11-23", night(synth_data, tmp_path / "n1", slice(100, 115), slice(100, 105))),
+        ("2026-11-24", night(synth_data, tmp_path / "n2", slice(120, 125), slice(120, 135), True)),
+    ):
+        runs[date] = scoring_run.run(
+            ScoreConfig(
+                model=trained, input=str(d), output=out, batch_size=8, chunk_size=8, runtime="tf", run_date=date
+            )
+        )
     s = runs["2026-11-24"]
     assert (s["listed"], s["scored"], s["failed"]) == (22, 20, 2)
     # regenerated from the outputs alone, as a user would
-    r = subprocess.run([PY, "-m", "crackscale.cli", "report", "--run", s["run_id"], "--output", out, "--top", "8"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [PY, "-m", "crackscale.cli", "report", "--run", s["run_id"], "--output", out, "--top", "8"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     index = Path(last_json(r.stdout)["report"])
     assert index == Path(out, "_reports", s["run_id"], "index.html")
@@ -197,21 +229,32 @@ def test_scoring_report(ray_local, trained, synth_data, chromium, tmp_path, s3_s
 
     con = query.connect(out)
     one = lambda q, *p: con.sql(q, params=list(p) or None).fetchall()  # noqa: E731
-    (ok, failed, flagged), = one("SELECT count(*) FILTER (WHERE error IS NULL), count(error), "
-                                 "count(*) FILTER (WHERE crack) FROM scores WHERE run_id = ?", s["run_id"])
+    ((ok, failed, flagged),) = one(
+        "SELECT count(*) FILTER (WHERE error IS NULL), count(error), "
+        "count(*) FILTER (WHERE crack) FROM scores WHERE run_id = ?",
+        s["run_id"],
+    )
     assert (page.ids["scored"], page.ids["failed"], page.ids["flagged"]) == (str(ok), str(failed), str(flagged))
     assert (page.ids["listed"], page.ids["already-scored"]) == ("22", "0")
     assert page.ids["flagged-share"] == f4(flagged / ok)
-    assert page.ids["duration-s"] == f"{s['duration_s']:.1f}" and page.ids["throughput"] == f"{s['throughput_img_s']:.1f}"
-    kinds = dict(one("SELECT split_part(error, ':', 1), count(*) FROM scores WHERE run_id = ? AND error IS NOT NULL "
-                     "GROUP BY 1", s["run_id"]))
+    assert (
+        page.ids["duration-s"] == f"{s['duration_s']:.1f}" and page.ids["throughput"] == f"{s['throughput_img_s']:.1f}"
+    )
+    kinds = dict(
+        one(
+            "SELECT split_part(error, ':', 1), count(*) FROM scores WHERE run_id = ? AND error IS NOT NULL GROUP BY 1",
+            s["run_id"],
+        )
+    )
     assert kinds == {"empty file": 1, "decode": 1}
     assert all(page.ids[f"failed-{k.replace(' ', '-')}"] == str(v) for k, v in kinds.items())
     # comparison with the previous night, recomputed here
-    p1 = np.array([v for v, in one("SELECT crack_probability FROM scores WHERE run_date = '2026-11-23' "
-                                   "AND error IS NULL")])
-    p2 = np.array([v for v, in one("SELECT crack_probability FROM scores WHERE run_id = ? AND error IS NULL",
-                                   s["run_id"])])
+    p1 = np.array(
+        [v for (v,) in one("SELECT crack_probability FROM scores WHERE run_date = '2026-11-23' AND error IS NULL")]
+    )
+    p2 = np.array(
+        [v for (v,) in one("SELECT crack_probability FROM scores WHERE run_id = ? AND error IS NULL", s["run_id"])]
+    )
     thr = float(one("SELECT any_value(threshold) FROM scores")[0][0])
     assert page.ids["previous-night"] == "2026-11-23"
     assert page.ids["previous-flagged-share"] == f4((p1 >= thr).mean())
@@ -219,8 +262,11 @@ def test_scoring_report(ray_local, trained, synth_data, chromium, tmp_path, s3_s
     assert abs(float(page.ids["ks-statistic"]) - ks(p1, p2)) < 1e-4
     assert ("drift-alert" in page.ids) == (abs(flagged / ok - (p1 >= thr).mean()) >= 0.05 or ks(p1, p2) >= 0.2)
     # the gallery: this run's top 8 by P(crack), each with its URI, heatmaps drawn (model loadable)
-    top = one("SELECT uri, crack_probability FROM scores WHERE run_id = ? AND error IS NULL "
-              "ORDER BY crack_probability DESC, uri LIMIT 8", s["run_id"])
+    top = one(
+        "SELECT uri, crack_probability FROM scores WHERE run_id = ? AND error IS NULL "
+        "ORDER BY crack_probability DESC, uri LIMIT 8",
+        s["run_id"],
+    )
     assert [f["data-uri"] for f in page.figures] == [u for u, _ in top]
     assert all(abs(float(f["data-probability"]) - p) < 1e-6 for f, (_, p) in zip(page.figures, top))
     assert "No heatmaps" not in index.read_text()
@@ -232,14 +278,22 @@ def test_scoring_report(ray_local, trained, synth_data, chromium, tmp_path, s3_s
     import boto3
 
     objs = boto3.client("s3", endpoint_url=s3_server).list_objects_v2(
-        Bucket=s3_bucket, Prefix=f"scores/_reports/{s['run_id']}/")["Contents"]
-    assert sorted(o["Key"].rsplit("/", 1)[-1] for o in objs if not o["Key"].endswith("/")) == ["000.png", "001.png", "002.png", "003.png",
-                                                                  "histogram.png", "index.html"]
+        Bucket=s3_bucket, Prefix=f"scores/_reports/{s['run_id']}/"
+    )["Contents"]
+    assert sorted(o["Key"].rsplit("/", 1)[-1] for o in objs if not o["Key"].endswith("/")) == [
+        "000.png",
+        "001.png",
+        "002.png",
+        "003.png",
+        "histogram.png",
+        "index.html",
+    ]
     assert report_page.safely(report_scoring.scoring_report, out, "no-such-run") == ""  # jobs never fail on a report
 
     # a re-run finds everything scored: its report says so from the summary (no rows of its own)
-    again = scoring_run.run(ScoreConfig(model=trained, input=str(tmp_path / "n2"), output=out, runtime="tf",
-                                  run_date="2026-11-24"))
+    again = scoring_run.run(
+        ScoreConfig(model=trained, input=str(tmp_path / "n2"), output=out, runtime="tf", run_date="2026-11-24")
+    )
     assert (again["already_scored"], again["scored"]) == (22, 0)
     text = Path(report_scoring.scoring_report(out, again["run_id"])).read_text()
     assert 'id="already-scored" data-value="22"' in text and 'id="scored" data-value="0"' in text

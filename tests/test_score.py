@@ -34,12 +34,22 @@ def bad_files() -> dict[str, bytes]:
     g = good.getvalue()
     gif = io.BytesIO()
     Image.new("RGB", (20, 20)).save(gif, "GIF")
-    return {"truncated.jpg": g[: len(g) // 2], "corrupt.jpg": g[:200] + bytes(range(256)) * 4,
-            "empty.jpg": b"", "notes.jpg": b"inspection notes, not an image\n", "animated.jpg": gif.getvalue()}
+    return {
+        "truncated.jpg": g[: len(g) // 2],
+        "corrupt.jpg": g[:200] + bytes(range(256)) * 4,
+        "empty.jpg": b"",
+        "notes.jpg": b"inspection notes, not an image\n",
+        "animated.jpg": gif.getvalue(),
+    }
 
 
-EXPECTED_ERRORS = {"truncated.jpg": "decode:", "corrupt.jpg": "decode:", "empty.jpg": "empty file",
-                   "notes.jpg": "decode: not an image", "animated.jpg": "unsupported: format GIF"}
+EXPECTED_ERRORS = {
+    "truncated.jpg": "decode:",
+    "corrupt.jpg": "decode:",
+    "empty.jpg": "empty file",
+    "notes.jpg": "decode: not an image",
+    "animated.jpg": "unsupported: format GIF",
+}
 
 
 def read_scores(output: str):
@@ -106,8 +116,24 @@ def test_decode_batch_is_per_image_decode_and_isolates_bad_files(synth_data, tmp
 
 
 def score_job(model: str, inp: str, out: str, cache: Path, *extra: str) -> list[str]:
-    return ["jobs/score.py", "--model", model, "--input", inp, "--output", out, "--set", "batch_size=8", "--set", "block_size=8",
-            "--set", "chunk_size=8", "--set", f"cache_dir={cache}", *extra]
+    return [
+        "jobs/score.py",
+        "--model",
+        model,
+        "--input",
+        inp,
+        "--output",
+        out,
+        "--set",
+        "batch_size=8",
+        "--set",
+        "block_size=8",
+        "--set",
+        "chunk_size=8",
+        "--set",
+        f"cache_dir={cache}",
+        *extra,
+    ]
 
 
 def job_env() -> dict:
@@ -115,14 +141,15 @@ def job_env() -> dict:
 
 
 @pytest.mark.slow
-def test_s3_incremental_and_new_model(s3_server, s3_bucket, synth_data, model_artifact, model_artifact_v2,
-                                      tmp_path):
+def test_s3_incremental_and_new_model(s3_server, s3_bucket, synth_data, model_artifact, model_artifact_v2, tmp_path):
     import boto3
 
     s3 = boto3.client("s3", endpoint_url=s3_server)
     pos = tmp_path / "night1" / "site-a"
     pos.mkdir(parents=True)
-    for p in sorted((synth_data / "Positive").glob("*.jpg"))[:10] + sorted((synth_data / "Negative").glob("*.jpg"))[:10]:
+    for p in (
+        sorted((synth_data / "Positive").glob("*.jpg"))[:10] + sorted((synth_data / "Negative").glob("*.jpg"))[:10]
+    ):
         (pos / f"{p.parent.name}-{p.name}").write_bytes(p.read_bytes())
     for name, content in bad_files().items():
         (pos / name).write_bytes(content)
@@ -158,14 +185,18 @@ def test_s3_incremental_and_new_model(s3_server, s3_bucket, synth_data, model_ar
     for p in sorted((synth_data / "Positive").glob("*.jpg"))[20:23]:
         (new / p.name).write_bytes(p.read_bytes())
     upload_tree(s3_server, tmp_path / "night2", s3_bucket, "images")
-    r = run_job(score_job(model_artifact["uri"], inp, out, tmp_path / "cache", "--set", "run_date=2030-01-02"),
-                env=job_env())
+    r = run_job(
+        score_job(model_artifact["uri"], inp, out, tmp_path / "cache", "--set", "run_date=2030-01-02"), env=job_env()
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     s = last_json(r.stdout)
     assert (s["listed"], s["already_scored"], s["scored"], s["failed"]) == (28, 25, 3, 0)
     t = read_scores(out)
     assert t.num_rows == 28 and len(set(t["uri"].to_pylist())) == 28
-    assert sorted(u.rsplit("/", 2)[1] for u in t.filter(pads.field("run_date") == "2030-01-02")["uri"].to_pylist()) == ["site-b"] * 3
+    assert (
+        sorted(u.rsplit("/", 2)[1] for u in t.filter(pads.field("run_date") == "2030-01-02")["uri"].to_pylist())
+        == ["site-b"] * 3
+    )
 
     # a new model version rescored everything; one row per (image, model)
     r = run_job(score_job(model_artifact_v2["uri"], inp, out, tmp_path / "cache"), env=job_env())
@@ -226,8 +257,18 @@ def test_kill_and_rerun_exactly_once(synth_data, model_artifact, tmp_path):
     total = n + 1
     out = tmp_path / "scores"
     # 31 chunks of 4 images, each committed as one file
-    cmd = score_job(model_artifact["uri"], str(images), str(out), tmp_path / "cache", "--set", "chunk_size=4",
-                    "--set", "batch_size=4", "--set", "block_size=4")
+    cmd = score_job(
+        model_artifact["uri"],
+        str(images),
+        str(out),
+        tmp_path / "cache",
+        "--set",
+        "chunk_size=4",
+        "--set",
+        "batch_size=4",
+        "--set",
+        "block_size=4",
+    )
     # kill points: after the 1st committed file, after more files, and at a fixed delay from start
     # (which may land before anything is committed, during Ray/actor start-up)
     killed_mid_run = 0
@@ -251,7 +292,9 @@ def test_kill_and_rerun_exactly_once(synth_data, model_artifact, tmp_path):
             time.sleep(0.005)
         finished = proc.poll() is not None
         if kind == "worker":
-            assert proc.returncode == 0, "the run did not survive the loss of a model actor:\n" + log.read_text()[-4000:]
+            assert proc.returncode == 0, (
+                "the run did not survive the loss of a model actor:\n" + log.read_text()[-4000:]
+            )
             continue
         _kill_tree(proc)
         files = _parquet_files(out)
@@ -288,9 +331,17 @@ def test_manifest_in_process(ray_local, synth_data, model_artifact, tmp_path, de
     lines = [str(p) for p in imgs] + [str(imgs[0]), str(other), str(tmp_path / "gone.jpg")]
     manifest = tmp_path / "tonight.txt"
     manifest.write_text("\n".join(lines) + "\n")
-    cfg = ScoreConfig(model=model_artifact["uri"], input=str(manifest), output=str(tmp_path / "out"),
-                      batch_size=4, block_size=4, chunk_size=4, runtime="tf", cache_dir=str(tmp_path / "c"),
-                      decode=decode)
+    cfg = ScoreConfig(
+        model=model_artifact["uri"],
+        input=str(manifest),
+        output=str(tmp_path / "out"),
+        batch_size=4,
+        block_size=4,
+        chunk_size=4,
+        runtime="tf",
+        cache_dir=str(tmp_path / "c"),
+        decode=decode,
+    )
     assert pipeline.decode_in_actor(cfg) == (decode == "actor")
     s = scoring_run.run(cfg)
     assert (s["listed"], s["scored"], s["failed"], s["runtime"]) == (8, 6, 2, "tf")
@@ -326,8 +377,16 @@ def test_scoring_starts_while_the_listing_goes_on(ray_local, synth_data, model_a
             yield o
 
     monkeypatch.setattr(scoring_listing, "list_input", slow)
-    cfg = ScoreConfig(model=model_artifact["uri"], input=str(src), output=str(tmp_path / "out"), batch_size=4,
-                      block_size=4, chunk_size=4, first_wave_s=1.0, cache_dir=str(tmp_path / "c"))
+    cfg = ScoreConfig(
+        model=model_artifact["uri"],
+        input=str(src),
+        output=str(tmp_path / "out"),
+        batch_size=4,
+        block_size=4,
+        chunk_size=4,
+        first_wave_s=1.0,
+        cache_dir=str(tmp_path / "c"),
+    )
     s = scoring_run.run(cfg)
     assert s["waves"] >= 2 and s["attempts"] == s["waves"], s
     assert (s["listed"], s["scored"], s["failed"], s["chunks"]) == (16, 16, 0, 4), s
@@ -365,10 +424,25 @@ def test_manifests_are_streamed_and_keep_the_first_of_repeated_keys(tmp_path, mo
     monkeypatch.setattr(manifests, "MANIFEST_BATCH", 2)
     uris = [f"s3://bucket/site-{i % 3}/img-{i}.jpg" for i in range(9)]
     txt = tmp_path / "tonight.txt"
-    txt.write_bytes(("# tonight's uploads\r\n" + "\r\n".join(uris[:4]) + "\n\n  " + uris[2] + "  \n"
-                     + "\n".join(uris[4:]) + "\n" + uris[0]).encode())
-    table = pa.table({"uri": uris[:5] + [uris[1]] + uris[5:], "size": list(range(10, 15)) + [99] + list(range(15, 19)),
-                      "etag": [f"e{i}" for i in range(5)] + ["dup"] + [f"e{i}" for i in range(5, 9)]})
+    txt.write_bytes(
+        (
+            "# tonight's uploads\r\n"
+            + "\r\n".join(uris[:4])
+            + "\n\n  "
+            + uris[2]
+            + "  \n"
+            + "\n".join(uris[4:])
+            + "\n"
+            + uris[0]
+        ).encode()
+    )
+    table = pa.table(
+        {
+            "uri": uris[:5] + [uris[1]] + uris[5:],
+            "size": list(range(10, 15)) + [99] + list(range(15, 19)),
+            "etag": [f"e{i}" for i in range(5)] + ["dup"] + [f"e{i}" for i in range(5, 9)],
+        }
+    )
     pcsv.write_csv(table, tmp_path / "tonight.csv")
     pq.write_table(table, tmp_path / "tonight.parquet", row_group_size=3)
     for name in ("tonight.txt", "tonight.csv", "tonight.parquet"):
@@ -418,6 +492,7 @@ def test_committed_key_lookup_survives_hashes_ending_in_nul():
 def test_cpu_layout_is_one_single_threaded_actor_per_core(ray_local):
     """num_actors / threads 0 on CPU: with decode: actor, one actor per actor_cpus Ray CPUs, sharing
     the CPUs as threads; with decode: tasks, one actor per node on all its cores; set values win."""
+
     def layout(**kw):
         return pipeline.layout(ScoreConfig(**kw))
 
@@ -437,8 +512,12 @@ def test_listed_blocks_become_a_dataset_without_metadata_tasks(ray_local, monkey
     metadata task per block (with the pinned Ray: an upgrade that moves its internals fails here)."""
     import ray
 
-    tables = [pa.table({"uri": [f"/in/{b}-{i}.jpg" for i in range(n)], "chunk": ["c"] * n,
-                        "size": pa.array(range(n), pa.int64())}) for b, n in enumerate((3, 5, 1))]
+    tables = [
+        pa.table(
+            {"uri": [f"/in/{b}-{i}.jpg" for i in range(n)], "chunk": ["c"] * n, "size": pa.array(range(n), pa.int64())}
+        )
+        for b, n in enumerate((3, 5, 1))
+    ]
     listed = [(ray.put(t), blocks.block_metadata(t)) for t in tables]
     assert all(m is not None and m.metadata.num_rows == t.num_rows for (_, m), t in zip(listed, tables))
     expected = ray.data.from_arrow_refs([r for r, _ in listed])
@@ -464,7 +543,9 @@ def test_actor_calls_overlap_reads_only_for_objects_on_s3(ray_local, tmp_path):
     (tmp_path / "a.jpg").write_bytes(b"x")
     for lines, remote in (([str(tmp_path / "a.jpg")], False), ([str(tmp_path / "a.jpg"), "s3://b/k.jpg"], True)):
         (tmp_path / "m.txt").write_text("\n".join(lines))
-        listing = scoring_listing.Listing(ScoreConfig(input=str(tmp_path / "m.txt"), chunk_size=1), scoring_keys.KeySet())
+        listing = scoring_listing.Listing(
+            ScoreConfig(input=str(tmp_path / "m.txt"), chunk_size=1), scoring_keys.KeySet()
+        )
         listing.next_wave(set(), time.time() + 600)  # waits for the listing's end
         assert listing.error is None and listing.remote is remote and len(listing.sizes) == len(lines)
 
@@ -473,10 +554,29 @@ def test_actor_calls_overlap_reads_only_for_objects_on_s3(ray_local, tmp_path):
 def test_benchmark_score_job_prints_rows_and_ratios(synth_data, tmp_path):
     """jobs/benchmark_score.py end to end at tiny N (the 20,000-image run is a manual benchmark),
     including its jobs on a cluster it starts with cluster/local/cluster.sh and stops."""
-    r = run_job(["jobs/benchmark_score.py", "--data", str(synth_data), "--n", "600", "--image-size", "64",
-                 "--alpha", "0.35", "--seconds", "1", "--skip", "s3,small", "--chunk-size", "100",
-                 "--workdir", str(tmp_path)],
-                env=job_env(), timeout=900)
+    r = run_job(
+        [
+            "jobs/benchmark_score.py",
+            "--data",
+            str(synth_data),
+            "--n",
+            "600",
+            "--image-size",
+            "64",
+            "--alpha",
+            "0.35",
+            "--seconds",
+            "1",
+            "--skip",
+            "s3,small",
+            "--chunk-size",
+            "100",
+            "--workdir",
+            str(tmp_path),
+        ],
+        env=job_env(),
+        timeout=900,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     out = last_json(r.stdout)
     rows, ratios = out["rows"], out["ratios"]
@@ -543,8 +643,9 @@ print("re-import worked")
     assert full.returncode == 0 and "not cut short" in full.stdout, full.stdout + full.stderr[-3000:]
     seen = []
     for i in range(30):
-        r = subprocess.run([PY, "-c", code, str(took * (0.1 + 0.03 * i))], cwd=ROOT, capture_output=True,
-                           text=True, timeout=300)
+        r = subprocess.run(
+            [PY, "-c", code, str(took * (0.1 + 0.03 * i))], cwd=ROOT, capture_output=True, text=True, timeout=300
+        )
         if r.returncode == tfdecode.TF_IMPORT_CUT_SHORT_EXIT:
             assert "TensorFlow import was cut short" in r.stderr and "re-import worked" not in r.stdout
             break

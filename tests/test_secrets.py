@@ -44,27 +44,67 @@ def test_no_secret_in_any_output_or_log(s3_server, s3_bucket, synth_data, tmp_pa
         n += upload_tree(s3_server, synth_data / "Negative", s3_bucket, "data/Negative")
         assert n > 0
         runs = tmp_path / "runs"
-        train = run_job(["jobs/train.py", "--config", "jobs/configs/demo.yaml",
-                         "--set", f"data=s3://{s3_bucket}/data", "--set", f"storage_path={runs}",
-                         "--set", "name=secret", "--set", "head_epochs=1", "--set", "fine_tune_epochs=0",
-                         "--set", "min_epochs=0", "--set", "limit_per_class=30", "--set", "image_size=64",
-                         "--set", "weights=none"], env=env, timeout=900)
+        train = run_job(
+            [
+                "jobs/train.py",
+                "--config",
+                "jobs/configs/demo.yaml",
+                "--set",
+                f"data=s3://{s3_bucket}/data",
+                "--set",
+                f"storage_path={runs}",
+                "--set",
+                "name=secret",
+                "--set",
+                "head_epochs=1",
+                "--set",
+                "fine_tune_epochs=0",
+                "--set",
+                "min_epochs=0",
+                "--set",
+                "limit_per_class=30",
+                "--set",
+                "image_size=64",
+                "--set",
+                "weights=none",
+            ],
+            env=env,
+            timeout=900,
+        )
         assert train.returncode == 0, train.stderr[-4000:]
         artifact = runs / "secret" / "model"
         assert (artifact / "model.json").is_file()
         assert last_json(train.stdout)["data"]  # it really read the S3 data
 
         out = f"s3://{s3_bucket}/scores"
-        score = run_job(["jobs/score.py", "--model", str(artifact), "--input", f"s3://{s3_bucket}/data/Negative/",
-                         "--output", out, "--set", "batch_size=16", "--set", "runtime=tf",
-                         "--set", f"cache_dir={tmp_path / 'cache'}"], env=env, timeout=900)
+        score = run_job(
+            [
+                "jobs/score.py",
+                "--model",
+                str(artifact),
+                "--input",
+                f"s3://{s3_bucket}/data/Negative/",
+                "--output",
+                out,
+                "--set",
+                "batch_size=16",
+                "--set",
+                "runtime=tf",
+                "--set",
+                f"cache_dir={tmp_path / 'cache'}",
+            ],
+            env=env,
+            timeout=900,
+        )
         assert score.returncode == 0, score.stderr[-4000:]
         s = last_json(score.stdout)
         assert s["scored"] > 0
 
         found: dict[str, list[str]] = {}
-        for name, blob in (("train stdout+stderr", (train.stdout + train.stderr).encode()),
-                           ("score stdout+stderr", (score.stdout + score.stderr).encode())):
+        for name, blob in (
+            ("train stdout+stderr", (train.stdout + train.stderr).encode()),
+            ("score stdout+stderr", (score.stdout + score.stderr).encode()),
+        ):
             if leaks(blob):
                 found[name] = leaks(blob)
         s3 = boto3.client("s3", endpoint_url=s3_server)

@@ -32,13 +32,25 @@ def test_one_worker_learns_and_writes_a_self_describing_artifact(trained_run):
     assert [h["epoch"] for h in meta["history"]] == list(range(1, len(phases) + 1))
     assert meta["metrics"]["after"]["val"]["recall"] >= cfg.target_recall
     assert meta["threshold"] == meta["metrics"]["after"]["val"]["threshold"]
-    for key in ("class_names", "crack_class", "image_size", "preprocessing", "config", "manifest_hash",
-                "versions", "model_sha256", "data_stats"):
+    for key in (
+        "class_names",
+        "crack_class",
+        "image_size",
+        "preprocessing",
+        "config",
+        "manifest_hash",
+        "versions",
+        "model_sha256",
+        "data_stats",
+    ):
         assert key in meta, key
     assert meta["versions"]["ray"] == "2.60.0" and meta["config"]["image_size"] == 96
     assert meta["resize_antialias"] is False and "antialias=False" in meta["preprocessing"]  # the default
     assert meta["strategy"] == "default (one device)" and meta["num_replicas"] == 1
-    for cm in (meta["metrics"]["after"]["test"]["confusion_matrix"], meta["metrics"]["before"]["test"]["confusion_matrix"]):
+    for cm in (
+        meta["metrics"]["after"]["test"]["confusion_matrix"],
+        meta["metrics"]["before"]["test"]["confusion_matrix"],
+    ):
         assert set(cm) == {"tn", "fp", "fn", "tp"}
     assert (art / "config.yaml").is_file() and (art / "manifest.csv").is_file()
     assert list((art / "tensorboard").rglob("events.out.tfevents*")), "TensorBoard logs missing"
@@ -50,8 +62,9 @@ def test_one_worker_learns_and_writes_a_self_describing_artifact(trained_run):
     loaded = artifact.load(str(art))
     prepared = labelled.scan(cfg, str(cfg.data))
     assert prepared.manifest_hash == meta["manifest_hash"]
-    ds = tfdata.tf_dataset(prepared.images["test"], prepared.labels["test"], 96, 64, False, 0, False,
-                         antialias=meta["resize_antialias"])
+    ds = tfdata.tf_dataset(
+        prepared.images["test"], prepared.labels["test"], 96, 64, False, 0, False, antialias=meta["resize_antialias"]
+    )
     p = M.predict(loaded.model, ds)
     m = M.metrics(np.array(prepared.labels["test"]), p, meta["threshold"])
     assert m["accuracy"] == pytest.approx(summary["test"]["accuracy"])
@@ -88,9 +101,15 @@ def test_training_and_evaluation_resize_as_configured(synth_data):
 
 def test_s3_data_in_artifact_out(ray_local, s3_server, s3_bucket, synth_data, tmp_path):
     upload_tree(s3_server, synth_data, s3_bucket, "inspections/train")
-    cfg = small_train_config(f"s3://{s3_bucket}/inspections/train", tmp_path, name="s3run",
-                             head_epochs=2, fine_tune_epochs=1, limit_per_class=60,
-                             storage_path=f"s3://{s3_bucket}/runs")
+    cfg = small_train_config(
+        f"s3://{s3_bucket}/inspections/train",
+        tmp_path,
+        name="s3run",
+        head_epochs=2,
+        fine_tune_epochs=1,
+        limit_per_class=60,
+        storage_path=f"s3://{s3_bucket}/runs",
+    )
     summary = train_driver.run(cfg)
     assert summary["artifact"] == f"s3://{s3_bucket}/runs/s3run/model"
     loaded = artifact.load(summary["artifact"])
@@ -98,8 +117,12 @@ def test_s3_data_in_artifact_out(ray_local, s3_server, s3_bucket, synth_data, tm
     assert loaded.model.predict(np.zeros((2, 96, 96, 3), np.float32), verbose=0).shape == (2, 1)
     import boto3
 
-    keys = [o["Key"] for o in boto3.client("s3", endpoint_url=s3_server)
-            .list_objects_v2(Bucket=s3_bucket, Prefix="runs/s3run/")["Contents"]]
+    keys = [
+        o["Key"]
+        for o in boto3.client("s3", endpoint_url=s3_server).list_objects_v2(Bucket=s3_bucket, Prefix="runs/s3run/")[
+            "Contents"
+        ]
+    ]
     assert any("/checkpoint_" in k for k in keys), "no checkpoints in the S3 run storage"
     assert "runs/s3run/crackscale/manifest.csv" in keys
 
@@ -155,8 +178,9 @@ def test_distributed_input_pipelines_run_without_tf_data_autotuning(mode, synth_
     logical CPUs here, as over 2 GPUs; MWMS alike) our pipelines turn it off, and so do the
     per-device datasets the strategy builds. Single-device pipelines keep it (faster here)."""
     imgs = [str(p) for p in sorted((synth_data / "Positive").glob("*.jpg"))[:4]]
-    r = subprocess.run([PY, "-c", PER_DEVICE_DATASETS, mode.split()[0], *imgs], cwd=ROOT, capture_output=True,
-                       text=True, timeout=300)
+    r = subprocess.run(
+        [PY, "-c", PER_DEVICE_DATASETS, mode.split()[0], *imgs], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     out = last_json(r.stdout)
     # under the strategy: off; on one device (the default strategy): TensorFlow's default
@@ -189,10 +213,18 @@ ray.shutdown()
 
 def test_building_the_trainer_does_not_import_tensorflow():
     # the driver (a Tune trial's) and the Train controller never run a TF op: no 5 s import there
-    r = subprocess.run([PY, "-c", TRAINER_WITHOUT_TF], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                       env=dict(os.environ, RAY_ADDRESS="local"))  # its own Ray
+    r = subprocess.run(
+        [PY, "-c", TRAINER_WITHOUT_TF],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, RAY_ADDRESS="local"),
+    )  # its own Ray
     assert r.returncode == 0, r.stderr[-3000:]
     out = last_json(r.stdout)
     assert out["tf"] is False and out["backend"] == "MWMSConfig" and out["legacy"] == "1"
-    assert out["TF_CONFIG"] == {"cluster": {"worker": ["10.0.0.1:1234", "10.0.0.2:5678"]},
-                                "task": {"type": "worker", "index": 1}}
+    assert out["TF_CONFIG"] == {
+        "cluster": {"worker": ["10.0.0.1:1234", "10.0.0.2:5678"]},
+        "task": {"type": "worker", "index": 1},
+    }

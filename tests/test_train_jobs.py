@@ -13,17 +13,50 @@ from conftest import PY, ROOT, last_json, run_job, upload_tree
 
 pytestmark = pytest.mark.slow
 
-TINY = ["--set", "weights=none", "--set", "image_size=64", "--set", "alpha=0.35",
-        "--set", "group_size=5", "--set", "head_lr=0.002", "--set", "bn_momentum=0.7"]
+TINY = [
+    "--set",
+    "weights=none",
+    "--set",
+    "image_size=64",
+    "--set",
+    "alpha=0.35",
+    "--set",
+    "group_size=5",
+    "--set",
+    "head_lr=0.002",
+    "--set",
+    "bn_momentum=0.7",
+]
 
 
 def test_ray_job_submit_to_a_ray_start_head_cluster(ray_head, synth_data, tmp_path):
     """Exactly the README's commands: RAY_AUTH_MODE=token + RAY_API_SERVER_ADDRESS, ray job submit."""
     runs = tmp_path / "runs"
-    cmd = [str(Path(PY).parent / "ray"), "job", "submit", "--working-dir", ".", "--",
-           "python", "jobs/train.py", "--config", "jobs/configs/demo.yaml",
-           "--set", f"data={synth_data}", "--set", f"storage_path={runs}", "--set", "name=submitted",
-           "--set", "head_epochs=2", "--set", "fine_tune_epochs=1", "--set", "limit_per_class=50", *TINY]
+    cmd = [
+        str(Path(PY).parent / "ray"),
+        "job",
+        "submit",
+        "--working-dir",
+        ".",
+        "--",
+        "python",
+        "jobs/train.py",
+        "--config",
+        "jobs/configs/demo.yaml",
+        "--set",
+        f"data={synth_data}",
+        "--set",
+        f"storage_path={runs}",
+        "--set",
+        "name=submitted",
+        "--set",
+        "head_epochs=2",
+        "--set",
+        "fine_tune_epochs=1",
+        "--set",
+        "limit_per_class=50",
+        *TINY,
+    ]
     env = dict(ray_head["env"])
     env.pop("RAY_ADDRESS")  # the README's form: RAY_API_SERVER_ADDRESS only
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
@@ -38,8 +71,7 @@ def test_ray_job_submit_to_a_ray_start_head_cluster(ray_head, synth_data, tmp_pa
     assert refused.returncode != 0
 
 
-def test_ray_job_submit_scoring_and_query_on_s3(ray_head, s3_server, s3_bucket, synth_data, model_artifact,
-                                               tmp_path):
+def test_ray_job_submit_scoring_and_query_on_s3(ray_head, s3_server, s3_bucket, synth_data, model_artifact, tmp_path):
     """The nightly job as the README submits it: S3 images in, S3 Parquet out, on the `ray start`
     cluster; a second submit the next night scores only the new uploads; the query job reads it."""
     from crackscale import query
@@ -61,9 +93,23 @@ def test_ray_job_submit_scoring_and_query_on_s3(ray_head, s3_server, s3_bucket, 
         assert r.returncode == 0 and "succeeded" in r.stdout + r.stderr, r.stdout[-4000:] + r.stderr[-4000:]
         return r
 
-    score = ["jobs/score.py", "--model", model_artifact["uri"], "--input", f"s3://{s3_bucket}/inspections/",
-             "--output", out, "--set", "chunk_size=5", "--set", "batch_size=4", "--set", "num_actors=1",
-             "--set", f"cache_dir={tmp_path / 'cache'}"]
+    score = [
+        "jobs/score.py",
+        "--model",
+        model_artifact["uri"],
+        "--input",
+        f"s3://{s3_bucket}/inspections/",
+        "--output",
+        out,
+        "--set",
+        "chunk_size=5",
+        "--set",
+        "batch_size=4",
+        "--set",
+        "num_actors=1",
+        "--set",
+        f"cache_dir={tmp_path / 'cache'}",
+    ]
     s1 = last_json(submit(*score).stdout)
     assert (s1["listed"], s1["scored"], s1["failed"]) == (12, 12, 0), s1
     # the next night: two new uploads
@@ -78,17 +124,35 @@ def test_ray_job_submit_scoring_and_query_on_s3(ray_head, s3_server, s3_bucket, 
     assert t.num_rows == 14 and len(set(t["uri"].to_pylist())) == 14
     q = submit("jobs/query.py", "--output", out, "counts", "--by", "prefix", "--format", "json")
     lines = q.stdout.splitlines()  # the JSON list: from a line "[" to a line "]"
-    rows = json.loads("\n".join(lines[lines.index("["): len(lines) - lines[::-1].index("]")]))
+    rows = json.loads("\n".join(lines[lines.index("[") : len(lines) - lines[::-1].index("]")]))
     assert {r["prefix"].rstrip("/").rsplit("/", 1)[-1]: r["images"] for r in rows} == {"site-a": 12, "site-b": 2}, rows
 
 
 def test_killed_run_resumes_without_redoing_epochs(synth_data, tmp_path):
     runs = tmp_path / "runs"
-    args = ["jobs/train.py", "--config", "jobs/configs/demo.yaml", "--set", f"data={synth_data}",
-            "--set", f"storage_path={runs}", "--set", "name=killme", "--set", "head_epochs=6",
-            "--set", "fine_tune_epochs=2", "--set", "limit_per_class=60", "--set", "patience=10", *TINY]
-    proc = subprocess.Popen([PY, *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    args = [
+        "jobs/train.py",
+        "--config",
+        "jobs/configs/demo.yaml",
+        "--set",
+        f"data={synth_data}",
+        "--set",
+        f"storage_path={runs}",
+        "--set",
+        "name=killme",
+        "--set",
+        "head_epochs=6",
+        "--set",
+        "fine_tune_epochs=2",
+        "--set",
+        "limit_per_class=60",
+        "--set",
+        "patience=10",
+        *TINY,
+    ]
+    proc = subprocess.Popen(
+        [PY, *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     snapshot = runs / "killme" / "checkpoint_manager_snapshot.json"
 
     def committed_epochs() -> list[int]:
@@ -142,14 +206,19 @@ def test_two_workers_on_two_nodes_learn(ray_two_nodes, synth_data, tmp_path):
     assert len([n for n in ray.nodes() if n["Alive"]]) == 2
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["--set", "bogus=1"], "unknown config key 'bogus'"),
-    (["--set", "head_epochs=x"], "'head_epochs' must be an integer"),
-    (["--set", "data=/no/such/dir"], "data path not found: /no/such/dir"),
-    (["--set", "data=s3://bucket/x", "--set", "storage.s3_endpoint=http://127.0.0.1:9"],
-     "cannot access s3://bucket/x (endpoint http://127.0.0.1:9)"),
-    (["--config", "/no/such.yaml"], "config file not found: /no/such.yaml"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--set", "bogus=1"], "unknown config key 'bogus'"),
+        (["--set", "head_epochs=x"], "'head_epochs' must be an integer"),
+        (["--set", "data=/no/such/dir"], "data path not found: /no/such/dir"),
+        (
+            ["--set", "data=s3://bucket/x", "--set", "storage.s3_endpoint=http://127.0.0.1:9"],
+            "cannot access s3://bucket/x (endpoint http://127.0.0.1:9)",
+        ),
+        (["--config", "/no/such.yaml"], "config file not found: /no/such.yaml"),
+    ],
+)
 def test_cli_errors_are_one_clear_line(args, needle, tmp_path):
     out = run_job(["-m", "crackscale.cli", "train", *args, "--set", f"storage_path={tmp_path}"], timeout=120)
     assert out.returncode == 2, out.stderr[-2000:]

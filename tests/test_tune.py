@@ -21,10 +21,14 @@ pytestmark = pytest.mark.slow
 
 # ---- errors a user can cause (no training) ------------------------------------------------------
 
-@pytest.mark.parametrize("override, message", [
-    ("metric=val_f1", "'val_f1' is never reported"),
-    ("mode=best", "'mode' must be auto, min or max"),
-])
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("metric=val_f1", "'val_f1' is never reported"),
+        ("mode=best", "'mode' must be auto, min or max"),
+    ],
+)
 def test_invalid_config_is_refused_with_the_key_named(override, message):
     with pytest.raises(ConfigError, match=message):
         load(TuneConfig, str(ROOT / "jobs/configs/tune.yaml"), [override])
@@ -40,13 +44,16 @@ def test_empty_search_space_is_refused(tmp_path):
         load(TuneConfig, str(f))
 
 
-@pytest.mark.parametrize("space, message", [
-    ({"data": {"choice": ["/elsewhere"]}}, r"search_space.data': 'data' cannot be searched"),
-    ({"head_lr": 0.01}, r"search_space.head_lr' must be one of \{loguniform"),
-    ({"dropout": {"uniform": [0.5, 0.1]}}, r"search_space.dropout.uniform' must be \[low, high\]"),
-    ({"alpha": {"choice": [0.35, 0.6]}}, r"search_space.alpha': value 0.6 is invalid"),
-    ({"batch_size": {"uniform": [8, 64]}}, r"batch_size is not a real number"),
-])
+@pytest.mark.parametrize(
+    "space, message",
+    [
+        ({"data": {"choice": ["/elsewhere"]}}, r"search_space.data': 'data' cannot be searched"),
+        ({"head_lr": 0.01}, r"search_space.head_lr' must be one of \{loguniform"),
+        ({"dropout": {"uniform": [0.5, 0.1]}}, r"search_space.dropout.uniform' must be \[low, high\]"),
+        ({"alpha": {"choice": [0.35, 0.6]}}, r"search_space.alpha': value 0.6 is invalid"),
+        ({"batch_size": {"uniform": [8, 64]}}, r"batch_size is not a real number"),
+    ],
+)
 def test_invalid_search_space_names_the_key(space, message, tmp_path):
     with pytest.raises(ConfigError, match=message):
         small_tune_config("", tmp_path, search_space=space)
@@ -68,12 +75,17 @@ def test_resources_the_cluster_can_never_satisfy(ray_tune_local, synth_data, tmp
         tune_driver.run(too_many)
     # concurrency comes from the cluster and the per-trial shape, capped by max_concurrent
     assert tune_search.concurrency(small_tune_config(synth_data, tmp_path, max_concurrent=0, num_samples=8)) == 4
-    assert tune_search.concurrency(small_tune_config(synth_data, tmp_path, max_concurrent=0, num_samples=8,
-                                              train={"num_workers": 2})) == 2
+    assert (
+        tune_search.concurrency(
+            small_tune_config(synth_data, tmp_path, max_concurrent=0, num_samples=8, train={"num_workers": 2})
+        )
+        == 2
+    )
     assert tune_search.concurrency(small_tune_config(synth_data, tmp_path, max_concurrent=1)) == 1
 
 
 # ---- real searches ------------------------------------------------------------------------------
+
 
 def test_asha_stops_weak_trials_and_exports_a_best_artifact_that_scores(ray_tune_local, synth_data, tmp_path):
     cfg = small_tune_config(synth_data, tmp_path, name="asha")
@@ -99,8 +111,16 @@ def test_asha_stops_weak_trials_and_exports_a_best_artifact_that_scores(ray_tune
     from crackscale.training import tfdata
 
     prepared = labelled.scan(replace(cfg.train), str(synth_data))
-    ds = tfdata.tf_dataset(prepared.images["test"], prepared.labels["test"], 64, 64, False, 0, False,
-                         antialias=loaded.meta["resize_antialias"])
+    ds = tfdata.tf_dataset(
+        prepared.images["test"],
+        prepared.labels["test"],
+        64,
+        64,
+        False,
+        0,
+        False,
+        antialias=loaded.meta["resize_antialias"],
+    )
     p = M.predict(loaded.model, ds)
     assert p.shape == (len(prepared.labels["test"]),) and np.all((p >= 0) & (p <= 1))
     table = json.loads((tmp_path / "tune" / "asha" / "best-model" / "tune_results.json").read_text())
@@ -113,16 +133,31 @@ def test_asha_stops_weak_trials_and_exports_a_best_artifact_that_scores(ray_tune
         ckpts = list((exp / r["trial"]).glob("checkpoint_*"))
         assert bool(ckpts) == (r["trial"] in kept), (r["trial"], ckpts)
     # the scorer uses it unchanged (in-process on this Ray: jobs/score.py is a thin wrapper of it)
-    sc = scoring_run.run(ScoreConfig(model=s["artifact"], input=str(synth_data / "Positive"), output=str(tmp_path / "scores"),
-                               runtime="tf", cache_dir=str(tmp_path / "cache")))
+    sc = scoring_run.run(
+        ScoreConfig(
+            model=s["artifact"],
+            input=str(synth_data / "Positive"),
+            output=str(tmp_path / "scores"),
+            runtime="tf",
+            cache_dir=str(tmp_path / "cache"),
+        )
+    )
     assert (sc["scored"], sc["failed"]) == (len(list((synth_data / "Positive").glob("*.jpg"))), 0), sc
 
 
 def test_pbt_exploits_and_reports_the_schedule(ray_tune_local, synth_data, tmp_path):
-    cfg = small_tune_config(synth_data, tmp_path, name="pbt", scheduler="pbt", num_samples=2,
-                            perturbation_interval=3, pbt_synch=True, train={"resize_antialias": True},
-                            search_space={"dropout": {"uniform": [0.1, 0.5]}},
-                            pbt_mutations={"head_lr": {"loguniform": [1e-4, 3e-2]}})
+    cfg = small_tune_config(
+        synth_data,
+        tmp_path,
+        name="pbt",
+        scheduler="pbt",
+        num_samples=2,
+        perturbation_interval=3,
+        pbt_synch=True,
+        train={"resize_antialias": True},
+        search_space={"dropout": {"uniform": [0.1, 0.5]}},
+        pbt_mutations={"head_lr": {"loguniform": [1e-4, 3e-2]}},
+    )
     s = tune_driver.run(cfg)
     assert s["status"] == "done", s
     # synchronous PBT, 2 trials, quantile 0.5: at epoch 3 the weaker trial copies the stronger
@@ -154,8 +189,15 @@ def test_interrupted_run_resumes_without_redoing_finished_trials(synth_data, tmp
     """jobs/tune.py is interrupted (Ctrl-C) mid-search; `crackscale tune --resume` finishes it."""
     import yaml
 
-    cfg = small_tune_config(synth_data, tmp_path, name="resume", num_samples=2, max_concurrent=1, grace_period=10,
-                            search_space={"head_lr": {"loguniform": [1e-3, 1e-2]}})
+    cfg = small_tune_config(
+        synth_data,
+        tmp_path,
+        name="resume",
+        num_samples=2,
+        max_concurrent=1,
+        grace_period=10,
+        search_space={"head_lr": {"loguniform": [1e-3, 1e-2]}},
+    )
     # grace_period 10 > any trial's epochs: nothing stops early, every trial runs to its end; one
     # trial at a time: the first has finished while the second runs
     from crackscale.config import to_dict
@@ -163,16 +205,23 @@ def test_interrupted_run_resumes_without_redoing_finished_trials(synth_data, tmp
     config = tmp_path / "tune.yaml"
     config.write_text(yaml.safe_dump(to_dict(cfg)))
     exp = tmp_path / "tune" / "resume"
-    proc = subprocess.Popen([PY, "jobs/tune.py", "--config", str(config)], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True, env=dict(os.environ))
+    proc = subprocess.Popen(
+        [PY, "jobs/tune.py", "--config", str(config)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=dict(os.environ),
+    )
     # interrupt once one trial has finished and another has a checkpoint but is still running
     deadline = time.time() + 1200
     while time.time() < deadline and proc.poll() is None:
         # finished = Tune has its final report (the one naming the artifact)
         done = {p.parent.name for p in exp.glob("*_0000*/result.json") if '"artifact"' in p.read_text()}
         # running = reported 1-3 of its 5 epochs (each with a checkpoint): far from its end
-        running = {p.parent.name for p in exp.glob("*_0000*/result.json")
-                   if 1 <= len(p.read_text().splitlines()) <= 3} - done
+        running = {
+            p.parent.name for p in exp.glob("*_0000*/result.json") if 1 <= len(p.read_text().splitlines()) <= 3
+        } - done
         if done and running:
             break
         time.sleep(0.5)
@@ -188,8 +237,14 @@ def test_interrupted_run_resumes_without_redoing_finished_trials(synth_data, tmp
     started = [t for t, e in before.items() if any(e)]
     assert started, before
 
-    r = subprocess.run([PY, "-m", "crackscale.cli", "tune", "--config", str(config), "--resume"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=900, env=dict(os.environ))
+    r = subprocess.run(
+        [PY, "-m", "crackscale.cli", "tune", "--config", str(config), "--resume"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=dict(os.environ),
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     s = last_json(r.stdout)
     assert s["status"] == "done" and s["trials"] == 2 and s["completed"] == 2, s

@@ -53,8 +53,7 @@ def group_key(name: str, pattern: str, group_size: int) -> str:
     return key
 
 
-def assign_splits(groups: dict[str, int], seed: int, val_fraction: float,
-                  test_fraction: float) -> dict[str, str]:
+def assign_splits(groups: dict[str, int], seed: int, val_fraction: float, test_fraction: float) -> dict[str, str]:
     """Group → split for one class: groups in seeded-hash order fill test, then val, then train.
 
     Whole groups move together (near-duplicates never straddle splits); filling by image count
@@ -106,9 +105,7 @@ def scan(cfg: TrainConfig, data_uri: str) -> Prepared:
         if cfg.limit_per_class:
             files = files[: cfg.limit_per_class]
         if not files:
-            raise DataError(
-                f"class folder is empty: {cls_uri} (no files ending in {', '.join(cfg.extensions)})"
-            )
+            raise DataError(f"class folder is empty: {cls_uri} (no files ending in {', '.join(cfg.extensions)})")
         uris = [storage.uri_of(data_uri, f.path) for f in files]
         for uri, blob in zip(uris, storage.read_many(uris, cfg.storage)):
             # label 1 = the crack class, so the model's sigmoid is P(crack) whatever the order
@@ -171,8 +168,12 @@ def scan(cfg: TrainConfig, data_uri: str) -> Prepared:
                 )
     h = manifest_hash(manifest)
     stats = {
-        "files": len(rows), "duplicates_dropped": dup, "undecodable_dropped": bad,
-        "conflicting_labels_dropped": len(conflicts), "images": len(manifest), "per_split": counts,
+        "files": len(rows),
+        "duplicates_dropped": dup,
+        "undecodable_dropped": bad,
+        "conflicting_labels_dropped": len(conflicts),
+        "images": len(manifest),
+        "per_split": counts,
         "groups": len({r["group"] for r in manifest}),
     }
     log.info("data: %s", json.dumps(stats))

@@ -28,7 +28,7 @@ def _texture(rng: np.random.Generator, size: int) -> Image.Image:
     for _ in range(rng.integers(5, 30)):
         y, x = rng.integers(0, size, 2)
         r = rng.integers(1, 3)
-        img[max(0, y - r): y + r, max(0, x - r): x + r] -= rng.uniform(20, 50)
+        img[max(0, y - r) : y + r, max(0, x - r) : x + r] -= rng.uniform(20, 50)
     tint = rng.uniform(-6, 6, 3)
     rgb = np.clip(img[..., None] + tint[None, None, :], 0, 255).astype(np.uint8)
     return Image.fromarray(rgb, "RGB").filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 0.9)))
@@ -77,8 +77,13 @@ def make_image(rng: np.random.Generator, crack: bool, size: int = 227) -> tuple[
     return img, np.array(mask_img) > 0
 
 
-def generate(out_dir: str | Path, per_class: int = 200, size: int = 227, seed: int = 0,
-             class_names: tuple[str, str] = ("Negative", "Positive")) -> Path:
+def generate(
+    out_dir: str | Path,
+    per_class: int = 200,
+    size: int = 227,
+    seed: int = 0,
+    class_names: tuple[str, str] = ("Negative", "Positive"),
+) -> Path:
     """Write ``per_class`` JPEGs into ``out_dir/<class>/NNNNN.jpg`` for each class (idempotent)."""
     out = Path(out_dir)
     for label, name in enumerate(class_names):

@@ -48,7 +48,7 @@ def _kernels() -> Any:
 
 
 def orient(img: np.ndarray, orientation: int) -> np.ndarray:
-    """EXIF orientation 1..8 → upright, as the TensorFlow decoder of ``imaging.tfdecode`` (PIL.ImageOps.exif_transpose)."""
+    """EXIF orientation 1..8 → upright, as ``imaging.tfdecode``'s decoder (PIL.ImageOps.exif_transpose)."""
     if orientation == 2:
         return img[:, ::-1]
     if orientation == 3:
@@ -114,11 +114,17 @@ def available() -> bool:
         try:
             bad = mismatches()
             if bad:
-                log.warning("JPEG decoding without TensorFlow gives other pixels than TensorFlow on this node "
-                            "(%s): decoding with TensorFlow", ", ".join(f"size {k or 'as decoded'}" for k in bad))
+                log.warning(
+                    "JPEG decoding without TensorFlow gives other pixels than TensorFlow on this node "
+                    "(%s): decoding with TensorFlow",
+                    ", ".join(f"size {k or 'as decoded'}" for k in bad),
+                )
             _state["ok"] = not bad
         except Exception as e:  # noqa: BLE001 (missing/broken library: TensorFlow still decodes correctly)
-            log.warning("JPEG decoding without TensorFlow is unavailable (%s: %s): decoding with TensorFlow",
-                        type(e).__name__, e)
+            log.warning(
+                "JPEG decoding without TensorFlow is unavailable (%s: %s): decoding with TensorFlow",
+                type(e).__name__,
+                e,
+            )
             _state["ok"] = False
     return bool(_state["ok"])

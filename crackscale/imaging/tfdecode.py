@@ -61,9 +61,12 @@ def import_tf_or_exit() -> Any:
     except Exception as e:
         if not cut_short:
             raise
-        log.error("TensorFlow import was cut short earlier in this process (a cancelled task) and "
-                  "fails now (%s: %s); exiting so that the task is retried in a new worker process",
-                  type(e).__name__, str(e)[:200])
+        log.error(
+            "TensorFlow import was cut short earlier in this process (a cancelled task) and "
+            "fails now (%s: %s); exiting so that the task is retried in a new worker process",
+            type(e).__name__,
+            str(e)[:200],
+        )
         logging.shutdown()
         os._exit(TF_IMPORT_CUT_SHORT_EXIT)
     return tf
@@ -83,14 +86,21 @@ def decoders(image_size: int, antialias: bool) -> tuple[Any, Any]:
             tf.config.threading.set_inter_op_parallelism_threads(1)
         except RuntimeError:
             pass
+
     def orient(img: Any, orientation: Any) -> Any:
         """EXIF orientation 1..8 → upright, as PIL.ImageOps.exif_transpose."""
+
         def tr(a: Any) -> Any:
             return tf.transpose(a, [1, 0, 2])
 
         branches = {
-            1: lambda: img, 2: lambda: img[:, ::-1], 3: lambda: img[::-1, ::-1], 4: lambda: img[::-1],
-            5: lambda: tr(img), 6: lambda: tf.image.rot90(img, 3), 7: lambda: tr(img)[::-1, ::-1],
+            1: lambda: img,
+            2: lambda: img[:, ::-1],
+            3: lambda: img[::-1, ::-1],
+            4: lambda: img[::-1],
+            5: lambda: tr(img),
+            6: lambda: tf.image.rot90(img, 3),
+            7: lambda: tr(img)[::-1, ::-1],
             8: lambda: tf.image.rot90(img, 1),
         }
         return tf.switch_case(orientation - 1, [branches[k] for k in range(1, 9)])
@@ -100,14 +110,17 @@ def decoders(image_size: int, antialias: bool) -> tuple[Any, Any]:
         img = tf.image.resize(orient(img, orientation), (image_size, image_size), antialias=antialias)
         return tf.cast(tf.round(tf.clip_by_value(img, 0, 255)), tf.uint8)
 
-    one = tf.function(decode, autograph=False,
-                      input_signature=[tf.TensorSpec([], tf.string), tf.TensorSpec([], tf.int32)])
+    one = tf.function(
+        decode, autograph=False, input_signature=[tf.TensorSpec([], tf.string), tf.TensorSpec([], tf.int32)]
+    )
 
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string), tf.TensorSpec([None], tf.int32)],
-                 autograph=False)
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string), tf.TensorSpec([None], tf.int32)], autograph=False)
     def many(data: Any, orientation: Any) -> Any:
-        return tf.map_fn(lambda x: decode(x[0], x[1]), (data, orientation),
-                         fn_output_signature=tf.TensorSpec((image_size, image_size, 3), tf.uint8))
+        return tf.map_fn(
+            lambda x: decode(x[0], x[1]),
+            (data, orientation),
+            fn_output_signature=tf.TensorSpec((image_size, image_size, 3), tf.uint8),
+        )
 
     _DECODERS[image_size, antialias] = (one, many)
     return one, many

@@ -8,8 +8,9 @@ import io
 import logging
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -77,7 +78,8 @@ class Page:
             f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(self.title)}</title>"
             f"<style>{CSS}</style></head><body><h1>{esc(self.title)}</h1>{''.join(self.parts)}"
             "<p class='muted'>Images: <span id='image-count'>?</span>, broken: "
-            f"<span id='broken-images'>?</span>.</p>{CHECK_IMAGES}</body></html>")
+            f"<span id='broken-images'>?</span>.</p>{CHECK_IMAGES}</body></html>"
+        )
         fs, path = storage.resolve(dest, cfg)
         try:
             fs.delete_dir_contents(path, missing_dir_ok=True)  # a regenerated report replaces the old one whole

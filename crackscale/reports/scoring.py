@@ -75,20 +75,24 @@ def _gallery(page: Page, top: list[dict[str, Any]], model_uri: str, cfg: Storage
         if blob is None:
             img = "<p class='muted'>image unavailable</p>"
         else:
-            pic = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(blob))).convert("RGB")
-                             .resize((224, 224), Image.BILINEAR))
+            pic = np.asarray(
+                ImageOps.exif_transpose(Image.open(io.BytesIO(blob))).convert("RGB").resize((224, 224), Image.BILINEAR)
+            )
             data = gradcam.overlay_png(pic, cams[i], size=200) if i in cams else thumb(blob)
             img = page.png(f"top/{i:03d}.png", data, f"{r['uri']}")
             if i in cams and not cams[i].max() > 0:
                 img += "<br><span class='muted'>empty heatmap: nothing in the image raises P(crack)</span>"
-        cells.append(f'<figure class="top" data-uri="{esc(r["uri"])}" data-probability="'
-                     f'{r["crack_probability"]:.6f}">{img}<figcaption>#{i + 1} p={r["crack_probability"]:.4f}'
-                     f"<br>{esc(r['uri'])}</figcaption></figure>")
+        cells.append(
+            f'<figure class="top" data-uri="{esc(r["uri"])}" data-probability="'
+            f'{r["crack_probability"]:.6f}">{img}<figcaption>#{i + 1} p={r["crack_probability"]:.4f}'
+            f"<br>{esc(r['uri'])}</figcaption></figure>"
+        )
     return note + f"<div class='grid'>{''.join(cells)}</div>"
 
 
-def scoring_report(output_uri: str, run_id: str, cfg: StorageConfig | None = None, top_n: int = 12,
-                   model_uri: str = "") -> str:
+def scoring_report(
+    output_uri: str, run_id: str, cfg: StorageConfig | None = None, top_n: int = 12, model_uri: str = ""
+) -> str:
     """Write ``<output>/_reports/<run_id>/index.html`` (+ PNGs) for one scoring run; returns its URI.
 
     Everything comes from the Parquet outputs (and the run's ``_runs/<run_id>.json`` for what the
@@ -100,43 +104,74 @@ def scoring_report(output_uri: str, run_id: str, cfg: StorageConfig | None = Non
         run_id = latest_run(con)
     s = run_summary(output_uri, run_id, cfg)
     q = lambda sql, *p: con.sql(sql, params=list(p) or None).fetchall()  # noqa: E731
-    (n, ok, failed, cracks, mid, night, span), = q(
+    ((n, ok, failed, cracks, mid, night, span),) = q(
         "SELECT count(*), count(*) FILTER (WHERE error IS NULL), count(error), count(*) FILTER (WHERE crack), "
         "any_value(model_id), any_value(run_date), epoch(max(scored_at)) - epoch(min(scored_at)) "
         "FROM scores WHERE run_id = ?",
-        run_id)
+        run_id,
+    )
     if not n and not s:
         raise storage.StorageError(f"no rows and no summary for run {run_id} under {output_uri}")
     mid, night = mid or s.get("model_id", ""), night or s.get("run_date", "")
-    kinds = q("SELECT split_part(error, ':', 1) AS kind, count(*) FROM scores WHERE run_id = ? AND error "
-              "IS NOT NULL GROUP BY kind ORDER BY count(*) DESC, kind", run_id)
-    probs = np.array([r[0] for r in q("SELECT crack_probability FROM scores WHERE run_id = ? AND error IS NULL",
-                                      run_id)], dtype=float)
+    kinds = q(
+        "SELECT split_part(error, ':', 1) AS kind, count(*) FROM scores WHERE run_id = ? AND error "
+        "IS NOT NULL GROUP BY kind ORDER BY count(*) DESC, kind",
+        run_id,
+    )
+    probs = np.array(
+        [r[0] for r in q("SELECT crack_probability FROM scores WHERE run_id = ? AND error IS NULL", run_id)],
+        dtype=float,
+    )
     thr_rows = q("SELECT any_value(threshold) FROM scores WHERE run_id = ?", run_id)
     thr = float(thr_rows[0][0]) if thr_rows and thr_rows[0][0] is not None else 0.5
-    (prev_night,), = q("SELECT max(run_date) FROM scores WHERE model_id = ? AND run_date < ?", mid, night)
-    prev = np.array([r[0] for r in q("SELECT crack_probability FROM scores WHERE model_id = ? AND run_date = ? "
-                                     "AND error IS NULL", mid, prev_night)], dtype=float) if prev_night else np.zeros(0)
+    ((prev_night,),) = q("SELECT max(run_date) FROM scores WHERE model_id = ? AND run_date < ?", mid, night)
+    prev = (
+        np.array(
+            [
+                r[0]
+                for r in q(
+                    "SELECT crack_probability FROM scores WHERE model_id = ? AND run_date = ? AND error IS NULL",
+                    mid,
+                    prev_night,
+                )
+            ],
+            dtype=float,
+        )
+        if prev_night
+        else np.zeros(0)
+    )
     duration = s.get("duration_s", span or 0.0)  # without a summary: first to last commit
     share = cracks / ok if ok else float("nan")
+    throughput = s.get("throughput_img_s", n / span if span else None)
     page = Page(f"Scoring report: run {run_id}")
-    counts = [("listed", s.get("listed")), ("already scored (skipped)", s.get("already_scored")),
-              ("scored", ok), ("failed", failed), ("flagged as crack", cracks)]
+    counts = [
+        ("listed", s.get("listed")),
+        ("already scored (skipped)", s.get("already_scored")),
+        ("scored", ok),
+        ("failed", failed),
+        ("flagged as crack", cracks),
+    ]
     ids = ["listed", "already-scored", "scored", "failed", "flagged"]
     page.add(
         f"<p>Output <code>{esc(output_uri)}</code>; model <code>{esc(s.get('model_name', ''))}</code> "
         f"(model_id <span id='model-id'>{esc(mid)}</span>), night <span id='run-date'>{esc(night)}</span>, "
         f"runtime {esc(s.get('runtime', 'n/a'))}, threshold <span id='threshold'>{thr:.4f}</span>.</p>",
-        "<h2>Counts</h2><table>" + "".join(f"<tr><th class='l'>{k}</th>{td(i, v)}</tr>"
-                                           for (k, v), i in zip(counts, ids))
+        "<h2>Counts</h2><table>"
+        + "".join(f"<tr><th class='l'>{k}</th>{td(i, v)}</tr>" for (k, v), i in zip(counts, ids))
         + f"<tr><th class='l'>share flagged</th>{td('flagged-share', share)}</tr>"
         + f"<tr><th class='l'>duration (s)</th>{td('duration-s', float(duration), 1)}</tr>"
-        + f"<tr><th class='l'>throughput (img/s)</th>{td('throughput', s.get('throughput_img_s', n / span if span else None), 1)}</tr>"
+        + f"<tr><th class='l'>throughput (img/s)</th>{td('throughput', throughput, 1)}</tr>"
         + "</table>",
-        "<h3>Failures by kind</h3>" + ("<table id='failures'>" + "".join(
-            f"<tr><th class='l'>{esc(k)}</th>{td('failed-' + k.replace(' ', '-'), c)}</tr>" for k, c in kinds)
-            + "</table>" if kinds else "<p>None.</p>"),
-        "<h2>Crack probabilities</h2>", _histogram(page, probs, prev, thr, night, prev_night, share),
+        "<h3>Failures by kind</h3>"
+        + (
+            "<table id='failures'>"
+            + "".join(f"<tr><th class='l'>{esc(k)}</th>{td('failed-' + k.replace(' ', '-'), c)}</tr>" for k, c in kinds)
+            + "</table>"
+            if kinds
+            else "<p>None.</p>"
+        ),
+        "<h2>Crack probabilities</h2>",
+        _histogram(page, probs, prev, thr, night, prev_night, share),
         f"<h2>Top {top_n} most likely cracks</h2><p>Heatmap: Grad-CAM on the model's last convolutional "
         "block, red = where the model sees the crack.</p>",
         _gallery(page, _top_of_run(con, run_id, top_n), model_uri or s.get("model", ""), cfg),
@@ -145,19 +180,33 @@ def scoring_report(output_uri: str, run_id: str, cfg: StorageConfig | None = Non
 
 
 def _top_of_run(con: Any, run_id: str, n: int) -> list[dict[str, Any]]:
-    return con.sql("SELECT uri, crack_probability FROM scores WHERE run_id = ? AND error IS NULL "
-                   "ORDER BY crack_probability DESC, uri LIMIT ?", params=[run_id, n]).to_arrow_table().to_pylist()
+    return (
+        con.sql(
+            "SELECT uri, crack_probability FROM scores WHERE run_id = ? AND error IS NULL "
+            "ORDER BY crack_probability DESC, uri LIMIT ?",
+            params=[run_id, n],
+        )
+        .to_arrow_table()
+        .to_pylist()
+    )
 
 
-def _histogram(page: Page, probs: np.ndarray, prev: np.ndarray, thr: float, night: str, prev_night: str | None,
-               share: float) -> str:
+def _histogram(
+    page: Page, probs: np.ndarray, prev: np.ndarray, thr: float, night: str, prev_night: str | None, share: float
+) -> str:
     fig, ax = figure(8, 3.4)
     bins = np.linspace(0, 1, 21)
     compare = bool(len(prev)) and bool(len(probs))  # densities: the nights differ in size
     ax.hist(probs, bins=bins, alpha=0.6, label=f"this run ({night}, {len(probs)} images)", density=compare)
     if compare:
-        ax.hist(prev, bins=bins, histtype="step", lw=2, density=True,
-                label=f"previous night ({prev_night}, {len(prev)} images)")
+        ax.hist(
+            prev,
+            bins=bins,
+            histtype="step",
+            lw=2,
+            density=True,
+            label=f"previous night ({prev_night}, {len(prev)} images)",
+        )
     ax.axvline(thr, color="red", ls="--", label=f"threshold {thr:.3f}")
     ax.set(xlabel="P(crack)", ylabel="density" if compare else "images")
     ax.legend(fontsize=8)
@@ -166,13 +215,22 @@ def _histogram(page: Page, probs: np.ndarray, prev: np.ndarray, thr: float, nigh
         return img + "<p id='no-previous'>No previous night scored by this model: nothing to compare.</p>"
     prev_share = float((prev >= thr).mean())
     delta, ks = share - prev_share, ks_statistic(probs, prev)
+    mean_delta = float(probs.mean() - prev.mean()) if len(probs) else None
     drift = abs(delta) >= 0.05 or ks >= 0.2
-    verdict = ("<p class='drift' id='drift-alert'><b>Drift:</b> the flagged share or the score distribution "
-               "moved noticeably since the previous night; check the input (new site, camera, lighting) "
-               "before trusting tonight's flags.</p>" if drift else "<p class='ok'>No notable drift.</p>")
-    return (img + "<table><tr><th class='l'>previous night</th><td id='previous-night'>" + esc(prev_night)
-            + f"</td></tr><tr><th class='l'>share flagged then</th>{td('previous-flagged-share', prev_share)}</tr>"
-            + f"<tr><th class='l'>change in share flagged</th>{td('flagged-share-delta', delta)}</tr>"
-            + f"<tr><th class='l'>mean P(crack) change</th>{td('mean-delta', float(probs.mean() - prev.mean()) if len(probs) else None)}</tr>"
-            + f"<tr><th class='l'>KS statistic (0 same, 1 disjoint)</th>{td('ks-statistic', ks)}</tr></table>"
-            + verdict)
+    verdict = (
+        "<p class='drift' id='drift-alert'><b>Drift:</b> the flagged share or the score distribution "
+        "moved noticeably since the previous night; check the input (new site, camera, lighting) "
+        "before trusting tonight's flags.</p>"
+        if drift
+        else "<p class='ok'>No notable drift.</p>"
+    )
+    return (
+        img
+        + "<table><tr><th class='l'>previous night</th><td id='previous-night'>"
+        + esc(prev_night)
+        + f"</td></tr><tr><th class='l'>share flagged then</th>{td('previous-flagged-share', prev_share)}</tr>"
+        + f"<tr><th class='l'>change in share flagged</th>{td('flagged-share-delta', delta)}</tr>"
+        + f"<tr><th class='l'>mean P(crack) change</th>{td('mean-delta', mean_delta)}</tr>"
+        + f"<tr><th class='l'>KS statistic (0 same, 1 disjoint)</th>{td('ks-statistic', ks)}</tr></table>"
+        + verdict
+    )

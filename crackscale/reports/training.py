@@ -25,8 +25,12 @@ def curves(y: np.ndarray, p: np.ndarray) -> dict[str, np.ndarray]:
     last = np.r_[np.flatnonzero(np.diff(ps)), len(ps) - 1]  # last index of each distinct score
     tp, fp = np.cumsum(ys)[last], np.cumsum(1 - ys)[last]
     pos, neg = max(int(y.sum()), 1), max(int(len(y) - y.sum()), 1)
-    return {"fpr": np.r_[0, fp / neg], "tpr": np.r_[0, tp / pos],
-            "precision": tp / np.maximum(tp + fp, 1), "recall": tp / pos}
+    return {
+        "fpr": np.r_[0, fp / neg],
+        "tpr": np.r_[0, tp / pos],
+        "precision": tp / np.maximum(tp + fp, 1),
+        "recall": tp / pos,
+    }
 
 
 def _read_predictions(uri: str, cfg: StorageConfig | None) -> list[tuple[str, int, float]]:
@@ -59,8 +63,14 @@ def _learning_curves(page: Page, meta: dict[str, Any]) -> str:
                 ax.axvline(ph[0]["epoch"] - 0.5, color="gray", lw=1)
             axes[0].text(ph[0]["epoch"] - 0.45, axes[0].get_ylim()[0], " fine-tune →", va="bottom", fontsize=8)
         best = min(ph, key=lambda h: h.get("val_loss", np.inf))
-        axes[0].plot(best["epoch"], best.get("val_loss"), "*", ms=14, color="green",
-                     label="best val_loss (weights kept)" if i == 0 else None)
+        axes[0].plot(
+            best["epoch"],
+            best.get("val_loss"),
+            "*",
+            ms=14,
+            color="green",
+            label="best val_loss (weights kept)" if i == 0 else None,
+        )
         planned = int(conf.get(f"{phase}_epochs", 0) or 0)
         if planned and len(ph) < planned:
             for ax in axes:
@@ -70,30 +80,41 @@ def _learning_curves(page: Page, meta: dict[str, Any]) -> str:
     img = page.fig("learning_curves.png", fig, "learning curves")
     rows = "".join(
         f'<tr data-epoch="{h["epoch"]}" data-phase="{esc(h["phase"])}"><td>{h["epoch"]}</td><td class="l">'
-        f'{esc(h["phase"])}</td>' + "".join(f"<td>{num(h.get(k))}</td>" for k in
-                                           ("loss", "val_loss", "accuracy", "val_accuracy", "recall", "val_recall"))
-        + "</tr>" for h in hist)
+        f"{esc(h['phase'])}</td>"
+        + "".join(
+            f"<td>{num(h.get(k))}</td>"
+            for k in ("loss", "val_loss", "accuracy", "val_accuracy", "recall", "val_recall")
+        )
+        + "</tr>"
+        for h in hist
+    )
     stops = "Early stop: " + "; ".join(notes) if notes else "No early stop (every planned epoch ran)"
-    return (f"{img}<p>Gray line: head → fine-tune boundary. Red dotted: early stop. Star: the epoch "
-            f"whose weights each phase kept. <span id='early-stop'>{esc(stops)}</span>.</p>"
-            "<details><summary>Per-epoch values</summary><table id='history'><tr><th>epoch</th><th>phase</th>"
-            "<th>loss</th><th>val_loss</th><th>accuracy</th><th>val_accuracy</th><th>recall</th>"
-            f"<th>val_recall</th></tr>{rows}</table></details>")
+    return (
+        f"{img}<p>Gray line: head → fine-tune boundary. Red dotted: early stop. Star: the epoch "
+        f"whose weights each phase kept. <span id='early-stop'>{esc(stops)}</span>.</p>"
+        "<details><summary>Per-epoch values</summary><table id='history'><tr><th>epoch</th><th>phase</th>"
+        "<th>loss</th><th>val_loss</th><th>accuracy</th><th>val_accuracy</th><th>recall</th>"
+        f"<th>val_recall</th></tr>{rows}</table></details>"
+    )
 
 
 def _test_split(page: Page, meta: dict[str, Any], preds: list[tuple[str, int, float]]) -> str:
     test = meta.get("metrics", {}).get("after", {}).get("test", {})
     thr = float(meta.get("threshold", test.get("threshold", 0.5)))
     cm = test.get("confusion_matrix") or {}
-    out = [f"<p>Decision threshold <b id='threshold'>{thr:.4f}</b> (chosen on validation for recall ≥ "
-           f"{esc(meta.get('target_recall', 'n/a'))}): on the test split precision "
-           f"<b id='test-precision'>{num(test.get('precision'))}</b>, recall "
-           f"<b id='test-recall'>{num(test.get('recall'))}</b>, ROC-AUC "
-           f"<b id='test-roc-auc'>{num(test.get('roc_auc'))}</b> ({esc(test.get('n', 0))} images).</p>"]
+    out = [
+        f"<p>Decision threshold <b id='threshold'>{thr:.4f}</b> (chosen on validation for recall ≥ "
+        f"{esc(meta.get('target_recall', 'n/a'))}): on the test split precision "
+        f"<b id='test-precision'>{num(test.get('precision'))}</b>, recall "
+        f"<b id='test-recall'>{num(test.get('recall'))}</b>, ROC-AUC "
+        f"<b id='test-roc-auc'>{num(test.get('roc_auc'))}</b> ({esc(test.get('n', 0))} images).</p>"
+    ]
     if cm:
-        out.append("<table><tr><th></th><th>predicted no crack</th><th>predicted crack</th></tr>"
-                   f"<tr><th class='l'>no crack</th>{td('cm-tn', cm['tn'])}{td('cm-fp', cm['fp'])}</tr>"
-                   f"<tr><th class='l'>crack</th>{td('cm-fn', cm['fn'])}{td('cm-tp', cm['tp'])}</tr></table>")
+        out.append(
+            "<table><tr><th></th><th>predicted no crack</th><th>predicted crack</th></tr>"
+            f"<tr><th class='l'>no crack</th>{td('cm-tn', cm['tn'])}{td('cm-fp', cm['fp'])}</tr>"
+            f"<tr><th class='l'>crack</th>{td('cm-fn', cm['fn'])}{td('cm-tp', cm['tp'])}</tr></table>"
+        )
     if not preds:
         return "".join(out) + "<p>No test_predictions.csv in the artifact: no curves.</p>"
     y = np.array([r[1] for r in preds])
@@ -124,8 +145,9 @@ def _test_split(page: Page, meta: dict[str, Any], preds: list[tuple[str, int, fl
     return "".join(out)
 
 
-def _errors(page: Page, meta: dict[str, Any], preds: list[tuple[str, int, float]], limit: int,
-            cfg: StorageConfig | None) -> str:
+def _errors(
+    page: Page, meta: dict[str, Any], preds: list[tuple[str, int, float]], limit: int, cfg: StorageConfig | None
+) -> str:
     thr = float(meta.get("threshold", 0.5))
     fns = sorted((r for r in preds if r[1] == 1 and r[2] < thr), key=lambda r: r[2])
     fps = sorted((r for r in preds if r[1] == 0 and r[2] >= thr), key=lambda r: -r[2])
@@ -136,13 +158,17 @@ def _errors(page: Page, meta: dict[str, Any], preds: list[tuple[str, int, float]
             img = page.png(f"errors/{k:03d}.png", thumb(storage.read_bytes(uri, cfg)), f"{kind} {uri}")
         except Exception as e:  # noqa: BLE001 - an unreadable image must not sink the report
             img = f"<p class='muted'>image unavailable: {esc(str(e).splitlines()[0][:120])}</p>"
-        cells.append(f'<figure class="{kind}" data-uri="{esc(uri)}" data-probability="{p:.6f}">{img}'
-                     f"<figcaption><b>{'missed crack' if kind == 'fn' else 'false alarm'}</b> "
-                     f"p={p:.4f}<br>{esc(uri)}</figcaption></figure>")
+        cells.append(
+            f'<figure class="{kind}" data-uri="{esc(uri)}" data-probability="{p:.6f}">{img}'
+            f"<figcaption><b>{'missed crack' if kind == 'fn' else 'false alarm'}</b> "
+            f"p={p:.4f}<br>{esc(uri)}</figcaption></figure>"
+        )
     shown = f" (first {limit} shown)" if len(fns) + len(fps) > limit else ""
-    return (f"<p><span id='n-false-negatives'>{len(fns)}</span> missed cracks (false negatives, first, "
-            f"lowest score first) and <span id='n-false-positives'>{len(fps)}</span> false alarms{shown}."
-            f"</p><div class='grid'>{''.join(cells)}</div>")
+    return (
+        f"<p><span id='n-false-negatives'>{len(fns)}</span> missed cracks (false negatives, first, "
+        f"lowest score first) and <span id='n-false-positives'>{len(fps)}</span> false alarms{shown}."
+        f"</p><div class='grid'>{''.join(cells)}</div>"
+    )
 
 
 def training_report(artifact_uri: str, cfg: StorageConfig | None = None, max_errors: int = 24) -> str:
@@ -153,8 +179,11 @@ def training_report(artifact_uri: str, cfg: StorageConfig | None = None, max_err
     m = meta.get("metrics", {})
     rows = []
     for key in ("accuracy", "precision", "recall", "roc_auc", "threshold", "loss"):
-        cells = "".join(td(f"{w}-{s}-{key.replace('_', '-')}", m.get(w, {}).get(s, {}).get(key))
-                        for w in ("before", "after") for s in ("val", "test"))
+        cells = "".join(
+            td(f"{w}-{s}-{key.replace('_', '-')}", m.get(w, {}).get(s, {}).get(key))
+            for w in ("before", "after")
+            for s in ("val", "test")
+        )
         rows.append(f"<tr><th class='l'>{key}</th>{cells}</tr>")
     stats = meta.get("data_stats") or {}
     split = stats.get("per_split", {})
@@ -164,15 +193,23 @@ def training_report(artifact_uri: str, cfg: StorageConfig | None = None, max_err
         f"<p>Artifact <code>{esc(artifact_uri)}</code>, created {esc(meta.get('created_at', 'n/a'))}, "
         f"{esc(meta.get('num_workers', '?'))} worker(s); {esc(versions)}. Epochs run: "
         f"<span id='epochs-run'>{len(meta.get('history') or [])}</span>. Images per split: "
-        + ", ".join(f"{esc(s)} {sum(v.values())}" for s, v in split.items()) + ".</p>",
+        + ", ".join(f"{esc(s)} {sum(v.values())}" for s, v in split.items())
+        + ".</p>",
         "<h2>Metrics</h2><table><tr><th></th><th>before: val</th><th>before: test</th><th>after: val</th>"
         f"<th>after: test</th></tr>{''.join(rows)}</table><p class='muted'>Before: the initial model "
         "at threshold 0.5. After: the trained model at the chosen threshold.</p>",
-        "<h2>Learning curves</h2>", _learning_curves(page, meta),
-        "<h2>Test split</h2>", _test_split(page, meta, preds),
-        "<h2>Test images the model got wrong</h2>", _errors(page, meta, preds, max_errors, cfg),
-        "<h2>TensorBoard</h2>" + (
+        "<h2>Learning curves</h2>",
+        _learning_curves(page, meta),
+        "<h2>Test split</h2>",
+        _test_split(page, meta, preds),
+        "<h2>Test images the model got wrong</h2>",
+        _errors(page, meta, preds, max_errors, cfg),
+        "<h2>TensorBoard</h2>"
+        + (
             f"<p>Logs: <a href='../tensorboard/'>tensorboard/</a>; view with <code>tensorboard --logdir "
-            f"{esc(storage.join(artifact_uri, 'tensorboard'))}</code></p>" if tb else "<p>No TensorBoard logs.</p>"),
+            f"{esc(storage.join(artifact_uri, 'tensorboard'))}</code></p>"
+            if tb
+            else "<p>No TensorBoard logs.</p>"
+        ),
     )
     return page.publish(storage.join(artifact_uri, "report"), cfg)

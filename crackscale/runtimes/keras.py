@@ -50,7 +50,7 @@ class TFRuntime:
     def predict(self, images: np.ndarray) -> np.ndarray:
         out = []
         for i in range(0, len(images), self.batch_size):
-            part = images[i: i + self.batch_size]
+            part = images[i : i + self.batch_size]
             x = pad(part.astype(np.float32, copy=False), self.batch_size)
             out.append(self._fn(x).numpy().reshape(-1)[: len(part)])
         return np.concatenate(out).astype(np.float32) if out else np.zeros(0, np.float32)

@@ -35,7 +35,7 @@ class LiteRTRuntime:
     def predict(self, images: np.ndarray) -> np.ndarray:
         out = []
         for i in range(0, len(images), self.batch_size):
-            part = images[i: i + self.batch_size]
+            part = images[i : i + self.batch_size]
             self._it.set_tensor(self._in, pad(part.astype(np.float32, copy=False), self.batch_size))
             self._it.invoke()
             out.append(self._it.get_tensor(self._out).reshape(-1)[: len(part)].copy())

@@ -17,9 +17,17 @@ from crackscale.runtimes.litert import LiteRTRuntime, cache_path, export_litert,
 log = logging.getLogger(__name__)
 
 
-def select(model: Any, meta: dict[str, Any], kind: str, batch_size: int, threads: int = 0,
-           n_gpus: int = 0, cache_dir: str = "", tolerance: float = 1e-4,
-           check_images: np.ndarray | None = None) -> tuple[Runtime, dict[str, Any]]:
+def select(
+    model: Any,
+    meta: dict[str, Any],
+    kind: str,
+    batch_size: int,
+    threads: int = 0,
+    n_gpus: int = 0,
+    cache_dir: str = "",
+    tolerance: float = 1e-4,
+    check_images: np.ndarray | None = None,
+) -> tuple[Runtime, dict[str, Any]]:
     """The runtime to score with and a record of the choice (runtime, parity max |Δp|).
 
     ``auto``: tf.keras when a GPU is visible (``n_gpus``), else LiteRT if it passes the parity

@@ -16,13 +16,22 @@ from crackscale.config import StorageConfig
 from crackscale.scoring.keys import KeySet, key_hash
 
 PARTITIONING = pa.schema([("model_id", pa.string()), ("run_date", pa.string())])
-SCHEMA = pa.schema([
-    ("uri", pa.string()), ("size", pa.int64()), ("etag", pa.string()),
-    ("mtime", pa.timestamp("us", tz="UTC")), ("crack_probability", pa.float32()),
-    ("crack", pa.bool_()), ("threshold", pa.float32()), ("model_name", pa.string()),
-    ("runtime", pa.string()), ("run_id", pa.string()), ("scored_at", pa.timestamp("us", tz="UTC")),
-    ("error", pa.string()),
-])
+SCHEMA = pa.schema(
+    [
+        ("uri", pa.string()),
+        ("size", pa.int64()),
+        ("etag", pa.string()),
+        ("mtime", pa.timestamp("us", tz="UTC")),
+        ("crack_probability", pa.float32()),
+        ("crack", pa.bool_()),
+        ("threshold", pa.float32()),
+        ("model_name", pa.string()),
+        ("runtime", pa.string()),
+        ("run_id", pa.string()),
+        ("scored_at", pa.timestamp("us", tz="UTC")),
+        ("error", pa.string()),
+    ]
+)
 
 
 def committed(output: str, mid: str, cfg: StorageConfig) -> KeySet:
@@ -36,8 +45,7 @@ def committed(output: str, mid: str, cfg: StorageConfig) -> KeySet:
         return KeySet()
     except OSError as e:
         raise storage.StorageError(f"cannot read committed scores under {output}: {e}") from None
-    return KeySet.of_distinct([key_hash(u) for u in b.column(0).to_pylist()]
-                              for b in data.to_batches(columns=["uri"]))
+    return KeySet.of_distinct([key_hash(u) for u in b.column(0).to_pylist()] for b in data.to_batches(columns=["uri"]))
 
 
 def commit_chunk(table: pa.Table, output: str, mid: str, run_date: str, cfg: StorageConfig) -> str:
@@ -79,12 +87,20 @@ def rows_table(t: pa.Table, meta: dict[str, Any], run_id: str) -> pa.Table:
         return pc.if_else(pc.equal(t[col], bad), pa.scalar(None, typ), t[col]).cast(typ)
 
     mtime = pc.if_else(pc.less(t["mtime_ns"], 0), pa.scalar(None, pa.int64()), pc.divide(t["mtime_ns"], 1000))
-    return pa.table({
-        "uri": t["uri"].cast(pa.string()), "size": null_if("size", -1, pa.int64()),
-        "etag": null_if("etag", "", pa.string()), "mtime": mtime.cast(pa.timestamp("us", tz="UTC")),
-        "crack_probability": p, "crack": pc.greater_equal(p, pa.scalar(thr, pa.float32())),
-        "threshold": pa.array([thr] * n, pa.float32()),
-        "model_name": pa.array([str(meta.get("name", ""))] * n, pa.string()),
-        "runtime": t["runtime"].cast(pa.string()), "run_id": pa.array([run_id] * n, pa.string()),
-        "scored_at": t["scored_at_us"].cast(pa.timestamp("us", tz="UTC")), "error": err,
-    }, schema=SCHEMA)
+    return pa.table(
+        {
+            "uri": t["uri"].cast(pa.string()),
+            "size": null_if("size", -1, pa.int64()),
+            "etag": null_if("etag", "", pa.string()),
+            "mtime": mtime.cast(pa.timestamp("us", tz="UTC")),
+            "crack_probability": p,
+            "crack": pc.greater_equal(p, pa.scalar(thr, pa.float32())),
+            "threshold": pa.array([thr] * n, pa.float32()),
+            "model_name": pa.array([str(meta.get("name", ""))] * n, pa.string()),
+            "runtime": t["runtime"].cast(pa.string()),
+            "run_id": pa.array([run_id] * n, pa.string()),
+            "scored_at": t["scored_at_us"].cast(pa.timestamp("us", tz="UTC")),
+            "error": err,
+        },
+        schema=SCHEMA,
+    )

@@ -25,8 +25,9 @@ def fast_jpeg(cfg: ScoreConfig, antialias: bool) -> bool:
     return jpeg.available()
 
 
-def decode_image(data: bytes, uri: str, image_size: int, cfg: ScoreConfig,
-                 antialias: bool = RESIZE_ANTIALIAS) -> tuple[np.ndarray | None, str]:
+def decode_image(
+    data: bytes, uri: str, image_size: int, cfg: ScoreConfig, antialias: bool = RESIZE_ANTIALIAS
+) -> tuple[np.ndarray | None, str]:
     """(uint8 image, "") or (None, error) for one object; never raises. ``antialias``: the
     artifact's ``resize_antialias`` (as its training resized)."""
     orientation, err, fmt = header(data, uri, cfg)
@@ -42,8 +43,9 @@ def decode_image(data: bytes, uri: str, image_size: int, cfg: ScoreConfig,
         return None, f"decode: {clean_error(e)}"
 
 
-def decode_batch(batch: dict[str, np.ndarray], image_size: int, cfg: ScoreConfig,
-                 antialias: bool = RESIZE_ANTIALIAS) -> dict[str, np.ndarray]:
+def decode_batch(
+    batch: dict[str, np.ndarray], image_size: int, cfg: ScoreConfig, antialias: bool = RESIZE_ANTIALIAS
+) -> dict[str, np.ndarray]:
     """Ray Data task: read + decode a batch; adds ``image`` (zeros on error) and ``error`` ("" if ok).
 
     JPEGs are decoded without TensorFlow where ``fast_jpeg`` allows. The other objects whose header

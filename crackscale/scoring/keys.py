@@ -41,11 +41,13 @@ class KeySet:
     @staticmethod
     def _halves(hashes: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
         b = np.frombuffer(b"".join(hashes), dtype=np.uint8).reshape(-1, 17)  # 16 digest bytes + a sentinel
-        return (b[:, :8].copy().view("<u8").ravel().astype(np.uint64),
-                b[:, 8:16].copy().view("<u8").ravel().astype(np.uint64))
+        return (
+            b[:, :8].copy().view("<u8").ravel().astype(np.uint64),
+            b[:, 8:16].copy().view("<u8").ravel().astype(np.uint64),
+        )
 
     @classmethod
-    def of_distinct(cls, batches: Iterator[list[bytes]]) -> "KeySet":
+    def of_distinct(cls, batches: Iterator[list[bytes]]) -> KeySet:
         """All at once from batches of keys known to be distinct (committed keys are: each is in one
         file), merged in one sort."""
         halves = [cls._halves(hs) for hs in batches if hs]

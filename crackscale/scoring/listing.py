@@ -7,8 +7,8 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import Iterator
-from typing import Any, Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pyarrow as pa
 
@@ -31,8 +31,7 @@ def list_input(cfg: ScoreConfig) -> Iterator[dict[str, Any]]:
         return
     exts = tuple(e.lower() for e in cfg.extensions)
     if storage.is_s3(cfg.input):
-        yield from (o for o in _list_s3(cfg.input, cfg.storage, cfg.list_threads)
-                    if o["uri"].lower().endswith(exts))
+        yield from (o for o in _list_s3(cfg.input, cfg.storage, cfg.list_threads) if o["uri"].lower().endswith(exts))
         return
     root = storage.resolve(cfg.input)[1]
     if not os.path.isdir(root):
@@ -60,15 +59,18 @@ def _list_s3(uri: str, cfg: StorageConfig, threads: int = 1) -> Iterator[dict[st
     import botocore.exceptions
 
     s = storage.S3Settings.resolve(cfg)
-    bucket, _, prefix = uri[len("s3://"):].partition("/")
+    bucket, _, prefix = uri[len("s3://") :].partition("/")
     client = storage.s3_client(cfg, pool=max(10, threads))
 
     def rows(page: dict[str, Any]) -> Iterator[dict[str, Any]]:
         for o in page.get("Contents", []):
             if not o["Key"].endswith("/"):
-                yield {"uri": f"s3://{bucket}/{o['Key']}", "size": int(o["Size"]),
-                       "etag": str(o.get("ETag", "")).strip('"'),
-                       "mtime_ns": int(o["LastModified"].timestamp() * 1e9)}
+                yield {
+                    "uri": f"s3://{bucket}/{o['Key']}",
+                    "size": int(o["Size"]),
+                    "etag": str(o.get("ETag", "")).strip('"'),
+                    "mtime_ns": int(o["LastModified"].timestamp() * 1e9),
+                }
 
     def pages(p: str, walk: bool = False) -> Iterator[dict[str, Any]]:
         kw = {"Delimiter": "/"} if walk else {}
@@ -89,8 +91,9 @@ def _list_s3(uri: str, cfg: StorageConfig, threads: int = 1) -> Iterator[dict[st
         raise storage.StorageError(f"cannot list {uri} (endpoint {s.describe()}): {e}") from None
 
 
-def _parallel_pages(pages: Callable[..., Iterator[dict[str, Any]]], prefix: str,
-                    threads: int) -> Iterator[dict[str, Any]]:
+def _parallel_pages(
+    pages: Callable[..., Iterator[dict[str, Any]]], prefix: str, threads: int
+) -> Iterator[dict[str, Any]]:
     """The pages of ``_list_s3``'s parallel walk, produced by a thread pool into a bounded queue. An
     error in any listing is raised here; closing the generator stops the threads."""
     import itertools
@@ -204,11 +207,16 @@ class Listing:
             cid = hashlib.sha256("\n".join(r["uri"] for r in rows).encode()).hexdigest()[:16]
             self.remote = self.remote or any(storage.is_s3(r["uri"]) for r in rows)
             blocks = []
-            for part in (rows[i: i + cfg.block_size] for i in range(0, len(rows), cfg.block_size)):
-                t = pa.table({"uri": [r["uri"] for r in part], "chunk": [cid] * len(part),
-                              "size": pa.array([r["size"] for r in part], pa.int64()),
-                              "etag": [r["etag"] for r in part],
-                              "mtime_ns": pa.array([r["mtime_ns"] for r in part], pa.int64())})
+            for part in (rows[i : i + cfg.block_size] for i in range(0, len(rows), cfg.block_size)):
+                t = pa.table(
+                    {
+                        "uri": [r["uri"] for r in part],
+                        "chunk": [cid] * len(part),
+                        "size": pa.array([r["size"] for r in part], pa.int64()),
+                        "etag": [r["etag"] for r in part],
+                        "mtime_ns": pa.array([r["mtime_ns"] for r in part], pa.int64()),
+                    }
+                )
                 blocks.append((cid, ray.put(t), block_metadata(t)))
             with self.cond:
                 self.sizes[cid] = len(rows)
@@ -231,8 +239,13 @@ class Listing:
                 log.info("listed %d objects (%d already scored)", counts["listed"], counts["already_scored"])
         if pending:
             flush(pending)
-        log.info("listing done: %d listed, %d already scored, %d to score in %d chunks", counts["listed"],
-                 counts["already_scored"], sum(self.sizes.values()), len(self.sizes))
+        log.info(
+            "listing done: %d listed, %d already scored, %d to score in %d chunks",
+            counts["listed"],
+            counts["already_scored"],
+            sum(self.sizes.values()),
+            len(self.sizes),
+        )
 
     def next_wave(self, finished: set[str], start_by: float) -> tuple[list[tuple[Any, Any]], dict[str, int]]:
         """((block ref, metadata) pairs, chunk sizes) of every listed chunk not in ``finished``, once

@@ -33,8 +33,12 @@ def read_manifest(cfg: ScoreConfig) -> Iterator[dict[str, Any]]:
             uris = [str(r["uri"]).strip() for r in rows]
             for uri, r, new in zip(uris, rows, seen.add_many([key_hash(u) for u in uris])):
                 if new:
-                    yield {"uri": uri, "size": int(r.get("size") or -1), "etag": str(r.get("etag") or ""),
-                           "mtime_ns": -1}
+                    yield {
+                        "uri": uri,
+                        "size": int(r.get("size") or -1),
+                        "etag": str(r.get("etag") or ""),
+                        "mtime_ns": -1,
+                    }
     except FileNotFoundError:
         raise storage.StorageError(f"not found: {cfg.input}") from None
     except (OSError, pa.ArrowInvalid) as e:

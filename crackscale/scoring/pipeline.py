@@ -17,8 +17,9 @@ from crackscale.scoring.predictor import Predictor
 log = logging.getLogger(__name__)
 
 
-def build(blocks: list[tuple[Any, Any]], cfg: ScoreConfig, meta: dict[str, Any], nodes: set[str] | None,
-              remote: bool = False) -> Any:
+def build(
+    blocks: list[tuple[Any, Any]], cfg: ScoreConfig, meta: dict[str, Any], nodes: set[str] | None, remote: bool = False
+) -> Any:
     """Blocks of keys → model actors that read, decode and predict (``decode: actor``), or read +
     decode tasks → model actors (``decode: tasks``); actors sized to the cluster as it is now."""
     from ray.data import ActorPoolStrategy
@@ -30,8 +31,9 @@ def build(blocks: list[tuple[Any, Any]], cfg: ScoreConfig, meta: dict[str, Any],
     decode = {"image_size": int(meta["image_size"]), "cfg": cfg, "antialias": resize_antialias(meta)}
     ds = dataset(blocks)
     if in_actor := decode_in_actor(cfg):  # no decoded image crosses the object store
-        compute = ActorPoolStrategy(size=n_actors, max_concurrent_calls_per_actor=actor_calls(cfg, remote),
-                                    enable_true_multi_threading=True)
+        compute = ActorPoolStrategy(
+            size=n_actors, max_concurrent_calls_per_actor=actor_calls(cfg, remote), enable_true_multi_threading=True
+        )
     else:
         ds = ds.map_batches(decode_batch, batch_size=cfg.block_size, num_cpus=cfg.decode_cpus, fn_kwargs=decode)
         compute = ActorPoolStrategy(size=n_actors)
@@ -40,10 +42,15 @@ def build(blocks: list[tuple[Any, Any]], cfg: ScoreConfig, meta: dict[str, Any],
     # pipeline then waits forever; instead the attempt fails and run() starts a new one.
     with warnings.catch_warnings():  # max_restarts has no named parameter yet (Ray 2.60)
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*is deprecated")
-        return ds.map_batches(Predictor, batch_size=cfg.block_size,
-                              fn_constructor_kwargs={"cfg": cfg, "decode": decode if in_actor else None},
-                              compute=compute, num_cpus=cfg.actor_cpus,
-                              num_gpus=1 if cfg.use_gpu else 0, max_restarts=0)
+        return ds.map_batches(
+            Predictor,
+            batch_size=cfg.block_size,
+            fn_constructor_kwargs={"cfg": cfg, "decode": decode if in_actor else None},
+            compute=compute,
+            num_cpus=cfg.actor_cpus,
+            num_gpus=1 if cfg.use_gpu else 0,
+            max_restarts=0,
+        )
 
 
 def actor_calls(cfg: ScoreConfig, remote: bool) -> int:
@@ -77,8 +84,7 @@ def layout(cfg: ScoreConfig, nodes: set[str] | None = None) -> tuple[int, int]:
     """
     import ray
 
-    alive = [n["Resources"] for n in ray.nodes()
-             if n.get("Alive") and (nodes is None or n["NodeID"] in nodes)]
+    alive = [n["Resources"] for n in ray.nodes() if n.get("Alive") and (nodes is None or n["NodeID"] in nodes)]
     gpus = int(sum(r.get("GPU", 0) for r in alive))
     if cfg.use_gpu and gpus < 1 and not cfg.num_actors:
         raise ConfigError("config key 'use_gpu' is true but the Ray cluster has no GPUs")
@@ -96,8 +102,16 @@ def layout(cfg: ScoreConfig, nodes: set[str] | None = None) -> tuple[int, int]:
         fit = int(cpus // cfg.actor_cpus) if cfg.actor_cpus > 0 else want
         fit = min(fit, gpus) if cfg.use_gpu else fit
         if fit < want:
-            log.warning("the remaining cluster (%d nodes, %g CPUs free for actors, %d GPUs) holds %d model actors, "
-                        "not %d: using %d", len(alive), cpus, gpus, max(fit, 1), want, max(fit, 1))
+            log.warning(
+                "the remaining cluster (%d nodes, %g CPUs free for actors, %d GPUs) holds %d model actors, "
+                "not %d: using %d",
+                len(alive),
+                cpus,
+                gpus,
+                max(fit, 1),
+                want,
+                max(fit, 1),
+            )
         n = max(1, min(want, fit))
     threads = cfg.threads or (max(1, int(sum(node_cpus) // n)) if per_core else 0)
     return n, threads

@@ -4,7 +4,8 @@ first with ``decode: actor``)."""
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -33,13 +34,22 @@ def artifact_litert(cfg: ScoreConfig) -> tuple[Runtime, dict[str, Any]] | None:
     if not lit.get("sha256") or diff is None:
         return None
     if diff > cfg.parity_tolerance:
-        log.warning("the artifact's LiteRT export differs from tf.keras by max |Δp| = %.2e > %.0e; "
-                    "converting again", diff, cfg.parity_tolerance)
+        log.warning(
+            "the artifact's LiteRT export differs from tf.keras by max |Δp| = %.2e > %.0e; converting again",
+            diff,
+            cfg.parity_tolerance,
+        )
         return None
-    rt = LiteRTRuntime(artifact.read_litert(cfg.model, meta, cfg.storage), cfg.batch_size or DEFAULT_BATCH["litert"],
-                       cfg.threads)
-    return rt, {"runtime": "litert", "gpus": 0, "parity_max_abs_diff": diff, "litert": "artifact",
-                "parity_images": lit.get("parity_images")}
+    rt = LiteRTRuntime(
+        artifact.read_litert(cfg.model, meta, cfg.storage), cfg.batch_size or DEFAULT_BATCH["litert"], cfg.threads
+    )
+    return rt, {
+        "runtime": "litert",
+        "gpus": 0,
+        "parity_max_abs_diff": diff,
+        "litert": "artifact",
+        "parity_images": lit.get("parity_images"),
+    }
 
 
 class Predictor:
@@ -51,8 +61,9 @@ class Predictor:
     time.
     """
 
-    def __init__(self, cfg: ScoreConfig, loader: Callable[..., Any] | None = None,
-                 decode: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, cfg: ScoreConfig, loader: Callable[..., Any] | None = None, decode: dict[str, Any] | None = None
+    ) -> None:
         import threading
 
         self.decode = decode
@@ -63,8 +74,16 @@ class Predictor:
         if ready is None:
             n_gpus = configure_tf(cfg.use_gpu, cfg.threads)  # before the model's first TF op
             loaded = (loader or artifact.load)(cfg.model, cfg.storage)
-            ready = select(loaded.model, loaded.meta, cfg.runtime, cfg.batch_size, cfg.threads, n_gpus,
-                           cfg.cache_dir, cfg.parity_tolerance)
+            ready = select(
+                loaded.model,
+                loaded.meta,
+                cfg.runtime,
+                cfg.batch_size,
+                cfg.threads,
+                n_gpus,
+                cfg.cache_dir,
+                cfg.parity_tolerance,
+            )
         self.runtime, self.info = ready
         if decode:  # ready the decoder now, not in the first batch (TF's: after the model set its threads)
             size, aa = int(decode["image_size"]), bool(decode.get("antialias", RESIZE_ANTIALIAS))
@@ -85,7 +104,10 @@ class Predictor:
                 p[ok] = self.runtime.predict(np.asarray(batch["image"])[ok])
         out = {k: v for k, v in batch.items() if k != "image"}
         n = len(errors)
-        out.update(crack_probability=p, error=errors,
-                   scored_at_us=np.full(n, int(time.time() * 1e6), np.int64),
-                   runtime=np.array([self.runtime.name] * n, dtype=object))
+        out.update(
+            crack_probability=p,
+            error=errors,
+            scored_at_us=np.full(n, int(time.time() * 1e6), np.int64),
+            runtime=np.array([self.runtime.name] * n, dtype=object),
+        )
         return out

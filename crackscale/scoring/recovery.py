@@ -30,8 +30,15 @@ def system_failure(e: BaseException) -> bool:
     """A lost actor, worker, node or object (not a bug in our code, not bad input)."""
     from ray import exceptions as rx
 
-    lost = (rx.RayActorError, rx.ActorUnavailableError, rx.ObjectLostError, rx.WorkerCrashedError,
-            rx.NodeDiedError, rx.RaySystemError, IncompleteChunks)
+    lost = (
+        rx.RayActorError,
+        rx.ActorUnavailableError,
+        rx.ObjectLostError,
+        rx.WorkerCrashedError,
+        rx.NodeDiedError,
+        rx.RaySystemError,
+        IncompleteChunks,
+    )
     return any(isinstance(x, lost) for x in _causes(e))
 
 
@@ -58,8 +65,9 @@ def _answering_nodes(timeout_s: float) -> tuple[set[str], set[str]]:
 
     probe = ray.remote(num_cpus=0, max_retries=0)(node_id)
     listed = [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
-    refs = {probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(i, soft=False)).remote(): i
-            for i in listed}
+    refs = {
+        probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(i, soft=False)).remote(): i for i in listed
+    }
     ready, late = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
     for r in late:
         ray.cancel(r, force=True)
@@ -92,8 +100,11 @@ def end_attempt(failed: set[str], timeout_s: float = 120.0) -> set[str]:
     deadline = time.monotonic() + timeout_s
     killed: set[str] = set()
     while True:
-        alive = {i for i, a in state.actors(job_id=job).items()
-                 if "Predictor" in a.get("ActorClassName", "") and a.get("State") != "DEAD"}
+        alive = {
+            i
+            for i, a in state.actors(job_id=job).items()
+            if "Predictor" in a.get("ActorClassName", "") and a.get("State") != "DEAD"
+        }
         for i in alive - failed - killed:
             ray.kill(core.get_actor_handle(ray.ActorID.from_hex(i)), no_restart=True)
             killed.add(i)
@@ -108,6 +119,5 @@ def end_attempt(failed: set[str], timeout_s: float = 120.0) -> set[str]:
         time.sleep(2)
         silent &= {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
     if silent:
-        log.warning("%d node(s) listed alive did not answer; the next attempt does not count them",
-                    len(silent))
+        log.warning("%d node(s) listed alive did not answer; the next attempt does not count them", len(silent))
     return answered

@@ -32,15 +32,27 @@ def run(cfg: ScoreConfig) -> dict[str, Any]:
     meta = artifact.read_meta(cfg.model, cfg.storage)
     mid = model_id(meta)
     storage.check_bucket(cfg.output, cfg.storage)
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     run_id = now.strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:6]
     run_date = cfg.run_date or now.strftime("%Y-%m-%d")
     listing = Listing(cfg, committed(cfg.output, mid, cfg.storage))
     log.info("run %s: model %s (%s), listing %s", run_id, mid, meta.get("name"), cfg.input)
     summary: dict[str, Any] = {
-        "run_id": run_id, "model_id": mid, "model_name": meta.get("name"), "model": cfg.model,
-        "input": cfg.input, "output": cfg.output, "run_date": run_date, "listed": 0, "already_scored": 0,
-        "scored": 0, "failed": 0, "chunks": 0, "runtime": None, "attempts": 0, "waves": 0,
+        "run_id": run_id,
+        "model_id": mid,
+        "model_name": meta.get("name"),
+        "model": cfg.model,
+        "input": cfg.input,
+        "output": cfg.output,
+        "run_date": run_date,
+        "listed": 0,
+        "already_scored": 0,
+        "scored": 0,
+        "failed": 0,
+        "chunks": 0,
+        "runtime": None,
+        "attempts": 0,
+        "waves": 0,
     }
     finished: set[str] = set()  # chunks committed by this run
     nodes: set[str] | None = None  # after a failed attempt: the nodes that answered
@@ -56,12 +68,27 @@ def run(cfg: ScoreConfig) -> dict[str, Any]:
             summary["attempts"] += 1
             if not failures:
                 summary["waves"] += 1
-                log.info("wave %d: %d chunks (%d images)%s", summary["waves"], len(sizes), sum(sizes.values()),
-                         "" if listing.ended else ", listing goes on")
+                log.info(
+                    "wave %d: %d chunks (%d images)%s",
+                    summary["waves"],
+                    len(sizes),
+                    sum(sizes.values()),
+                    "" if listing.ended else ", listing goes on",
+                )
             failure, lost = "", set()
             try:
-                _gather_and_commit(pipeline.build(todo, cfg, meta, nodes, listing.remote), sizes, finished,
-                                   cfg, meta, mid, run_id, run_date, summary, t0)
+                _gather_and_commit(
+                    pipeline.build(todo, cfg, meta, nodes, listing.remote),
+                    sizes,
+                    finished,
+                    cfg,
+                    meta,
+                    mid,
+                    run_id,
+                    run_date,
+                    summary,
+                    t0,
+                )
                 failures = 0
             except Exception as e:
                 failures += 1
@@ -70,8 +97,13 @@ def run(cfg: ScoreConfig) -> dict[str, Any]:
                 failure = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
                 lost = recovery.failed_actors(e)
             if failure:  # outside the except block: the traceback (and the attempt's actors) can be freed
-                log.warning("attempt %d lost part of the cluster (%s); re-running the %d uncommitted chunks "
-                            "on the nodes that remain", summary["attempts"], failure, len(set(sizes) - finished))
+                log.warning(
+                    "attempt %d lost part of the cluster (%s); re-running the %d uncommitted chunks "
+                    "on the nodes that remain",
+                    summary["attempts"],
+                    failure,
+                    len(set(sizes) - finished),
+                )
                 nodes = recovery.end_attempt(lost) or None  # none answered (probe failed): size from ray.nodes()
     finally:
         listing.stop()
@@ -91,9 +123,18 @@ def run(cfg: ScoreConfig) -> dict[str, Any]:
     return summary
 
 
-def _gather_and_commit(ds: Any, sizes: dict[str, int], finished: set[str], cfg: ScoreConfig,
-                       meta: dict[str, Any], mid: str, run_id: str, run_date: str, summary: dict[str, Any],
-                       t0: float) -> None:
+def _gather_and_commit(
+    ds: Any,
+    sizes: dict[str, int],
+    finished: set[str],
+    cfg: ScoreConfig,
+    meta: dict[str, Any],
+    mid: str,
+    run_id: str,
+    run_date: str,
+    summary: dict[str, Any],
+    t0: float,
+) -> None:
     """Buffer result rows per chunk (de-duplicated by URI: retried tasks may repeat rows) and
     commit each chunk as soon as all its keys are in; committed chunks are added to ``finished``."""
     import pyarrow.compute as pc
@@ -103,8 +144,14 @@ def _gather_and_commit(ds: Any, sizes: dict[str, int], finished: set[str], cfg: 
     total = summary["scored"] + summary["failed"] + sum(sizes.values())  # earlier waves' images too
     from tqdm import tqdm
 
-    bar = tqdm(total=total, initial=summary["scored"] + summary["failed"], desc="scoring", unit=" img",
-               mininterval=5, disable=None)
+    bar = tqdm(
+        total=total,
+        initial=summary["scored"] + summary["failed"],
+        desc="scoring",
+        unit=" img",
+        mininterval=5,
+        disable=None,
+    )
     batches = iter(ds.iter_batches(batch_format="pyarrow", batch_size=None))
     try:
         for batch in batches:
@@ -135,8 +182,14 @@ def _gather_and_commit(ds: Any, sizes: dict[str, int], finished: set[str], cfg: 
                 summary["runtime"] = rows["runtime"][0].as_py()
                 done = summary["scored"] + summary["failed"]
                 bar.update(rows.num_rows)
-                log.info("committed %s (%d rows): %d/%d images, %.1f img/s", uri, rows.num_rows,
-                         done, total, done / max(time.time() - t0, 1e-9))
+                log.info(
+                    "committed %s (%d rows): %d/%d images, %.1f img/s",
+                    uri,
+                    rows.num_rows,
+                    done,
+                    total,
+                    done / max(time.time() - t0, 1e-9),
+                )
     finally:  # stops this attempt's executor and actors now, not when the traceback is freed
         batches.close()
         bar.close()

@@ -29,18 +29,16 @@ def worker_address() -> str:
 
 def set_tf_config(addresses: list[str], index: int) -> None:
     """On a worker: the cluster spec MultiWorkerMirroredStrategy reads, before TF is imported."""
-    os.environ["TF_CONFIG"] = json.dumps({"cluster": {"worker": addresses},
-                                          "task": {"type": "worker", "index": index}})
+    os.environ["TF_CONFIG"] = json.dumps({"cluster": {"worker": addresses}, "task": {"type": "worker", "index": index}})
     os.environ["TF_USE_LEGACY_KERAS"] = "1"
 
 
 class MWMSBackend(Backend):
-    def on_start(self, worker_group: Any, backend_config: "MWMSConfig") -> None:
+    def on_start(self, worker_group: Any, backend_config: MWMSConfig) -> None:
         import ray
 
         addresses = worker_group.execute(worker_address)
-        ray.get([worker_group.execute_single_async(i, set_tf_config, addresses, i)
-                 for i in range(len(worker_group))])
+        ray.get([worker_group.execute_single_async(i, set_tf_config, addresses, i) for i in range(len(worker_group))])
 
 
 @dataclass

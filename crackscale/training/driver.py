@@ -24,8 +24,9 @@ def resolve_data(cfg: TrainConfig) -> str:
     """The data URI; with ``data: ""`` synthetic demo images are generated first."""
     if cfg.data:
         return cfg.data
-    return str(synth.generate(cfg.synth_dir, per_class=cfg.synth_per_class, seed=cfg.seed,
-                              class_names=tuple(cfg.class_names)))  # type: ignore[arg-type]
+    return str(
+        synth.generate(cfg.synth_dir, per_class=cfg.synth_per_class, seed=cfg.seed, class_names=tuple(cfg.class_names))
+    )  # type: ignore[arg-type]
 
 
 def auto_workers(cfg: TrainConfig) -> tuple[int, int]:
@@ -56,19 +57,34 @@ def latest_run(storage_path: str) -> str:
 
 def storage_args(cfg: TrainConfig) -> dict[str, Any]:
     if storage.is_s3(cfg.storage_path):
-        return {"storage_path": cfg.storage_path[len("s3://"):],
-                "storage_filesystem": storage.s3_filesystem(cfg.storage)}
+        return {
+            "storage_path": cfg.storage_path[len("s3://") :],
+            "storage_filesystem": storage.s3_filesystem(cfg.storage),
+        }
     return {"storage_path": str(Path(cfg.storage_path).expanduser().absolute())}
 
 
 def absolute_paths(cfg: TrainConfig) -> TrainConfig:
     """Local paths made absolute: Ray workers do not share the driver's working directory."""
-    def fix(v: str) -> str:
-        return v if (not v or storage.is_s3(v) or v.lower() in ("none", "imagenet")) else str(Path(v).expanduser().absolute())
 
-    return from_dict(TrainConfig, {**to_dict(cfg), "data": fix(cfg.data), "output": fix(cfg.output),
-                                   "storage_path": fix(cfg.storage_path), "synth_dir": fix(cfg.synth_dir),
-                                   "weights": fix(cfg.weights)})
+    def fix(v: str) -> str:
+        return (
+            v
+            if (not v or storage.is_s3(v) or v.lower() in ("none", "imagenet"))
+            else str(Path(v).expanduser().absolute())
+        )
+
+    return from_dict(
+        TrainConfig,
+        {
+            **to_dict(cfg),
+            "data": fix(cfg.data),
+            "output": fix(cfg.output),
+            "storage_path": fix(cfg.storage_path),
+            "synth_dir": fix(cfg.synth_dir),
+            "weights": fix(cfg.weights),
+        },
+    )
 
 
 def make_trainer(cfg: TrainConfig, loop_config: dict[str, Any], run_config: Any = None) -> Any:
@@ -83,10 +99,11 @@ def make_trainer(cfg: TrainConfig, loop_config: dict[str, Any], run_config: Any 
     if cfg.use_gpu:
         resources["GPU"] = gpus
     return DataParallelTrainer(
-        train_loop_per_worker, train_loop_config=loop_config, run_config=run_config,
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        run_config=run_config,
         backend_config=MWMSConfig(),
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
     )
 
 
@@ -99,10 +116,14 @@ def prepare(cfg: TrainConfig, prepared: labelled.Prepared | None = None) -> dict
         prepared = labelled.scan(cfg, data_uri)
     ref = ray.put({s: (prepared.images[s], prepared.labels[s]) for s in labelled.SPLITS})
     return {
-        "cfg": to_dict(cfg), "data": ref, "name": cfg.name,
+        "cfg": to_dict(cfg),
+        "data": ref,
+        "name": cfg.name,
         "output": cfg.output or storage.join(run_dir(cfg), "model"),
-        "manifest_hash": prepared.manifest_hash, "manifest_csv": labelled.manifest_csv(prepared.manifest),
-        "data_stats": prepared.stats, "data_uri": data_uri,
+        "manifest_hash": prepared.manifest_hash,
+        "manifest_csv": labelled.manifest_csv(prepared.manifest),
+        "data_stats": prepared.stats,
+        "data_uri": data_uri,
         "test_uris": [r["uri"] for r in prepared.manifest if r["split"] == "test"],
     }
 
@@ -124,8 +145,10 @@ def run(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     storage.check_bucket(cfg.storage_path, cfg.storage)
     exists = storage.exists(storage.join(meta_dir, "config.yaml"), cfg.storage)
     if exists and not resume:
-        raise ConfigError(f"run '{cfg.name}' already exists in {cfg.storage_path}: "
-                          "pass --resume to continue it or choose another name")
+        raise ConfigError(
+            f"run '{cfg.name}' already exists in {cfg.storage_path}: "
+            "pass --resume to continue it or choose another name"
+        )
     if resume and not exists:
         raise ConfigError(f"--resume: no run named '{cfg.name}' in {cfg.storage_path}")
     prepared = labelled.scan(cfg, resolve_data(cfg))  # before Ray starts: bad data fails fast
@@ -133,14 +156,17 @@ def run(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     loop_config = prepare(cfg, prepared)
     hash_uri = storage.join(meta_dir, "manifest_hash.txt")
     if resume and storage.read_text(hash_uri, cfg.storage).strip() != loop_config["manifest_hash"]:
-        raise ConfigError(f"--resume: the data under {loop_config['data_uri']} changed since run "
-                          f"'{cfg.name}' started (manifest hash differs); start a new run")
+        raise ConfigError(
+            f"--resume: the data under {loop_config['data_uri']} changed since run "
+            f"'{cfg.name}' started (manifest hash differs); start a new run"
+        )
     storage.write_text(storage.join(meta_dir, "config.yaml"), dump(cfg), cfg.storage)
     storage.write_text(hash_uri, loop_config["manifest_hash"], cfg.storage)
     storage.write_text(storage.join(meta_dir, "manifest.csv"), loop_config["manifest_csv"], cfg.storage)
 
     run_config = RunConfig(
-        name=cfg.name, **storage_args(cfg),
+        name=cfg.name,
+        **storage_args(cfg),
         failure_config=FailureConfig(max_failures=cfg.max_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=2),
     )

@@ -19,8 +19,8 @@ import numpy as np
 from crackscale import artifact
 from crackscale import model as M
 from crackscale.config import TrainConfig, dump, from_dict, to_dict
-from crackscale.training.strategy import make_strategy, multi_device
 from crackscale.training import tfdata
+from crackscale.training.strategy import make_strategy, multi_device
 
 log = logging.getLogger(__name__)
 
@@ -28,26 +28,48 @@ STATE_FILE = "state.json"
 WEIGHTS_FILE = "weights.npz"
 
 
-def _distributed(strategy: Any, images: list[bytes], labels: list[int], cfg: TrainConfig,
-                 training: bool) -> Any:
+def _distributed(strategy: Any, images: list[bytes], labels: list[int], cfg: TrainConfig, training: bool) -> Any:
     per_replica = max(1, cfg.batch_size // strategy.num_replicas_in_sync)
     autotune = not multi_device(strategy)
 
     def fn(ctx: Any) -> Any:
-        return tfdata.tf_dataset(images, labels, cfg.image_size, per_replica, shuffle=training,
-                               seed=cfg.seed + ctx.input_pipeline_id, repeat=True,
-                               shard=(ctx.num_input_pipelines, ctx.input_pipeline_id),
-                               antialias=cfg.resize_antialias, autotune=autotune)
+        return tfdata.tf_dataset(
+            images,
+            labels,
+            cfg.image_size,
+            per_replica,
+            shuffle=training,
+            seed=cfg.seed + ctx.input_pipeline_id,
+            repeat=True,
+            shard=(ctx.num_input_pipelines, ctx.input_pipeline_id),
+            antialias=cfg.resize_antialias,
+            autotune=autotune,
+        )
 
     return strategy.distribute_datasets_from_function(fn)
 
 
-def _evaluate(mdl: Any, images: list[bytes], labels: list[int], cfg: TrainConfig,
-              threshold: float | None = None, autotune: bool = True) -> tuple[dict[str, Any], np.ndarray]:
+def _evaluate(
+    mdl: Any,
+    images: list[bytes],
+    labels: list[int],
+    cfg: TrainConfig,
+    threshold: float | None = None,
+    autotune: bool = True,
+) -> tuple[dict[str, Any], np.ndarray]:
     if not images:
         return {}, np.zeros(0)
-    ds = tfdata.tf_dataset(images, labels, cfg.image_size, 64, shuffle=False, seed=0, repeat=False,
-                         antialias=cfg.resize_antialias, autotune=autotune)
+    ds = tfdata.tf_dataset(
+        images,
+        labels,
+        cfg.image_size,
+        64,
+        shuffle=False,
+        seed=0,
+        repeat=False,
+        antialias=cfg.resize_antialias,
+        autotune=autotune,
+    )
     p = M.predict(mdl, ds)
     y = np.asarray(labels)
     thr = threshold if threshold is not None else M.threshold_for_recall(y, p, cfg.target_recall)
@@ -85,8 +107,7 @@ class _Reporter:
             def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
                 logs = {key: float(v) for key, v in (logs or {}).items()}
                 stopping = bool(self.model.stop_training) or epoch + 1 >= state["phase_end"]
-                entry = {"epoch": epoch + 1, "phase": phase, **logs,
-                         "epoch_s": round(time.perf_counter() - self.t0, 3)}
+                entry = {"epoch": epoch + 1, "phase": phase, **logs, "epoch_s": round(time.perf_counter() - self.t0, 3)}
                 state["history"].append(entry)
                 state["epoch"] = epoch + 1
                 state["es"] = {"best": float(es.best), "wait": int(es.wait)}
@@ -124,8 +145,19 @@ def load_weights(path: str) -> list[np.ndarray]:
         return [z[f"arr_{i}"] for i in range(len(z.files))]
 
 
-def _fit_phase(mdl: Any, base: Any, cfg: TrainConfig, phase: str, state: dict[str, Any],
-               train_ds: Any, val_ds: Any, n_train: int, n_val: int, rank: int, tb_dir: str) -> None:
+def _fit_phase(
+    mdl: Any,
+    base: Any,
+    cfg: TrainConfig,
+    phase: str,
+    state: dict[str, Any],
+    train_ds: Any,
+    val_ds: Any,
+    n_train: int,
+    n_val: int,
+    rank: int,
+    tb_dir: str,
+) -> None:
     k = M.keras()
     epochs = cfg.head_epochs if phase == "head" else cfg.fine_tune_epochs
     if epochs == 0:
@@ -138,20 +170,30 @@ def _fit_phase(mdl: Any, base: Any, cfg: TrainConfig, phase: str, state: dict[st
         state["es"] = None
     state["phase_end"] = state["phase_start"] + epochs
     # start_from_epoch counts absolute epochs: phase 2 starts after phase 1's
-    es = _ResumableEarlyStopping(state.get("es"), monitor="val_loss", patience=cfg.patience,
-                                 restore_best_weights=True,
-                                 start_from_epoch=state["phase_start"] + cfg.min_epochs)
+    es = _ResumableEarlyStopping(
+        state.get("es"),
+        monitor="val_loss",
+        patience=cfg.patience,
+        restore_best_weights=True,
+        start_from_epoch=state["phase_start"] + cfg.min_epochs,
+    )
     # identical callbacks on every worker (Keras/MWMS practice): non-chief TensorBoard writes to
     # a throwaway local dir; diverging callback lists can desynchronise collectives
     callbacks = [es, k.callbacks.TensorBoard(log_dir=tb_dir), _Reporter(state, phase, es, rank)]
     if cfg.lr_schedule == "cosine":  # keyed on the absolute epoch: a resumed run continues the curve
         lr0, start = (cfg.head_lr if phase == "head" else cfg.fine_tune_lr), state["phase_start"]
-        callbacks.insert(0, k.callbacks.LearningRateScheduler(
-            lambda epoch, _lr: cosine_lr(lr0, epoch - start, epochs)))
+        callbacks.insert(0, k.callbacks.LearningRateScheduler(lambda epoch, _lr: cosine_lr(lr0, epoch - start, epochs)))
     log.info("phase %s: epochs %d..%d", phase, state["epoch"] + 1, state["phase_end"])
-    mdl.fit(train_ds, epochs=state["phase_end"], initial_epoch=state["epoch"],
-            steps_per_epoch=tfdata.steps(n_train, cfg.batch_size), validation_data=val_ds,
-            validation_steps=tfdata.steps(n_val, cfg.batch_size), callbacks=callbacks, verbose=2)
+    mdl.fit(
+        train_ds,
+        epochs=state["phase_end"],
+        initial_epoch=state["epoch"],
+        steps_per_epoch=tfdata.steps(n_train, cfg.batch_size),
+        validation_data=val_ds,
+        validation_steps=tfdata.steps(n_val, cfg.batch_size),
+        callbacks=callbacks,
+        verbose=2,
+    )
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -187,8 +229,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # all workers (a chief-only predict desynchronises collectives). Only rank 0 keeps results.
     before: dict[str, Any] = state.get("before") or {}
     if not before:
-        before = {"val": _evaluate(mdl, va_x, va_y, cfg, 0.5, autotune)[0],
-                  "test": _evaluate(mdl, te_x, te_y, cfg, 0.5, autotune)[0]}
+        before = {
+            "val": _evaluate(mdl, va_x, va_y, cfg, 0.5, autotune)[0],
+            "test": _evaluate(mdl, te_x, te_y, cfg, 0.5, autotune)[0],
+        }
         state["before"] = before
 
     train_ds = _distributed(strategy, tr_x, tr_y, cfg, training=True)
@@ -196,8 +240,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     with strategy.scope():
         for phase in ("head", "fine_tune"):
             if state["phase"] == phase:
-                _fit_phase(mdl, base, cfg, phase, state, train_ds, val_ds, len(tr_x), len(va_x),
-                           rank, tb_dir)
+                _fit_phase(mdl, base, cfg, phase, state, train_ds, val_ds, len(tr_x), len(va_x), rank, tb_dir)
 
     final: dict[str, Any] = {"epochs_run": state["epoch"]}
     val_m, _ = _evaluate(mdl, va_x, va_y, cfg, autotune=autotune)
@@ -207,16 +250,22 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         after = {"val": val_m, "test": test_m}
         meta = {
             "name": config["name"],
-            "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+            "created_at": dt.datetime.now(dt.UTC).isoformat(),
             "class_names": list(cfg.class_names),
             "crack_class": cfg.crack_class,
             "image_size": cfg.image_size,
-            "input": {"dtype": "float32", "shape": [None, cfg.image_size, cfg.image_size, 3],
-                      "range": [0, 255], "channels": "RGB"},
+            "input": {
+                "dtype": "float32",
+                "shape": [None, cfg.image_size, cfg.image_size, 3],
+                "range": [0, 255],
+                "channels": "RGB",
+            },
             "resize_antialias": cfg.resize_antialias,
-            "preprocessing": ("decode JPEG/PNG to RGB, resize to image_size x image_size "
-                              f"(bilinear, antialias={cfg.resize_antialias}), float32 0..255; the model applies "
-                              "MobileNetV2 scaling (x/127.5 - 1) itself"),
+            "preprocessing": (
+                "decode JPEG/PNG to RGB, resize to image_size x image_size "
+                f"(bilinear, antialias={cfg.resize_antialias}), float32 0..255; the model applies "
+                "MobileNetV2 scaling (x/127.5 - 1) itself"
+            ),
             "output": "sigmoid probability of crack_class, shape [N, 1]",
             "threshold": val_m["threshold"],
             "target_recall": cfg.target_recall,
@@ -238,15 +287,28 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         Path(extra, "manifest.csv").write_text(config["manifest_csv"])
         # per-image test scores: reports (ROC/PR curves, misclassified grid) need nothing else
         rows = ["uri,label,probability"] + [
-            f"{json.dumps(u)},{y},{float(p)!r}" for u, y, p in zip(config["test_uris"], te_y, test_p)]
+            f"{json.dumps(u)},{y},{float(p)!r}" for u, y, p in zip(config["test_uris"], te_y, test_p)
+        ]
         Path(extra, "test_predictions.csv").write_text("\n".join(rows) + "\n")
         if Path(tb_dir).is_dir():
             import shutil
 
             shutil.copytree(tb_dir, Path(extra, "tensorboard"))
         # the LiteRT export's parity check runs on real validation images, decoded as for training
-        check = next(iter(tfdata.tf_dataset(va_x[:64], va_y[:64], cfg.image_size, 64, shuffle=False,
-                                          seed=0, repeat=False, antialias=cfg.resize_antialias)))[0].numpy()
+        check = next(
+            iter(
+                tfdata.tf_dataset(
+                    va_x[:64],
+                    va_y[:64],
+                    cfg.image_size,
+                    64,
+                    shuffle=False,
+                    seed=0,
+                    repeat=False,
+                    antialias=cfg.resize_antialias,
+                )
+            )
+        )[0].numpy()
         artifact.save(plain, meta, config["output"], extra_dir=extra, cfg=cfg.storage, check_images=check)
         final.update({f"test_{k_}": v for k_, v in test_m.items() if isinstance(v, (int, float))})
         final.update({f"val_{k_}": v for k_, v in val_m.items() if isinstance(v, (int, float))})

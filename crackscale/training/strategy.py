@@ -8,7 +8,6 @@ from typing import Any
 from crackscale.training.tfdata import no_autotune_options
 
 
-
 def make_strategy(world_size: int) -> tuple[Any, str]:
     """MultiWorkerMirroredStrategy across workers; inside a lone worker, MirroredStrategy over its
     GPUs, or no strategy on one device: a strategy around a single CPU replica makes every training

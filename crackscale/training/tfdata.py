@@ -10,9 +10,19 @@ import numpy as np
 from crackscale.imaging.tfdecode import decode
 
 
-def tf_dataset(images: list[bytes], labels: list[int], image_size: int, batch_size: int,
-               shuffle: bool, seed: int, repeat: bool, shard: tuple[int, int] = (1, 0), *,
-               antialias: bool, autotune: bool = True) -> Any:
+def tf_dataset(
+    images: list[bytes],
+    labels: list[int],
+    image_size: int,
+    batch_size: int,
+    shuffle: bool,
+    seed: int,
+    repeat: bool,
+    shard: tuple[int, int] = (1, 0),
+    *,
+    antialias: bool,
+    autotune: bool = True,
+) -> Any:
     """Batched (image, label) dataset; decoding is cached so epochs after the first are cheap.
 
     ``antialias`` has no default: every caller passes the config's (or artifact's) resize, so no
@@ -20,13 +30,16 @@ def tf_dataset(images: list[bytes], labels: list[int], image_size: int, batch_si
     distribution strategy iterates (see ``no_autotune_options``)."""
     import tensorflow as tf
 
-    ds = tf.data.Dataset.from_tensor_slices((tf.constant(images, dtype=tf.string),
-                                             tf.constant(labels, dtype=tf.float32)))
+    ds = tf.data.Dataset.from_tensor_slices(
+        (tf.constant(images, dtype=tf.string), tf.constant(labels, dtype=tf.float32))
+    )
     num, index = shard
     if num > 1:
         ds = ds.shard(num, index)
-    ds = ds.map(lambda b, y: (tf.cast(tf.round(decode(b, image_size, antialias)), tf.uint8), y),
-                num_parallel_calls=tf.data.AUTOTUNE).cache()
+    ds = ds.map(
+        lambda b, y: (tf.cast(tf.round(decode(b, image_size, antialias)), tf.uint8), y),
+        num_parallel_calls=tf.data.AUTOTUNE,
+    ).cache()
     if shuffle:
         ds = ds.shuffle(min(len(images), 4096), seed=seed, reshuffle_each_iteration=True)
     if repeat:

@@ -54,8 +54,10 @@ def run(cfg: TuneConfig, resume: bool = False) -> dict[str, Any]:
     storage.check_bucket(cfg.storage_path, cfg.train.storage)
     exists = storage.exists(storage.join(meta_dir, "config.yaml"), cfg.train.storage)
     if exists and not resume:
-        raise ConfigError(f"tuning run '{cfg.name}' already exists in {cfg.storage_path}: "
-                          "pass --resume to continue it or choose another name")
+        raise ConfigError(
+            f"tuning run '{cfg.name}' already exists in {cfg.storage_path}: "
+            "pass --resume to continue it or choose another name"
+        )
     if resume and not exists:
         raise ConfigError(f"--resume: no tuning run named '{cfg.name}' in {cfg.storage_path}")
 
@@ -66,8 +68,10 @@ def run(cfg: TuneConfig, resume: bool = False) -> dict[str, Any]:
     loop_base = prepare(base, prepared)  # image bytes put once, shared by every trial
     hash_uri = storage.join(meta_dir, "manifest_hash.txt")
     if resume and storage.read_text(hash_uri, cfg.train.storage).strip() != loop_base["manifest_hash"]:
-        raise ConfigError(f"--resume: the data under {loop_base['data_uri']} changed since tuning run "
-                          f"'{cfg.name}' started (manifest hash differs); start a new run")
+        raise ConfigError(
+            f"--resume: the data under {loop_base['data_uri']} changed since tuning run "
+            f"'{cfg.name}' started (manifest hash differs); start a new run"
+        )
     storage.write_text(storage.join(meta_dir, "config.yaml"), dump(cfg), cfg.train.storage)
     storage.write_text(hash_uri, loop_base["manifest_hash"], cfg.train.storage)
 
@@ -75,46 +79,78 @@ def run(cfg: TuneConfig, resume: bool = False) -> dict[str, Any]:
         tune.with_parameters(trial, loop_base=loop_base, meta={"name": cfg.name, "experiment": experiment}),
         # The driver function only waits: its Train workers hold the CPUs/GPUs. Tune refuses an
         # empty request, so the trial reserves one byte of memory instead of a CPU.
-        {"CPU": 0, "memory": 1})
+        {"CPU": 0, "memory": 1},
+    )
     store = storage_args(replace(base, storage_path=cfg.storage_path))
     mode = cfg.resolved_mode()
-    log.info("tuning %s: %d trials, %s on %s, %d at a time (%s per trial)", cfg.name, cfg.num_samples,
-             cfg.scheduler, cfg.metric, concurrent, trial_resources(cfg.train))
+    log.info(
+        "tuning %s: %d trials, %s on %s, %d at a time (%s per trial)",
+        cfg.name,
+        cfg.num_samples,
+        cfg.scheduler,
+        cfg.metric,
+        concurrent,
+        trial_resources(cfg.train),
+    )
     if resume:
         path = storage.join(store["storage_path"], cfg.name)
-        tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True,
-                                   storage_filesystem=store.get("storage_filesystem"))
+        tuner = tune.Tuner.restore(
+            path,
+            trainable,
+            resume_unfinished=True,
+            resume_errored=True,
+            storage_filesystem=store.get("storage_filesystem"),
+        )
     else:
         if cfg.scheduler == "asha":
-            scheduler: Any = ASHAScheduler(time_attr="training_iteration", max_t=max(max_epochs(cfg) + 1, cfg.grace_period),
-                                           grace_period=cfg.grace_period, reduction_factor=cfg.reduction_factor)
+            scheduler: Any = ASHAScheduler(
+                time_attr="training_iteration",
+                max_t=max(max_epochs(cfg) + 1, cfg.grace_period),
+                grace_period=cfg.grace_period,
+                reduction_factor=cfg.reduction_factor,
+            )
         else:
             scheduler = PopulationBasedTraining(
-                time_attr="training_iteration", perturbation_interval=cfg.perturbation_interval,
+                time_attr="training_iteration",
+                perturbation_interval=cfg.perturbation_interval,
                 hyperparam_mutations={k: domain(v) for k, v in cfg.pbt_mutations.items()},
-                quantile_fraction=cfg.pbt_quantile, synch=cfg.pbt_synch, log_config=True)
+                quantile_fraction=cfg.pbt_quantile,
+                synch=cfg.pbt_synch,
+                log_config=True,
+            )
         space = param_space(cfg)
         # the first trial is the base config as is: the table shows what the search gained over it
         defaults = {k: getattr(base, k) for k in space}
         search = BasicVariantGenerator(points_to_evaluate=[defaults], max_concurrent=concurrent)
         tuner = tune.Tuner(
-            trainable, param_space=space,
-            tune_config=tune.TuneConfig(metric=cfg.metric, mode=mode, scheduler=scheduler, search_alg=search,
-                                        num_samples=cfg.num_samples, max_concurrent_trials=concurrent,
-                                        trial_dirname_creator=trial_dirname),
+            trainable,
+            param_space=space,
+            tune_config=tune.TuneConfig(
+                metric=cfg.metric,
+                mode=mode,
+                scheduler=scheduler,
+                search_alg=search,
+                num_samples=cfg.num_samples,
+                max_concurrent_trials=concurrent,
+                trial_dirname_creator=trial_dirname,
+            ),
             run_config=tune.RunConfig(
-                name=cfg.name, **store, verbose=1,
+                name=cfg.name,
+                **store,
+                verbose=1,
                 # PBT re-registers the checkpoints it saves, so a count limit would delete one that
                 # a trial is about to be restored from; old ones are pruned after the run instead
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=None if cfg.scheduler == "pbt" else 2),
-                failure_config=tune.FailureConfig(max_failures=0)),
+                failure_config=tune.FailureConfig(max_failures=0),
+            ),
         )
     results = tuner.fit()
     rows = rows_of(results, cfg)
     # After Ctrl-C Tune stops the running trials (in memory they read TERMINATED); the state it
     # saved first tells which had not finished, and trials never created are missing from it.
-    saved = tune.ExperimentAnalysis(storage.join(store["storage_path"], cfg.name),
-                                    storage_filesystem=store.get("storage_filesystem")).trials
+    saved = tune.ExperimentAnalysis(
+        storage.join(store["storage_path"], cfg.name), storage_filesystem=store.get("storage_filesystem")
+    ).trials
     open_trials = {t.trial_id for t in saved if t.status not in FINISHED}
     for r in rows:
         if r["trial"] in open_trials and r["stop_reason"] != "completed":
@@ -129,31 +165,54 @@ def run(cfg: TuneConfig, resume: bool = False) -> dict[str, Any]:
     storage.write_text(storage.join(meta_dir, "results.json"), table_json, cfg.train.storage)
     storage.write_text(storage.join(meta_dir, "results.txt"), text + "\n", cfg.train.storage)
     summary: dict[str, Any] = {
-        "experiment": cfg.name, "storage": experiment, "scheduler": cfg.scheduler, "metric": cfg.metric,
-        "mode": mode, "trials": len(rows), "max_concurrent": concurrent,
+        "experiment": cfg.name,
+        "storage": experiment,
+        "scheduler": cfg.scheduler,
+        "metric": cfg.metric,
+        "mode": mode,
+        "trials": len(rows),
+        "max_concurrent": concurrent,
         "completed": sum(r["stop_reason"] == "completed" for r in rows),
         "stopped_early": sum(r["stop_reason"].startswith("stopped early") for r in rows),
         "errored": sum(r["stop_reason"].startswith("error") for r in rows),
         "table": public,
     }
     if unfinished:
-        summary.update(status="interrupted", unfinished=unfinished,
-                       resume=f"run again with --resume --set name={cfg.name}",
-                       wall_time_s=round(time.time() - t0, 1))
+        summary.update(
+            status="interrupted",
+            unfinished=unfinished,
+            resume=f"run again with --resume --set name={cfg.name}",
+            wall_time_s=round(time.time() - t0, 1),
+        )
         return summary
     ranked = rank(rows, cfg)
     if not ranked:
-        raise RuntimeError(f"no trial of '{cfg.name}' completed with metric {cfg.metric}; "
-                           f"see {storage.join(meta_dir, 'results.txt')}")
+        raise RuntimeError(
+            f"no trial of '{cfg.name}' completed with metric {cfg.metric}; see {storage.join(meta_dir, 'results.txt')}"
+        )
     best = ranked[0]
     # trial 0 ran the base config (points_to_evaluate); under PBT it may have been mutated since
-    default_row = next((r for r in rows if r["trial"].endswith("_00000")
-                        and all(getattr(base, k) == v for k, v in r["config"].items())), None)
-    section = {"experiment": cfg.name, "trial": best["trial"], "metric": cfg.metric, "mode": mode,
-               "value": best[cfg.metric], "config": best["config"], "scheduler": cfg.scheduler,
-               "trials": len(rows),
-               "default_config": {k: default_row[k] for k in ("trial", cfg.metric, "epochs", "stop_reason")}
-               if default_row else None}
+    default_row = next(
+        (
+            r
+            for r in rows
+            if r["trial"].endswith("_00000") and all(getattr(base, k) == v for k, v in r["config"].items())
+        ),
+        None,
+    )
+    section = {
+        "experiment": cfg.name,
+        "trial": best["trial"],
+        "metric": cfg.metric,
+        "mode": mode,
+        "value": best[cfg.metric],
+        "config": best["config"],
+        "scheduler": cfg.scheduler,
+        "trials": len(rows),
+        "default_config": {k: default_row[k] for k in ("trial", cfg.metric, "epochs", "stop_reason")}
+        if default_row
+        else None,
+    }
     if cfg.scheduler == "pbt":
         keys = list(cfg.pbt_mutations)
         glob_uri = storage.join(experiment, "pbt_global.txt")
@@ -161,17 +220,25 @@ def run(cfg: TuneConfig, resume: bool = False) -> dict[str, Any]:
         if storage.exists(glob_uri, cfg.train.storage):
             exploits = len(storage.read_text(glob_uri, cfg.train.storage).strip().splitlines())
         # an exploit at the final report restores the last checkpoint and trains nothing more
-        schedule = [e for e in pbt_schedule(experiment, best["trial"], best["config"], keys, cfg)
-                    if e["from_epoch"] <= (best["epochs"] or 0)]
+        schedule = [
+            e
+            for e in pbt_schedule(experiment, best["trial"], best["config"], keys, cfg)
+            if e["from_epoch"] <= (best["epochs"] or 0)
+        ]
         section["pbt"] = {"exploits": exploits, "schedule": schedule}
     output = export_best(best, cfg, section, {"tune_results.json": table_json, "tune_results.txt": text + "\n"})
     pruned = prune(rows, ranked, cfg, experiment)
-    summary.update(status="done", best={"trial": best["trial"], cfg.metric: best[cfg.metric],
-                                        "config": best["config"], "epochs": best["epochs"]},
-                   default_config=section["default_config"], artifact=output,
-                   pruned_trials=pruned, wall_time_s=round(time.time() - t0, 1))
+    summary.update(
+        status="done",
+        best={"trial": best["trial"], cfg.metric: best[cfg.metric], "config": best["config"], "epochs": best["epochs"]},
+        default_config=section["default_config"],
+        artifact=output,
+        pruned_trials=pruned,
+        wall_time_s=round(time.time() - t0, 1),
+    )
     if "pbt" in section:
         summary["pbt"] = section["pbt"]
-    storage.write_text(storage.join(meta_dir, "summary.json"), json.dumps(summary, indent=2, default=str),
-                       cfg.train.storage)
+    storage.write_text(
+        storage.join(meta_dir, "summary.json"), json.dumps(summary, indent=2, default=str), cfg.train.storage
+    )
     return summary

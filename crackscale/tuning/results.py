@@ -34,9 +34,18 @@ def rows_of(results: Any, cfg: TuneConfig) -> list[dict[str, Any]]:
             reason = f"stopped early ({cfg.scheduler})"
         else:
             reason = "unfinished"
-        rows.append({"trial": trial_id, "config": dict(r.config or {}), cfg.metric: m.get(cfg.metric),
-                     "epochs": m.get("epochs_run", m.get("epoch")), "stop_reason": reason,
-                     "artifact": m.get("artifact"), "path": r.path, "filesystem": r.filesystem})
+        rows.append(
+            {
+                "trial": trial_id,
+                "config": dict(r.config or {}),
+                cfg.metric: m.get(cfg.metric),
+                "epochs": m.get("epochs_run", m.get("epoch")),
+                "stop_reason": reason,
+                "artifact": m.get("artifact"),
+                "path": r.path,
+                "filesystem": r.filesystem,
+            }
+        )
     return rows
 
 
@@ -48,8 +57,16 @@ def rank(rows: list[dict[str, Any]], cfg: TuneConfig) -> list[dict[str, Any]]:
 def table_text(rows: list[dict[str, Any]], metric: str) -> str:
     """The results table as aligned text."""
     head = ["trial", metric, "epochs", "stop_reason", "config"]
-    body = [[r["trial"], "-" if r[metric] is None else f"{r[metric]:.4f}", str(r["epochs"] or "-"),
-             r["stop_reason"], json.dumps({k: _short(v) for k, v in r["config"].items()})] for r in rows]
+    body = [
+        [
+            r["trial"],
+            "-" if r[metric] is None else f"{r[metric]:.4f}",
+            str(r["epochs"] or "-"),
+            r["stop_reason"],
+            json.dumps({k: _short(v) for k, v in r["config"].items()}),
+        ]
+        for r in rows
+    ]
     widths = [max(len(x) for x in col) for col in zip(head, *body)]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in [head, *body])
 
@@ -58,8 +75,9 @@ def _short(v: Any) -> Any:
     return float(f"{v:.4g}") if isinstance(v, float) else v
 
 
-def pbt_schedule(experiment: str, trial_id: str, initial: dict[str, Any], keys: list[str],
-                 cfg: TuneConfig) -> list[dict[str, Any]]:
+def pbt_schedule(
+    experiment: str, trial_id: str, initial: dict[str, Any], keys: list[str], cfg: TuneConfig
+) -> list[dict[str, Any]]:
     """The mutated keys' values the trial's weights trained with, epoch by epoch range.
 
     PBT logs each exploit to ``pbt_policy_<trial>.txt`` (the donor's log copied first); walking
@@ -102,8 +120,11 @@ def prune(rows: list[dict[str, Any]], ranked: list[dict[str, Any]], cfg: TuneCon
     pruned = []
     for r in rows:
         fs = r["filesystem"]
-        ckpts = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(r["path"], allow_not_found=True))
-                       if i.type == pafs.FileType.Directory and Path(i.path).name.startswith("checkpoint_"))
+        ckpts = sorted(
+            i.path
+            for i in fs.get_file_info(pafs.FileSelector(r["path"], allow_not_found=True))
+            if i.type == pafs.FileType.Directory and Path(i.path).name.startswith("checkpoint_")
+        )
         for path in ckpts[:-2] if r["trial"] in keep else ckpts:  # the kept trials' latest two stay
             fs.delete_dir(path)
         if r["trial"] in keep:
@@ -133,6 +154,7 @@ def export_best(best: dict[str, Any], cfg: TuneConfig, section: dict[str, Any], 
             (local / name).write_text(text)
         storage.upload_dir(local, out, cfg.train.storage)
     # model.json last: an artifact without it is incomplete and refused by artifact.load()
-    storage.write_text(storage.join(out, artifact.META_FILE), json.dumps(meta, indent=2, default=str),
-                       cfg.train.storage)
+    storage.write_text(
+        storage.join(out, artifact.META_FILE), json.dumps(meta, indent=2, default=str), cfg.train.storage
+    )
     return out

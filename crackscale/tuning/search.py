@@ -66,18 +66,23 @@ def concurrency(cfg: TuneConfig) -> int:
     have = ", ".join(f"{k} {total.get(k, 0):g}" for k in need)
     shape = f"train.num_workers={workers} x {per_worker}"
     if not any(all(node.get(k, 0) >= v for k, v in per_worker.items()) for node in nodes):
-        raise ConfigError(f"no node of the cluster can hold one training worker ({shape}); the biggest "
-                          f"node has {max((n.get('CPU', 0) for n in nodes), default=0):g} CPU, "
-                          f"{max((n.get('GPU', 0) for n in nodes), default=0):g} GPU: "
-                          "lower train.cpus_per_worker / train.gpus_per_worker")
+        raise ConfigError(
+            f"no node of the cluster can hold one training worker ({shape}); the biggest "
+            f"node has {max((n.get('CPU', 0) for n in nodes), default=0):g} CPU, "
+            f"{max((n.get('GPU', 0) for n in nodes), default=0):g} GPU: "
+            "lower train.cpus_per_worker / train.gpus_per_worker"
+        )
     fits = min(int(total.get(k, 0) // v) for k, v in need.items() if v > 0)
     if fits < 1:
-        raise ConfigError(f"one trial needs {need} ({shape}) but the cluster has only {have}: "
-                          "lower train.num_workers / train.cpus_per_worker or add nodes")
+        raise ConfigError(
+            f"one trial needs {need} ({shape}) but the cluster has only {have}: "
+            "lower train.num_workers / train.cpus_per_worker or add nodes"
+        )
     n = min(fits, cfg.num_samples)
     if cfg.max_concurrent:
         if cfg.max_concurrent > fits:
-            log.warning("max_concurrent=%d but the cluster fits %d trials at once: using %d",
-                        cfg.max_concurrent, fits, fits)
+            log.warning(
+                "max_concurrent=%d but the cluster fits %d trials at once: using %d", cfg.max_concurrent, fits, fits
+            )
         n = min(n, cfg.max_concurrent)
     return n

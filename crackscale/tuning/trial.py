@@ -41,17 +41,24 @@ def trial(config: dict[str, Any], loop_base: dict[str, Any], meta: dict[str, Any
     base = from_dict(TrainConfig, loop_base["cfg"])
     cfg = replace(base, **config)
     trial_id = ray.tune.get_context().get_trial_id()
-    loop = {**loop_base, "cfg": to_dict(cfg), "name": f"{meta['name']}/{trial_id}",
-            "output": storage.join(meta["experiment"], "trial-models", trial_id)}
+    loop = {
+        **loop_base,
+        "cfg": to_dict(cfg),
+        "name": f"{meta['name']}/{trial_id}",
+        "output": storage.join(meta["experiment"], "trial-models", trial_id),
+    }
     start = ray.tune.get_checkpoint()  # set when PBT exploited a better trial, or on --resume
     if start is not None:
         loop["initial_checkpoint"] = start
     queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
     runs = replace(base, storage_path=storage.join(meta["experiment"], "train-runs"))
-    run_config = RunConfig(name=f"{trial_id}-{uuid.uuid4().hex[:6]}", **storage_args(runs),
-                           callbacks=[_relay_class()(queue)],
-                           failure_config=FailureConfig(max_failures=cfg.max_failures),
-                           checkpoint_config=CheckpointConfig(num_to_keep=3))
+    run_config = RunConfig(
+        name=f"{trial_id}-{uuid.uuid4().hex[:6]}",
+        **storage_args(runs),
+        callbacks=[_relay_class()(queue)],
+        failure_config=FailureConfig(max_failures=cfg.max_failures),
+        checkpoint_config=CheckpointConfig(num_to_keep=3),
+    )
     trainer = make_trainer(cfg, loop, run_config)
     outcome: dict[str, Any] = {}
     done = threading.Event()
