@@ -42,7 +42,7 @@ test-fast: venv
 train-real: venv
 	RAY_ADDRESS=$${RAY_ADDRESS:-local} $(BIN)/python jobs/train.py --config jobs/configs/real_sample.yaml
 
-## docs/configuration.md, generated from the config dataclasses' help texts (crackscale/config.py)
+## docs/configuration.md, generated from the config dataclasses' help texts (crackscale/config/)
 docs: venv
 	$(BIN)/python -m crackscale.config_docs
 

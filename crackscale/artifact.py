@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from crackscale import __version__, storage
-from crackscale.config import StorageConfig
+from crackscale.config.storage import StorageConfig
 from crackscale.model import keras
 from crackscale.runtimes.keras import TFRuntime
 from crackscale.runtimes.litert import LiteRTRuntime, export_litert, parity, sample_images

@@ -20,7 +20,10 @@ from typing import Any
 
 from crackscale import storage
 from crackscale.artifact import ArtifactError
-from crackscale.config import ConfigError, ScoreConfig, TrainConfig, TuneConfig, load
+from crackscale.config.loader import ConfigError, load
+from crackscale.config.score import ScoreConfig
+from crackscale.config.train import TrainConfig
+from crackscale.config.tune import TuneConfig
 from crackscale.data.labelled import DataError
 
 EXAMPLES = {

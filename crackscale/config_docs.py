@@ -19,7 +19,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from crackscale import config
+from crackscale.config import loader, score, storage, train, tune
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGE = Path("docs") / "configuration.md"
@@ -27,17 +27,17 @@ STALE = f"{PAGE.as_posix()} is stale: run make docs"
 
 # Sections listed key by key (``storage.s3_endpoint``) in every table that has them; other sections
 # (a TuneConfig's ``train``) are one row that points at their own table.
-INLINE_SECTIONS: tuple[type, ...] = (config.StorageConfig,)
+INLINE_SECTIONS: tuple[type, ...] = (storage.StorageConfig,)
 
 TITLES = {
-    config.TrainConfig: "TrainConfig: training",
-    config.TuneConfig: "TuneConfig: tuning",
-    config.ScoreConfig: "ScoreConfig: scoring",
-    config.StorageConfig: "StorageConfig: S3 storage",
+    train.TrainConfig: "TrainConfig: training",
+    tune.TuneConfig: "TuneConfig: tuning",
+    score.ScoreConfig: "ScoreConfig: scoring",
+    storage.StorageConfig: "StorageConfig: S3 storage",
 }
 CONFIGS = tuple(TITLES)
 
-SPEC_FORMS = {  # how each kind of config.SEARCH_SPECS is written and what it samples
+SPEC_FORMS = {  # how each kind of tune.SEARCH_SPECS is written and what it samples
     "loguniform": ("[low, high]", "a real number in [low, high), uniform on a log scale (low > 0); float keys only"),
     "uniform": ("[low, high]", "a real number in [low, high); float keys only"),
     "randint": ("[low, high]", "an integer from low to high - 1 (high excluded); integer bounds"),
@@ -55,25 +55,25 @@ def _link(cls: type) -> str:
 
 
 def _intro(cls: type) -> str:
-    storage_keys = ", ".join(f"`storage.{f.name}`" for f in dataclasses.fields(config.StorageConfig))
+    storage_keys = ", ".join(f"`storage.{f.name}`" for f in dataclasses.fields(storage.StorageConfig))
     return {
-        config.TrainConfig: (
+        train.TrainConfig: (
             "Read by `jobs/train.py` and `crackscale train`: one distributed training run that writes a model "
-            "artifact. The same keys form the `train:` section of a " + _link(config.TuneConfig) + ". Examples: "
+            "artifact. The same keys form the `train:` section of a " + _link(tune.TuneConfig) + ". Examples: "
             "`jobs/configs/demo.yaml`, `jobs/configs/train.yaml`."
         ),
-        config.TuneConfig: (
+        tune.TuneConfig: (
             "Read by `jobs/tune.py` and `crackscale tune`: a hyperparameter search whose trials are training "
-            "runs. Its `train:` section is a whole " + _link(config.TrainConfig) + " (keys written `train.<key>` "
+            "runs. Its `train:` section is a whole " + _link(train.TrainConfig) + " (keys written `train.<key>` "
             "in `--set`, e.g. `--set train.data=s3://bucket/crack`); every trial starts from it and changes "
             "only the searched keys. Example: `jobs/configs/tune.yaml`."
         ),
-        config.ScoreConfig: (
+        score.ScoreConfig: (
             "Read by `jobs/score.py` and `crackscale score`: batch scoring of images into Parquet with a "
             "trained model artifact. `--model`, `--input` and `--output` on the command line are short for "
             "`--set model=...` and so on. Example: `jobs/configs/score.yaml`."
         ),
-        config.StorageConfig: (
+        storage.StorageConfig: (
             "The `storage:` section of every config above (" + storage_keys + "; in a TuneConfig "
             "`train.storage.*`): where S3-compatible storage lives. `crackscale query`, `crackscale report` "
             "and `crackscale doctor` take no config file and use the same settings: `--s3-endpoint` sets "
@@ -177,13 +177,13 @@ def render_config(cls: type) -> str:
             group = g
         lines.append(f"| `{key}` | {tp} | {default or '-'} | {text} |")
     lines.append("")
-    if cls is config.TuneConfig:
+    if cls is tune.TuneConfig:
         lines += _search_specs()
     return "\n".join(lines)
 
 
 def _search_specs() -> list[str]:
-    missing = [k for k in config.SEARCH_SPECS if k not in SPEC_FORMS]
+    missing = [k for k in tune.SEARCH_SPECS if k not in SPEC_FORMS]
     if missing:
         raise KeyError(f"crackscale.config_docs.SPEC_FORMS does not describe search spec(s) {missing}")
     out = [
@@ -199,7 +199,7 @@ def _search_specs() -> list[str]:
         "| spec | samples |",
         "| --- | --- |",
     ]
-    out += [f"| `{{{k}: {SPEC_FORMS[k][0]}}}` | {_cell(SPEC_FORMS[k][1])} |" for k in config.SEARCH_SPECS]
+    out += [f"| `{{{k}: {SPEC_FORMS[k][0]}}}` | {_cell(SPEC_FORMS[k][1])} |" for k in tune.SEARCH_SPECS]
     out += [
         "",
         (
@@ -209,11 +209,11 @@ def _search_specs() -> list[str]:
         "",
         (
             "Keys that can be searched or mutated (data, split, cluster shape and outputs stay those of "
-            "`train`): " + ", ".join(f"`{k}`" for k in config.TUNABLE_KEYS) + "."
+            "`train`): " + ", ".join(f"`{k}`" for k in tune.TUNABLE_KEYS) + "."
         ),
         "",
         "Metrics that `metric` can name (reported every epoch and in each trial's final result): "
-        + ", ".join(f"`{m}`" for m in config.TUNE_METRICS)
+        + ", ".join(f"`{m}`" for m in tune.TUNE_METRICS)
         + ".",
         "",
     ]
@@ -223,8 +223,8 @@ def _search_specs() -> list[str]:
 def _error(cls: type, override: str) -> str:
     """The exact one-line error ``load`` gives for ``override``."""
     try:
-        config.load(cls, None, [override])
-    except config.ConfigError as e:
+        loader.load(cls, None, [override])
+    except loader.ConfigError as e:
         return str(e)
     raise AssertionError(f"override {override!r} was accepted")
 
@@ -255,8 +255,8 @@ def _how_configs_are_given() -> list[str]:
         (
             "- An unknown key, a wrong type or an invalid value is a one-line error naming the key, and the "
             "command exits with status 2 before any work starts, e.g. "
-            f"`{_error(config.TrainConfig, 'storage.endpoint=x')}`, "
-            f"`{_error(config.TrainConfig, 'head_epochs=three')}`."
+            f"`{_error(train.TrainConfig, 'storage.endpoint=x')}`, "
+            f"`{_error(train.TrainConfig, 'head_epochs=three')}`."
         ),
         (
             "- The resolved config (every key, defaults filled in) is saved as YAML next to what the job writes: "
@@ -278,7 +278,7 @@ def render() -> str:
         "# Configuration reference",
         "",
         (
-            "> Generated by `make docs` from `crackscale/config.py`; do not edit by hand. To change a key's "
+            "> Generated by `make docs` from `crackscale/config/`; do not edit by hand. To change a key's "
             "text, edit its `help` there and run `make docs`."
         ),
         "",

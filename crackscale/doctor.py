@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from crackscale import storage
-from crackscale.config import StorageConfig
+from crackscale.config.storage import StorageConfig
 from crackscale.imaging import jpeg
 
 TIMEOUT_S = 5.0

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from crackscale import storage
-from crackscale.config import TrainConfig
+from crackscale.config.train import TrainConfig
 
 log = logging.getLogger(__name__)
 

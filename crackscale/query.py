@@ -15,7 +15,8 @@ from typing import Any
 import pyarrow as pa
 
 from crackscale import storage
-from crackscale.config import ConfigError, StorageConfig
+from crackscale.config.loader import ConfigError
+from crackscale.config.storage import StorageConfig
 from crackscale.scoring.commit import PARTITIONING, SCHEMA
 
 log = logging.getLogger(__name__)

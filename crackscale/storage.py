@@ -24,7 +24,7 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
-from crackscale.config import StorageConfig
+from crackscale.config.storage import StorageConfig
 
 log = logging.getLogger(__name__)
 

@@ -110,7 +110,7 @@ def main() -> int:
     if not (model_dir / "model.json").is_file():
         from crackscale import artifact
         from crackscale import model as M
-        from crackscale.config import TrainConfig
+        from crackscale.config.train import TrainConfig
 
         m, _ = M.build(TrainConfig(weights="none", image_size=32, alpha=0.35))
         artifact.save(

@@ -159,7 +159,7 @@ def ceiling(model_dir: Path, images: Path, size: int, seconds: float = 10.0) -> 
     import numpy as np
 
     from crackscale import artifact
-    from crackscale.config import ScoreConfig
+    from crackscale.config.score import ScoreConfig
     from crackscale.imaging.tfdecode import resize_antialias
     from crackscale.runtimes.select import select
     from crackscale.scoring.decode import decode_image
@@ -276,7 +276,8 @@ def list_rates(endpoint: str, uri: str, latency: float = 0.1) -> dict[str, float
     """Seconds to list ``uri`` with one flat listing and with ``list_threads`` 16, straight from the
     server and through a proxy that delays each request by ``latency`` (a remote endpoint's round
     trip; the proxy is the test suite's). Each measured twice, interleaved; the faster is kept."""
-    from crackscale.config import ScoreConfig, StorageConfig
+    from crackscale.config.score import ScoreConfig
+    from crackscale.config.storage import StorageConfig
     from crackscale.scoring.listing import list_input
     from tests.conftest import FaultyS3Proxy
 
@@ -327,7 +328,7 @@ def main() -> int:
     if not meta_file.is_file() or "litert" not in json.loads(meta_file.read_text()):  # older artifacts
         from crackscale import artifact
         from crackscale import model as M
-        from crackscale.config import TrainConfig
+        from crackscale.config.train import TrainConfig
 
         m, _ = M.build(TrainConfig(weights="none", image_size=args.image_size, alpha=args.alpha))
         artifact.save(

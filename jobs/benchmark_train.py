@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from crackscale import cli  # noqa: E402
 from crackscale import model as M  # noqa: E402
-from crackscale.config import TrainConfig  # noqa: E402
+from crackscale.config.train import TrainConfig  # noqa: E402
 from crackscale.data import labelled, synth  # noqa: E402
 from crackscale.training import driver, tfdata  # noqa: E402
 

@@ -305,7 +305,7 @@ def make_artifact(
 
     from crackscale import artifact, storage
     from crackscale import model as M
-    from crackscale.config import TrainConfig
+    from crackscale.config.train import TrainConfig
     from crackscale.runtimes import litert
 
     tf.keras.utils.set_random_seed(seed)
@@ -361,7 +361,7 @@ def model_artifact_v2(tmp_path_factory) -> dict:
 
 def small_train_config(data, tmp_path, **overrides):
     """A TrainConfig that learns the synthetic data in well under a minute on 2 cores."""
-    from crackscale.config import TrainConfig
+    from crackscale.config.train import TrainConfig
 
     base = dict(
         data=str(data),
@@ -407,7 +407,7 @@ def trained_run(synth_data, tmp_path_factory) -> dict:
     """
     import json as _json
 
-    from crackscale.config import dump
+    from crackscale.config.loader import dump
 
     def make(path: Path) -> None:
         path.mkdir(parents=True)
@@ -430,7 +430,8 @@ def trained_run(synth_data, tmp_path_factory) -> dict:
 
 def small_tune_config(data, tmp_path, **overrides):
     """A TuneConfig whose trials are tiny training runs (64 px, α 0.35, 60 images per class, 1 worker)."""
-    from crackscale.config import TuneConfig, from_dict
+    from crackscale.config.loader import from_dict
+    from crackscale.config.tune import TuneConfig
 
     train = dict(
         data=str(data),

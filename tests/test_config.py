@@ -2,7 +2,9 @@
 
 import pytest
 
-from crackscale.config import ConfigError, ScoreConfig, TrainConfig, dump, load
+from crackscale.config.loader import ConfigError, dump, load
+from crackscale.config.score import ScoreConfig
+from crackscale.config.train import TrainConfig
 
 
 def test_defaults_follow_the_original_script():
@@ -112,7 +114,8 @@ def test_configuration_page_is_current():
 def test_every_config_key_has_a_help_text():
     import dataclasses
 
-    from crackscale.config import StorageConfig, TuneConfig
+    from crackscale.config.storage import StorageConfig
+    from crackscale.config.tune import TuneConfig
 
     for cls in (TrainConfig, ScoreConfig, TuneConfig, StorageConfig):
         for f in dataclasses.fields(cls):
@@ -128,13 +131,9 @@ def test_page_lists_every_key_with_a_yaml_default():
     import yaml
 
     from crackscale import config_docs
-    from crackscale.config import (
-        SEARCH_SPECS,
-        TUNABLE_KEYS,
-        StorageConfig,
-        TuneConfig,
-        to_dict,
-    )
+    from crackscale.config.loader import to_dict
+    from crackscale.config.storage import StorageConfig
+    from crackscale.config.tune import SEARCH_SPECS, TUNABLE_KEYS, TuneConfig
 
     page = config_docs.render()
     assert {TrainConfig, ScoreConfig, TuneConfig, StorageConfig} <= set(config_docs.CONFIGS)

@@ -6,7 +6,8 @@ import pytest
 from conftest import upload_tree
 
 from crackscale import storage
-from crackscale.config import StorageConfig, TrainConfig
+from crackscale.config.storage import StorageConfig
+from crackscale.config.train import TrainConfig
 from crackscale.data import labelled
 
 

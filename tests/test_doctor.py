@@ -10,7 +10,7 @@ import subprocess
 from conftest import PY, ROOT, free_port
 
 from crackscale import doctor
-from crackscale.config import StorageConfig
+from crackscale.config.storage import StorageConfig
 
 
 def run_doctor(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:

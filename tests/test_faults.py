@@ -20,7 +20,8 @@ import pytest
 from conftest import last_json, run_job, small_train_config, upload_tree
 
 from crackscale import query, storage
-from crackscale.config import ScoreConfig, StorageConfig
+from crackscale.config.score import ScoreConfig
+from crackscale.config.storage import StorageConfig
 from crackscale.scoring import listing as scoring_listing
 from crackscale.scoring import run as scoring_run
 

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image, ImageFilter
 
 from crackscale import model as M
-from crackscale.config import TrainConfig
+from crackscale.config.train import TrainConfig
 from crackscale.data import synth
 from crackscale.imaging import tfdecode
 from crackscale.reports import gradcam

@@ -18,7 +18,8 @@ from conftest import files_under
 from PIL import Image
 
 from crackscale import artifact, query
-from crackscale.config import ScoreConfig, StorageConfig
+from crackscale.config.score import ScoreConfig
+from crackscale.config.storage import StorageConfig
 from crackscale.scoring import decode as scoring_decode
 from crackscale.scoring import run as scoring_run
 

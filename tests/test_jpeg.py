@@ -15,7 +15,8 @@ import pytest
 from conftest import PY, REAL_DATA, ROOT
 from PIL import Image
 
-from crackscale.config import ConfigError, ScoreConfig
+from crackscale.config.loader import ConfigError
+from crackscale.config.score import ScoreConfig
 from crackscale.data import synth
 from crackscale.imaging import header, jpeg
 from crackscale.scoring import decode as scoring_decode
@@ -168,7 +169,7 @@ def test_cpu_actor_scores_jpegs_without_importing_tensorflow(model_artifact, syn
 import sys, numpy as np, glob, io
 from PIL import Image
 from crackscale.scoring import predictor
-from crackscale.config import ScoreConfig
+from crackscale.config.score import ScoreConfig
 cfg = ScoreConfig(model={model_artifact["uri"]!r})
 p = predictor.Predictor(cfg, decode={{"image_size": 64, "cfg": cfg, "antialias": False}})
 files = sorted(glob.glob({str(synth_data)!r} + "/*/*.jpg"))[:12]

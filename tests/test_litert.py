@@ -12,7 +12,7 @@ import pytest
 from conftest import PY, REAL_DATA, ROOT
 
 from crackscale import artifact
-from crackscale.config import ScoreConfig
+from crackscale.config.score import ScoreConfig
 from crackscale.imaging import tfdecode
 from crackscale.runtimes import base as rt_base
 from crackscale.runtimes import keras as rt_keras
@@ -144,7 +144,7 @@ def test_predictor_starts_from_the_artifacts_own_export_without_tensorflow(model
     np.save(tmp_path / "x.npy", images)
     code = (
         "import json, sys, time; import numpy as np; t = time.time()\n"
-        "from crackscale.scoring import predictor; from crackscale.config import ScoreConfig\n"
+        "from crackscale.scoring import predictor; from crackscale.config.score import ScoreConfig\n"
         "p = predictor.Predictor(ScoreConfig(model=sys.argv[1])); ready = time.time() - t\n"
         "x = np.load(sys.argv[2]); b = {'image': x, 'error': np.array([''] * len(x), dtype=object)}\n"
         "print(json.dumps({'info': p.info, 'tf': 'tensorflow' in sys.modules, 'ready_s': ready,\n"

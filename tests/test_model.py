@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from crackscale import model as M
-from crackscale.config import TrainConfig
+from crackscale.config.train import TrainConfig
 
 
 def _base_weights_file(tmp_path, size=64, alpha=0.35):

@@ -146,7 +146,7 @@ def test_every_command_reads_config_and_storage_the_same_way(tmp_path):
     """--config FILE and --set key=value on every command; query/report/doctor take output and
     storage.* from a scoring config, flags on top, unknown keys refused with the key named."""
     from crackscale import cli
-    from crackscale.config import ConfigError
+    from crackscale.config.loader import ConfigError
 
     config = tmp_path / "score.yaml"
     config.write_text("output: s3://night/scores/\nstorage:\n  s3_endpoint: http://127.0.0.1:9\n")

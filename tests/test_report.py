@@ -19,7 +19,7 @@ from conftest import PY, ROOT, last_json, upload_tree
 from PIL import Image
 
 from crackscale import query
-from crackscale.config import ScoreConfig
+from crackscale.config.score import ScoreConfig
 from crackscale.reports import page as report_page
 from crackscale.reports import scoring as report_scoring
 from crackscale.reports import training as report_training

@@ -18,7 +18,8 @@ from conftest import PY, ROOT, last_json, run_job, upload_tree
 from PIL import Image, ImageOps
 
 from crackscale import query, storage
-from crackscale.config import ConfigError, ScoreConfig
+from crackscale.config.loader import ConfigError
+from crackscale.config.score import ScoreConfig
 from crackscale.imaging import tfdecode
 from crackscale.scoring import blocks, manifests, pipeline
 from crackscale.scoring import decode as scoring_decode

@@ -83,7 +83,8 @@ def test_training_and_evaluation_resize_as_configured(synth_data):
     """`resize_antialias` reaches the training input pipeline and the evaluation that sets the threshold."""
     import tensorflow as tf
 
-    from crackscale.config import TrainConfig, replace
+    from crackscale.config.loader import replace
+    from crackscale.config.train import TrainConfig
 
     pos = sorted((synth_data / "Positive").glob("*.jpg"))[:2]
     neg = sorted((synth_data / "Negative").glob("*.jpg"))[:2]
@@ -146,7 +147,8 @@ from tensorflow.python.data.ops import multi_device_iterator_ops as mdi
 from crackscale.training import tfdata
 from crackscale.training import loop as train_loop
 from crackscale.training import strategy as train_strategy
-from crackscale.config import TrainConfig, replace
+from crackscale.config.loader import replace
+from crackscale.config.train import TrainConfig
 
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
@@ -199,7 +201,7 @@ from crackscale.training import loop as train_loop
 from crackscale.training import strategy as train_strategy
 from crackscale.training import driver as train_driver
 from crackscale.training import backend as train_backend
-from crackscale.config import TrainConfig
+from crackscale.config.train import TrainConfig
 
 ray.init(num_cpus=1, include_dashboard=False)
 trainer = train_driver.make_trainer(TrainConfig(num_workers=2), {})

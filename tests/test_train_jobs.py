@@ -75,7 +75,7 @@ def test_ray_job_submit_scoring_and_query_on_s3(ray_head, s3_server, s3_bucket, 
     """The nightly job as the README submits it: S3 images in, S3 Parquet out, on the `ray start`
     cluster; a second submit the next night scores only the new uploads; the query job reads it."""
     from crackscale import query
-    from crackscale.config import StorageConfig
+    from crackscale.config.storage import StorageConfig
 
     imgs = tmp_path / "imgs"
     (imgs / "site-a").mkdir(parents=True)

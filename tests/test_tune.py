@@ -11,7 +11,9 @@ import pytest
 from conftest import PY, ROOT, last_json, run_job, small_tune_config
 
 from crackscale import artifact
-from crackscale.config import ConfigError, ScoreConfig, TuneConfig, load
+from crackscale.config.loader import ConfigError, load
+from crackscale.config.score import ScoreConfig
+from crackscale.config.tune import TuneConfig
 from crackscale.scoring import run as scoring_run
 from crackscale.tuning import driver as tune_driver
 from crackscale.tuning import search as tune_search
@@ -106,7 +108,7 @@ def test_asha_stops_weak_trials_and_exports_a_best_artifact_that_scores(ray_tune
     assert loaded.meta["tune"]["config"] == s["best"]["config"]
     assert loaded.meta["config"]["head_lr"] == pytest.approx(s["best"]["config"]["head_lr"])
     from crackscale import model as M
-    from crackscale.config import replace
+    from crackscale.config.loader import replace
     from crackscale.data import labelled
     from crackscale.training import tfdata
 
@@ -200,7 +202,7 @@ def test_interrupted_run_resumes_without_redoing_finished_trials(synth_data, tmp
     )
     # grace_period 10 > any trial's epochs: nothing stops early, every trial runs to its end; one
     # trial at a time: the first has finished while the second runs
-    from crackscale.config import to_dict
+    from crackscale.config.loader import to_dict
 
     config = tmp_path / "tune.yaml"
     config.write_text(yaml.safe_dump(to_dict(cfg)))

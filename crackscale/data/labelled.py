@@ -20,7 +20,7 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from crackscale import storage
-from crackscale.config import TrainConfig
+from crackscale.config.train import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +91,8 @@ def _check_image(data: bytes) -> str | None:
     return None
 
 
-def scan(cfg: TrainConfig, data_uri: str) -> Prepared:
-    """List, read, deduplicate, check and split the labelled tree at ``data_uri``."""
+def _read(cfg: TrainConfig, data_uri: str) -> tuple[list[dict[str, Any]], list[bytes]]:
+    """Every file of every class folder: its row (uri, class, label) and its bytes."""
     if not storage.exists(data_uri, cfg.storage):
         raise DataError(f"data path not found: {data_uri}")
     rows: list[dict[str, Any]] = []
@@ -112,7 +112,12 @@ def scan(cfg: TrainConfig, data_uri: str) -> Prepared:
             rows.append({"uri": uri, "class": cls, "label": int(cls == cfg.crack_class)})
             blobs.append(blob)
         log.info("class %s: %d files under %s", cls, len(files), cls_uri)
+    return rows, blobs
 
+
+def _dedupe(rows: list[dict[str, Any]], blobs: list[bytes]) -> tuple[list[int], dict[str, int]]:
+    """Indices of the rows kept (first of each content hash, decodable, not under both classes),
+    and how many were dropped for each reason. Sets each row's ``sha256``."""
     keep: list[int] = []
     first_by_hash: dict[str, int] = {}
     conflicts: set[str] = set()
@@ -133,10 +138,11 @@ def scan(cfg: TrainConfig, data_uri: str) -> Prepared:
         first_by_hash[digest] = i
         keep.append(i)
     keep = [i for i in keep if rows[i]["sha256"] not in conflicts]
+    return keep, {"duplicates_dropped": dup, "undecodable_dropped": bad, "conflicting_labels_dropped": len(conflicts)}
 
-    manifest: list[dict[str, Any]] = []
-    images: dict[str, list[bytes]] = {s: [] for s in SPLITS}
-    labels: dict[str, list[int]] = {s: [] for s in SPLITS}
+
+def _split(cfg: TrainConfig, rows: list[dict[str, Any]], keep: list[int]) -> None:
+    """Sets each kept row's ``group`` and ``split`` (whole groups per split, per class)."""
     for i in keep:
         row = rows[i]
         # the group key includes the class: each source photo was cropped into one class
@@ -150,12 +156,10 @@ def scan(cfg: TrainConfig, data_uri: str) -> Prepared:
         for i in keep:
             if rows[i]["class"] == cls:
                 rows[i]["split"] = split_of[rows[i]["group"]]
-    for i in keep:
-        row = rows[i]
-        manifest.append(row)
-        images[row["split"]].append(blobs[i])
-        labels[row["split"]].append(row["label"])
 
+
+def _counts(cfg: TrainConfig, manifest: list[dict[str, Any]], data_uri: str) -> dict[str, dict[str, int]]:
+    """Images per split and class; refuses a train or val split without both classes."""
     counts = {s: {c: 0 for c in cfg.class_names} for s in SPLITS}
     for row in manifest:
         counts[row["split"]][row["class"]] += 1
@@ -166,18 +170,30 @@ def scan(cfg: TrainConfig, data_uri: str) -> Prepared:
                     f"split '{s}' has no '{c}' images ({len(manifest)} usable images in {data_uri}); "
                     "add data or change val_fraction/test_fraction/group_size"
                 )
-    h = manifest_hash(manifest)
+    return counts
+
+
+def scan(cfg: TrainConfig, data_uri: str) -> Prepared:
+    """List, read, deduplicate, check and split the labelled tree at ``data_uri``."""
+    rows, blobs = _read(cfg, data_uri)
+    keep, dropped = _dedupe(rows, blobs)
+    _split(cfg, rows, keep)
+    manifest = [rows[i] for i in keep]
+    images: dict[str, list[bytes]] = {s: [] for s in SPLITS}
+    labels: dict[str, list[int]] = {s: [] for s in SPLITS}
+    for i in keep:
+        images[rows[i]["split"]].append(blobs[i])
+        labels[rows[i]["split"]].append(rows[i]["label"])
+    counts = _counts(cfg, manifest, data_uri)
     stats = {
         "files": len(rows),
-        "duplicates_dropped": dup,
-        "undecodable_dropped": bad,
-        "conflicting_labels_dropped": len(conflicts),
+        **dropped,
         "images": len(manifest),
         "per_split": counts,
         "groups": len({r["group"] for r in manifest}),
     }
     log.info("data: %s", json.dumps(stats))
-    return Prepared(manifest=manifest, images=images, labels=labels, manifest_hash=h, stats=stats)
+    return Prepared(manifest=manifest, images=images, labels=labels, manifest_hash=manifest_hash(manifest), stats=stats)
 
 
 def manifest_hash(manifest: list[dict[str, Any]]) -> str:

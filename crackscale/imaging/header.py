@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 import os
 
-from crackscale.config import ScoreConfig
+from crackscale.config.score import ScoreConfig
 from crackscale.imaging.tfdecode import clean_error
 
 FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".bmp": "BMP", ".gif": "GIF"}

@@ -10,7 +10,7 @@ import re
 import sys
 from typing import Any
 
-from crackscale.config import TrainConfig
+from crackscale.config.train import TrainConfig
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from crackscale import storage
-from crackscale.config import StorageConfig
+from crackscale.config.storage import StorageConfig
 
 log = logging.getLogger(__name__)
 

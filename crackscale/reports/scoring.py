@@ -12,7 +12,8 @@ from typing import Any
 import numpy as np
 
 from crackscale import artifact, query, storage
-from crackscale.config import ScoreConfig, StorageConfig
+from crackscale.config.score import ScoreConfig
+from crackscale.config.storage import StorageConfig
 from crackscale.imaging.tfdecode import resize_antialias
 from crackscale.reports import gradcam
 from crackscale.reports.page import Page, esc, figure, td, thumb

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from crackscale import artifact, storage
-from crackscale.config import StorageConfig
+from crackscale.config.storage import StorageConfig
 from crackscale.reports.page import Page, esc, figure, num, td, thumb
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ from typing import Any
 import pyarrow as pa
 
 from crackscale import storage
-from crackscale.config import StorageConfig
+from crackscale.config.storage import StorageConfig
 from crackscale.scoring.keys import KeySet, key_hash
 
 PARTITIONING = pa.schema([("model_id", pa.string()), ("run_date", pa.string())])

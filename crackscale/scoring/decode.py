@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from crackscale import storage
-from crackscale.config import ScoreConfig
+from crackscale.config.score import ScoreConfig
 from crackscale.imaging import jpeg
 from crackscale.imaging.header import header
 from crackscale.imaging.tfdecode import RESIZE_ANTIALIAS, clean_error, decoders

@@ -13,7 +13,8 @@ from typing import Any
 import pyarrow as pa
 
 from crackscale import storage
-from crackscale.config import ScoreConfig, StorageConfig
+from crackscale.config.score import ScoreConfig
+from crackscale.config.storage import StorageConfig
 from crackscale.scoring.blocks import block_metadata
 from crackscale.scoring.keys import KeySet, key_hash
 from crackscale.scoring.manifests import is_manifest, read_manifest

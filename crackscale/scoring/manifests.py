@@ -9,7 +9,8 @@ from typing import Any
 import pyarrow as pa
 
 from crackscale import storage
-from crackscale.config import ConfigError, ScoreConfig
+from crackscale.config.loader import ConfigError
+from crackscale.config.score import ScoreConfig
 from crackscale.scoring.keys import KeySet, key_hash
 
 MANIFEST_SUFFIXES = (".txt", ".csv", ".parquet")

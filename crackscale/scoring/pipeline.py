@@ -8,7 +8,8 @@ import logging
 import warnings
 from typing import Any
 
-from crackscale.config import ConfigError, ScoreConfig
+from crackscale.config.loader import ConfigError
+from crackscale.config.score import ScoreConfig
 from crackscale.imaging.tfdecode import resize_antialias
 from crackscale.scoring.blocks import dataset
 from crackscale.scoring.decode import decode_batch

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from crackscale import artifact
-from crackscale.config import ScoreConfig
+from crackscale.config.score import ScoreConfig
 from crackscale.imaging.tfdecode import RESIZE_ANTIALIAS, decoders
 from crackscale.runtimes.base import DEFAULT_BATCH, Runtime
 from crackscale.runtimes.keras import configure_tf

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from crackscale import artifact, raysession, storage
-from crackscale.config import ConfigError, TrainConfig, dump, from_dict, to_dict
+from crackscale.config.loader import ConfigError, dump, from_dict, to_dict
+from crackscale.config.train import TrainConfig
 from crackscale.data import labelled, synth
 from crackscale.training.backend import MWMSConfig
 from crackscale.training.loop import train_loop_per_worker

@@ -18,7 +18,8 @@ import numpy as np
 
 from crackscale import artifact
 from crackscale import model as M
-from crackscale.config import TrainConfig, dump, from_dict, to_dict
+from crackscale.config.loader import dump, from_dict, to_dict
+from crackscale.config.train import TrainConfig
 from crackscale.training import tfdata
 from crackscale.training.strategy import make_strategy, multi_device
 
@@ -196,6 +197,104 @@ def _fit_phase(
     )
 
 
+def _restore(cfg: TrainConfig, config: dict[str, Any], strategy: Any) -> tuple[Any, Any, dict[str, Any]]:
+    """(model, base, training state): built in the strategy's scope, from the last checkpoint if any.
+    A Tune trial restored by PBT (exploit) or ``--resume`` starts a fresh Train run from
+    ``initial_checkpoint``."""
+    import ray.train
+
+    state: dict[str, Any] = {"phase": "head", "epoch": 0, "history": [], "es": None}
+    ckpt = ray.train.get_checkpoint() or config.get("initial_checkpoint")
+    with strategy.scope():
+        mdl, base = M.build(cfg)
+        if ckpt:
+            with ckpt.as_directory() as d:
+                state = json.loads(Path(d, STATE_FILE).read_text())
+                mdl.set_weights(load_weights(os.path.join(d, WEIGHTS_FILE)))
+            state.setdefault("resumed_at_epochs", []).append(state["epoch"])
+            log.info("resumed at epoch %d (phase %s)", state["epoch"], state["phase"])
+    return mdl, base, state
+
+
+def _model_meta(
+    cfg: TrainConfig,
+    config: dict[str, Any],
+    state: dict[str, Any],
+    after: dict[str, Any],
+    workers: int,
+    strategy: Any,
+    strategy_name: str,
+) -> dict[str, Any]:
+    """model.json: what a scorer needs (classes, input, preprocessing, threshold) and what an auditor
+    needs (metrics before and after, config, data manifest hash, versions, history)."""
+    return {
+        "name": config["name"],
+        "created_at": dt.datetime.now(dt.UTC).isoformat(),
+        "class_names": list(cfg.class_names),
+        "crack_class": cfg.crack_class,
+        "image_size": cfg.image_size,
+        "input": {
+            "dtype": "float32",
+            "shape": [None, cfg.image_size, cfg.image_size, 3],
+            "range": [0, 255],
+            "channels": "RGB",
+        },
+        "resize_antialias": cfg.resize_antialias,
+        "preprocessing": (
+            "decode JPEG/PNG to RGB, resize to image_size x image_size "
+            f"(bilinear, antialias={cfg.resize_antialias}), float32 0..255; the model applies "
+            "MobileNetV2 scaling (x/127.5 - 1) itself"
+        ),
+        "output": "sigmoid probability of crack_class, shape [N, 1]",
+        "threshold": after["val"]["threshold"],
+        "target_recall": cfg.target_recall,
+        "metrics": {"before": state["before"], "after": after},
+        "config": to_dict(cfg),
+        "manifest_hash": config["manifest_hash"],
+        "data_stats": config["data_stats"],
+        "versions": artifact.versions(),
+        "history": state["history"],
+        "resumed_at_epochs": state.get("resumed_at_epochs", []),
+        "num_workers": workers,
+        "num_replicas": strategy.num_replicas_in_sync,
+        "strategy": strategy_name,
+    }
+
+
+def _save_artifact(
+    cfg: TrainConfig,
+    config: dict[str, Any],
+    weights: list[np.ndarray],
+    meta: dict[str, Any],
+    test_p: np.ndarray,
+    tb_dir: str,
+) -> None:
+    """Rank 0: the trained weights in a plain model (no strategy), with config.yaml, manifest.csv,
+    the per-image test scores and the TensorBoard logs beside it, saved as the model artifact."""
+    import shutil
+
+    plain, _ = M.build(cfg, load_weights=False)
+    plain.set_weights(weights)
+    extra = tempfile.mkdtemp(prefix="crackscale-extra-")
+    Path(extra, "config.yaml").write_text(dump(cfg))
+    Path(extra, "manifest.csv").write_text(config["manifest_csv"])
+    # per-image test scores: reports (ROC/PR curves, misclassified grid) need nothing else
+    te_y = config["test_labels"]
+    rows = ["uri,label,probability"] + [
+        f"{json.dumps(u)},{y},{float(p)!r}" for u, y, p in zip(config["test_uris"], te_y, test_p)
+    ]
+    Path(extra, "test_predictions.csv").write_text("\n".join(rows) + "\n")
+    if Path(tb_dir).is_dir():
+        shutil.copytree(tb_dir, Path(extra, "tensorboard"))
+    # the LiteRT export's parity check runs on real validation images, decoded as for training
+    va_x, va_y = config["val_sample"]
+    batches = tfdata.tf_dataset(
+        va_x, va_y, cfg.image_size, 64, shuffle=False, seed=0, repeat=False, antialias=cfg.resize_antialias
+    )
+    check = next(iter(batches))[0].numpy()
+    artifact.save(plain, meta, config["output"], extra_dir=extra, cfg=cfg.storage, check_images=check)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train worker entry point (module level so Ray can pickle it by reference)."""
     import ray
@@ -211,29 +310,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     autotune = not multi_device(strategy)
     splits = ray.get(config["data"])
     (tr_x, tr_y), (va_x, va_y), (te_x, te_y) = splits["train"], splits["val"], splits["test"]
-
-    state: dict[str, Any] = {"phase": "head", "epoch": 0, "history": [], "es": None}
-    # a Tune trial restored by PBT (exploit) or --resume starts a fresh Train run from this checkpoint
-    ckpt = ray.train.get_checkpoint() or config.get("initial_checkpoint")
-    with strategy.scope():
-        mdl, base = M.build(cfg)
-        if ckpt:
-            with ckpt.as_directory() as d:
-                state = json.loads(Path(d, STATE_FILE).read_text())
-                mdl.set_weights(load_weights(os.path.join(d, WEIGHTS_FILE)))
-            state.setdefault("resumed_at_epochs", []).append(state["epoch"])
-            log.info("resumed at epoch %d (phase %s)", state["epoch"], state["phase"])
+    mdl, base, state = _restore(cfg, config, strategy)
 
     tb_dir = tempfile.mkdtemp(prefix="crackscale-tb-")
     # Every worker runs the same evaluations: MWMS needs identical op/variable-creation order on
     # all workers (a chief-only predict desynchronises collectives). Only rank 0 keeps results.
-    before: dict[str, Any] = state.get("before") or {}
-    if not before:
-        before = {
+    if not state.get("before"):
+        state["before"] = {
             "val": _evaluate(mdl, va_x, va_y, cfg, 0.5, autotune)[0],
             "test": _evaluate(mdl, te_x, te_y, cfg, 0.5, autotune)[0],
         }
-        state["before"] = before
 
     train_ds = _distributed(strategy, tr_x, tr_y, cfg, training=True)
     val_ds = _distributed(strategy, va_x, va_y, cfg, training=False)
@@ -248,68 +334,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     weights = mdl.get_weights()  # on every rank (a collective under MWMS)
     if rank == 0:
         after = {"val": val_m, "test": test_m}
-        meta = {
-            "name": config["name"],
-            "created_at": dt.datetime.now(dt.UTC).isoformat(),
-            "class_names": list(cfg.class_names),
-            "crack_class": cfg.crack_class,
-            "image_size": cfg.image_size,
-            "input": {
-                "dtype": "float32",
-                "shape": [None, cfg.image_size, cfg.image_size, 3],
-                "range": [0, 255],
-                "channels": "RGB",
-            },
-            "resize_antialias": cfg.resize_antialias,
-            "preprocessing": (
-                "decode JPEG/PNG to RGB, resize to image_size x image_size "
-                f"(bilinear, antialias={cfg.resize_antialias}), float32 0..255; the model applies "
-                "MobileNetV2 scaling (x/127.5 - 1) itself"
-            ),
-            "output": "sigmoid probability of crack_class, shape [N, 1]",
-            "threshold": val_m["threshold"],
-            "target_recall": cfg.target_recall,
-            "metrics": {"before": before, "after": after},
-            "config": to_dict(cfg),
-            "manifest_hash": config["manifest_hash"],
-            "data_stats": config["data_stats"],
-            "versions": artifact.versions(),
-            "history": state["history"],
-            "resumed_at_epochs": state.get("resumed_at_epochs", []),
-            "num_workers": ctx.get_world_size(),
-            "num_replicas": strategy.num_replicas_in_sync,
-            "strategy": strategy_name,
-        }
-        plain, _ = M.build(cfg, load_weights=False)
-        plain.set_weights(weights)
-        extra = tempfile.mkdtemp(prefix="crackscale-extra-")
-        Path(extra, "config.yaml").write_text(dump(cfg))
-        Path(extra, "manifest.csv").write_text(config["manifest_csv"])
-        # per-image test scores: reports (ROC/PR curves, misclassified grid) need nothing else
-        rows = ["uri,label,probability"] + [
-            f"{json.dumps(u)},{y},{float(p)!r}" for u, y, p in zip(config["test_uris"], te_y, test_p)
-        ]
-        Path(extra, "test_predictions.csv").write_text("\n".join(rows) + "\n")
-        if Path(tb_dir).is_dir():
-            import shutil
-
-            shutil.copytree(tb_dir, Path(extra, "tensorboard"))
-        # the LiteRT export's parity check runs on real validation images, decoded as for training
-        check = next(
-            iter(
-                tfdata.tf_dataset(
-                    va_x[:64],
-                    va_y[:64],
-                    cfg.image_size,
-                    64,
-                    shuffle=False,
-                    seed=0,
-                    repeat=False,
-                    antialias=cfg.resize_antialias,
-                )
-            )
-        )[0].numpy()
-        artifact.save(plain, meta, config["output"], extra_dir=extra, cfg=cfg.storage, check_images=check)
+        meta = _model_meta(cfg, config, state, after, ctx.get_world_size(), strategy, strategy_name)
+        extra = dict(config, test_labels=te_y, val_sample=(va_x[:64], va_y[:64]))
+        _save_artifact(cfg, extra, weights, meta, test_p, tb_dir)
         final.update({f"test_{k_}": v for k_, v in test_m.items() if isinstance(v, (int, float))})
         final.update({f"val_{k_}": v for k_, v in val_m.items() if isinstance(v, (int, float))})
         final["artifact"] = config["output"]

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from crackscale import artifact, storage
-from crackscale.config import TuneConfig
+from crackscale.config.tune import TuneConfig
 
 log = logging.getLogger(__name__)
 

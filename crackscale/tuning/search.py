@@ -6,7 +6,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from crackscale.config import ConfigError, TrainConfig, TuneConfig
+from crackscale.config.loader import ConfigError
+from crackscale.config.train import TrainConfig
+from crackscale.config.tune import TuneConfig
 from crackscale.training.driver import auto_workers
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,8 @@ import uuid
 from typing import Any
 
 from crackscale import storage
-from crackscale.config import TrainConfig, from_dict, replace, to_dict
+from crackscale.config.loader import from_dict, replace, to_dict
+from crackscale.config.train import TrainConfig
 from crackscale.training.driver import make_trainer, storage_args
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,241 @@
+"""``TrainConfig``: everything one training run needs (``jobs/train.py``, ``crackscale train``)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from crackscale.config.loader import check, setting
+from crackscale.config.storage import StorageConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything one training run needs. Keys: docs/configuration.md, "TrainConfig"."""
+
+    data: str = setting(
+        "",
+        group="Data",
+        help=(
+            "Labelled image tree <data>/<class>/<files>, a local path or s3://bucket/prefix; "
+            '"" = generate synthetic demo images into synth_dir'
+        ),
+    )
+    class_names: tuple[str, ...] = setting(
+        ("Negative", "Positive"), group="Data", help="The two class folders under data (exactly two)"
+    )
+    crack_class: str = setting(
+        "Positive",
+        group="Data",
+        help="Which of class_names is the crack class: the model outputs the probability of this class",
+    )
+    extensions: tuple[str, ...] = setting(
+        (".jpg", ".jpeg", ".png"), group="Data", help="File suffixes listed as images under data (case-insensitive)"
+    )
+    group_pattern: str = setting(
+        r"(\d+)",
+        group="Data",
+        help=(
+            "Regular expression on the file name whose group 1 is the source-photo key; "
+            "files with the same key always land in the same split"
+        ),
+    )
+    group_size: int = setting(
+        50,
+        group="Data",
+        help=(
+            "Numeric source-photo keys are bucketed by this many (>= 1), so neighbouring crops of one photo "
+            "share a split; 1 = every number is its own group"
+        ),
+    )
+    val_fraction: float = setting(
+        0.2,
+        group="Data",
+        help=(
+            "Share of each class's groups held out for validation (early stopping, decision threshold), between 0 and 1"
+        ),
+    )
+    test_fraction: float = setting(
+        0.1,
+        group="Data",
+        help=(
+            "Share of each class's groups held out for the final test metrics, in [0, 1); "
+            "val_fraction + test_fraction must stay below 1"
+        ),
+    )
+    limit_per_class: int = setting(
+        0, group="Data", help="0 = use every image; N > 0 keeps only the first N files of each class, for quick runs"
+    )
+    seed: int = setting(
+        42,
+        group="Data",
+        help=(
+            "Seed of the split order, the shuffling and the synthetic demo images; another seed gives another "
+            "grouped split"
+        ),
+    )
+    synth_per_class: int = setting(200, group="Data", help='Synthetic images generated per class when data is ""')
+    synth_dir: str = setting("demo/data", group="Data", help='Where synthetic images are written when data is ""')
+    image_size: int = setting(
+        160,
+        group="Model",
+        help=(
+            "Square model input in pixels (>= 32) that images are resized to; larger is slower and can be more accurate"
+        ),
+    )
+    resize_antialias: bool = setting(
+        False,
+        group="Model",
+        help=(
+            "Resize with antialiasing (true) or plain bilinear (false); recorded in model.json so scoring resizes "
+            "the same way. true costs more decode CPU in training and in every scoring run"
+        ),
+    )
+    alpha: float = setting(
+        1.0,
+        group="Model",
+        help="MobileNetV2 width multiplier: 0.35, 0.5, 0.75, 1.0, 1.3 or 1.4; smaller is faster and less accurate",
+    )
+    weights: str = setting(
+        "imagenet",
+        group="Model",
+        help=(
+            "Initial base weights: imagenet (downloaded by Keras), none (train from scratch), "
+            "or a path or s3:// URI of a MobileNetV2 no-top .h5 file"
+        ),
+    )
+    bn_momentum: float = setting(
+        0.0,
+        group="Model",
+        help="BatchNorm momentum in [0, 1); 0 = auto: 0.999 with pretrained weights, 0.9 from scratch",
+    )
+    dropout: float = setting(0.3, group="Model", help="Dropout rate before the classifier layer, in [0, 1)")
+    flip: bool = setting(True, group="Model", help="Augmentation: random horizontal flips during training")
+    rotation: float = setting(
+        0.2,
+        group="Model",
+        help="Augmentation: random rotation during training, up to this fraction of a full turn either way; 0 = off",
+    )
+    freeze_base: str = setting(
+        "auto",
+        group="Model",
+        help=(
+            'Head phase: freeze the base network. auto = only with pretrained weights, or "true" / "false" '
+            "(quoted in YAML: the key is a string)"
+        ),
+    )
+    batch_size: int = setting(
+        32, group="Schedule", help="Global batch size, split over all replicas whatever their number"
+    )
+    head_epochs: int = setting(
+        10,
+        group="Schedule",
+        help="Epochs of phase 1, the classifier head (Adam); head_epochs + fine_tune_epochs must be > 0",
+    )
+    head_lr: float = setting(1e-4, group="Schedule", help="Learning rate of phase 1 (Adam)")
+    fine_tune_epochs: int = setting(
+        10, group="Schedule", help="Epochs of phase 2, fine-tuning the base (RMSprop); 0 = no fine-tuning"
+    )
+    fine_tune_lr: float = setting(1e-5, group="Schedule", help="Learning rate of phase 2 (RMSprop)")
+    fine_tune_at: int = setting(
+        100,
+        group="Schedule",
+        help="Base layers from this index on are trained in phase 2; lower trains more of the network",
+    )
+    lr_schedule: str = setting(
+        "constant",
+        group="Schedule",
+        help=(
+            "constant, or cosine: each phase's learning rate decays per epoch from its lr along a half cosine "
+            "(a resumed run continues the curve)"
+        ),
+    )
+    patience: int = setting(
+        3,
+        group="Schedule",
+        help=(
+            "Early stopping per phase: epochs without a better val_loss before the phase stops "
+            "(its best weights are restored)"
+        ),
+    )
+    min_epochs: int = setting(
+        0,
+        group="Schedule",
+        help="Per phase, early stopping neither stops nor picks a best epoch before this many epochs; 0 = no minimum",
+    )
+    target_recall: float = setting(
+        0.99,
+        group="Schedule",
+        help=(
+            "The decision threshold is the highest that keeps this recall on validation, in (0, 1]; "
+            "raise it where a missed crack costs more than a false alarm"
+        ),
+    )
+    num_workers: int = setting(
+        1, group="Cluster", help="Ray Train workers, one per node; 0 = one per GPU node (1 without GPUs)"
+    )
+    use_gpu: bool = setting(False, group="Cluster", help="Train on GPUs (the cluster needs GPU nodes)")
+    gpus_per_worker: int = setting(
+        1,
+        group="Cluster",
+        help="GPUs per worker; set it to the GPUs of a node, as each node runs one worker that uses them all",
+    )
+    cpus_per_worker: int = setting(1, group="Cluster", help="Ray CPUs reserved per worker")
+    max_failures: int = setting(
+        2,
+        group="Cluster",
+        help="Worker failures a run survives, each by restarting the workers from the last checkpoint",
+    )
+    name: str = setting(
+        "",
+        group="Outputs",
+        help=(
+            'Run name; "" = train-<timestamp>. An existing name is an error unless --resume is given, '
+            "which continues that run"
+        ),
+    )
+    storage_path: str = setting(
+        "runs",
+        group="Outputs",
+        help=(
+            "Ray Train run storage (checkpoints, split manifest, logs); a shared filesystem or s3:// on "
+            "multi-node clusters"
+        ),
+    )
+    output: str = setting(
+        "", group="Outputs", help='Model artifact URI (local directory or s3://); "" = <storage_path>/<name>/model'
+    )
+    storage: StorageConfig = setting(
+        StorageConfig(), group="Outputs", help="S3 connection settings for data, run storage and the artifact"
+    )
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first inconsistent key."""
+        _validate_train(self)
+
+
+def _validate_train(self: TrainConfig) -> None:
+    check(len(self.class_names) == 2, "config key 'class_names' must list exactly two classes")
+    check(
+        self.crack_class in self.class_names,
+        f"config key 'crack_class' ({self.crack_class!r}) must be one of class_names {list(self.class_names)}",
+    )
+    check(0 < self.val_fraction < 1, "config key 'val_fraction' must be between 0 and 1")
+    check(0 <= self.test_fraction < 1, "config key 'test_fraction' must be between 0 and 1")
+    check(self.val_fraction + self.test_fraction < 1, "val_fraction + test_fraction must be < 1")
+    check(self.image_size >= 32, "config key 'image_size' must be at least 32")
+    check(
+        self.alpha in (0.35, 0.5, 0.75, 1.0, 1.3, 1.4),
+        "config key 'alpha' must be one of 0.35, 0.5, 0.75, 1.0, 1.3, 1.4",
+    )
+    check(self.batch_size > 0, "config key 'batch_size' must be positive")
+    check(self.head_epochs >= 0 and self.fine_tune_epochs >= 0, "epochs must be >= 0")
+    check(self.head_epochs + self.fine_tune_epochs > 0, "head_epochs + fine_tune_epochs must be > 0")
+    check(0 <= self.dropout < 1, "config key 'dropout' must be in [0, 1)")
+    check(0 < self.target_recall <= 1, "config key 'target_recall' must be in (0, 1]")
+    check(self.num_workers >= 0, "config key 'num_workers' must be >= 0 (0 = one per GPU node)")
+    check(self.lr_schedule in ("constant", "cosine"), "config key 'lr_schedule' must be constant or cosine")
+    check(self.min_epochs >= 0 and self.patience >= 0, "config keys 'min_epochs' and 'patience' must be >= 0")
+    check(self.freeze_base in ("auto", "true", "false"), "config key 'freeze_base' must be auto, true or false")
+    check(self.group_size >= 1, "config key 'group_size' must be >= 1")
+    check(0 <= self.bn_momentum < 1, "config key 'bn_momentum' must be in [0, 1)")
+    check(bool(self.weights), "config key 'weights' must be imagenet, none, or a path/URI")
