@@ -38,7 +38,7 @@ lint: venv
 test-fast: venv
 	$(BIN)/python -m pytest -q -m "not slow" tests
 
-## The quality-bar run on the real 6,000-image sample in ../shared/data (about 15-20 min on 2 cores)
+## The quality-bar run on the real 6,000-image sample in ../shared/data (docs/benchmarks.md has its time)
 train-real: venv
 	RAY_ADDRESS=$${RAY_ADDRESS:-local} $(BIN)/python jobs/train.py --config jobs/configs/real_sample.yaml
 

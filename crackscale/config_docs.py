@@ -76,8 +76,9 @@ def _intro(cls: type) -> str:
         storage.StorageConfig: (
             "The `storage:` section of every config above (" + storage_keys + "; in a TuneConfig "
             "`train.storage.*`): where S3-compatible storage lives. `crackscale query`, `crackscale report` "
-            "and `crackscale doctor` take no config file and use the same settings: `--s3-endpoint` sets "
-            "`s3_endpoint`, the rest falls back to the AWS variables as below."
+            "and `crackscale doctor` read it from a scoring config (`--config`, `--set storage.…`); their "
+            "`--s3-endpoint` is a shorthand for `--set storage.s3_endpoint=…`. Empty values fall back to the "
+            "AWS variables as below."
         ),
     }[cls]
 
