@@ -36,6 +36,7 @@ EXAMPLES = {
     "doctor": "crackscale doctor",
 }
 MORE_EXAMPLES = {
+    "synth": ["crackscale synth --out demo/photos --photos 1 --grid 8x6"],
     "query": [
         "crackscale query counts --by night --config jobs/configs/score.yaml --format csv",
         'crackscale query --output scores/ --sql "SELECT count(*) FROM scores"',
@@ -164,9 +165,11 @@ def query_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "what",
         nargs="?",
-        choices=("top", "counts", "failed"),
-        help="top: most likely cracks; counts: per night/prefix/model; failed: errors",
+        choices=("top", "counts", "failed", "photos", "tiles"),
+        help="top: most likely cracks; counts: per night/prefix/model; failed: errors; "
+        "photos: photos scored as tiles, most crack tiles first; tiles: one photo's tiles (--uri)",
     )
+    p.add_argument("--uri", default="", help="the photo whose tiles `tiles` lists")
     add_config_args(p, " (a scoring config: its output and storage are read)")
     p.add_argument("--output", help="scores root written by `crackscale score` (local or s3://; = --set output=…)")
     p.add_argument("--sql", help='any SQL over the view "scores", e.g. "SELECT count(*) FROM scores"')
@@ -194,10 +197,16 @@ def cmd_query(args: argparse.Namespace) -> int:
         table = query.top(con, args.n, **filters)
     elif args.what == "counts":
         table = query.counts(con, args.by, **filters)
+    elif args.what == "photos":
+        table = query.photos(con, args.n, **filters)
+    elif args.what == "tiles":
+        if not args.uri:
+            raise ConfigError("say which photo: crackscale query tiles --uri URI")
+        table = query.tiles_of(con, args.uri, model=args.model)
     elif args.what == "failed":
         table = query.failed(con, n=args.n, **filters)
     else:
-        raise ConfigError('say what to query: top, counts, failed, or --sql "SELECT … FROM scores"')
+        raise ConfigError('say what to query: top, counts, failed, photos, tiles, or --sql "SELECT … FROM scores"')
     print(query.render(table, args.format))
     return 0
 
@@ -251,6 +260,13 @@ def synth_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--per-class", type=int, help="images per class (= --set synth_per_class=…; default 200)")
     p.add_argument("--size", type=int, default=227, help="image side in pixels (default 227)")
     p.add_argument("--seed", type=int, help="random seed (default 0, or the config's seed)")
+    p.add_argument(
+        "--photos",
+        type=int,
+        default=0,
+        help="instead of crops, write this many whole photos stitched from synthetic crops (see --grid)",
+    )
+    p.add_argument("--grid", default="8x6", help="crops across x down in each photo (default 8x6)")
 
 
 def cmd_synth(args: argparse.Namespace) -> dict[str, Any]:
@@ -259,6 +275,12 @@ def cmd_synth(args: argparse.Namespace) -> dict[str, Any]:
     flags = {"synth_dir": args.out, "synth_per_class": args.per_class, "seed": args.seed}
     cfg = load(TrainConfig, args.config, list(args.set) + [f"{k}={v}" for k, v in flags.items() if v is not None])
     seed = cfg.seed if (args.config or args.set or args.seed is not None) else 0
+    if args.photos:
+        cols, _, rows = args.grid.partition("x")
+        if not (cols.isdigit() and rows.isdigit() and int(cols) > 0 and int(rows) > 0):
+            raise ConfigError(f"--grid must look like COLSxROWS, e.g. 8x6; got {args.grid!r}")
+        paths = synth.photos(cfg.synth_dir, args.photos, int(cols), int(rows), size=args.size, seed=seed)
+        return {"out": str(cfg.synth_dir), "photos": [str(p) for p in paths]}
     out = synth.generate(
         cfg.synth_dir, per_class=cfg.synth_per_class, size=args.size, seed=seed, class_names=tuple(cfg.class_names)
     )  # type: ignore[arg-type]

@@ -17,7 +17,8 @@ import pyarrow as pa
 from crackscale import storage
 from crackscale.config.loader import ConfigError
 from crackscale.config.storage import StorageConfig
-from crackscale.scoring.commit import PARTITIONING, SCHEMA
+from crackscale.scoring.commit import PARTITIONING, SCHEMA, TILES_DIR, committed_tiles
+from crackscale.scoring.tiles import TILES_SCHEMA
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +45,32 @@ def open_scores(output: str, cfg: StorageConfig | None = None) -> Any:
         raise storage.StorageError(f"cannot read scores at {output}: {e}") from None
 
 
+def open_tiles(output: str, cfg: StorageConfig | None = None) -> Any:
+    """The tiles of the committed chunks under ``output`` as a pyarrow dataset (a chunk's tiles
+    file without its scores file, left by a killed run, is not read)."""
+    import pyarrow.dataset as ds
+
+    fs, root = storage.resolve(output, cfg)
+    try:
+        return ds.dataset(
+            committed_tiles(output, cfg),
+            filesystem=fs,
+            format="parquet",
+            schema=pa.unify_schemas([TILES_SCHEMA, PARTITIONING]),
+            partitioning=ds.partitioning(PARTITIONING, flavor="hive"),
+            partition_base_dir=f"{root.rstrip('/')}/{TILES_DIR}",
+        )
+    except OSError as e:
+        raise storage.StorageError(f"cannot read tiles at {output}: {e}") from None
+
+
 def connect(output: str, cfg: StorageConfig | None = None) -> Any:
-    """A DuckDB connection with the view ``scores`` over ``output``."""
+    """A DuckDB connection with the views ``scores`` and ``tiles`` over ``output``."""
     import duckdb
 
     con = duckdb.connect()
     con.register("scores", open_scores(output, cfg))
+    con.register("tiles", open_tiles(output, cfg))
     return con
 
 
@@ -122,6 +143,28 @@ def failed(con: Any, prefix: str = "", since: str = "", until: str = "", model: 
         con,
         f"SELECT uri, error, size, model_id, run_date, run_id FROM scores{where} ORDER BY run_date DESC, uri LIMIT ?",
         params + [n],
+    )
+
+
+def photos(con: Any, n: int = 20, prefix: str = "", since: str = "", until: str = "", model: str = "") -> pa.Table:
+    """The ``n`` photos scored as tiles with the most crack tiles, for one model (default: the latest)."""
+    where, params = _where(prefix, since, until, model or latest_model(con), "error IS NULL AND tiles > 1")
+    return _run(
+        con,
+        "SELECT uri, crack_tiles, tiles, crack_probability, crack, model_id, run_date "
+        f"FROM scores{where} ORDER BY crack_tiles DESC, crack_probability DESC, uri LIMIT ?",
+        params + [n],
+    )
+
+
+def tiles_of(con: Any, uri: str, model: str = "") -> pa.Table:
+    """One photo's tiles (position, size, P(crack)) for one model (default: the latest)."""
+    model = model or latest_model(con)
+    return _run(
+        con,
+        "SELECT row, col, x, y, w, h, probability, model_id, run_date FROM tiles WHERE uri = ? AND model_id IN "
+        "(SELECT DISTINCT model_id FROM scores WHERE model_id = ? OR model_name = ?) ORDER BY row, col",
+        [uri, model, model],
     )
 
 

@@ -114,6 +114,79 @@ def replicate(src: Path, dest: Path, n: int) -> Path:
     return dest
 
 
+def stitched(src: Path, dest: Path, photos: int, cols: int = 16, rows: int = 12) -> tuple[Path, Path]:
+    """``photos`` whole photos of ``cols`` × ``rows`` real 227 px crops (JPEG, quality 95) in
+    ``dest/photos``, and the same crops as separate files in ``dest/crops`` (idempotent)."""
+    import numpy as np
+    from PIL import Image
+
+    from crackscale.imaging import jpeg
+
+    files = sorted(src.rglob("*.jpg"))
+    out, crops = dest / "photos", dest / "crops"
+    if len(list(out.glob("*.jpg"))) == photos and len(list(crops.glob("*.jpg"))) == photos * cols * rows:
+        return out, crops
+    shutil.rmtree(dest, ignore_errors=True)
+    out.mkdir(parents=True)
+    crops.mkdir()
+    for k in range(photos):
+        cells = files[k * cols * rows : (k + 1) * cols * rows]
+        for i, f in enumerate(cells):
+            shutil.copyfile(f, crops / f"{k:03d}-{i:03d}.jpg")
+        pix = [jpeg.decode_full(f.read_bytes()) for f in cells]
+        img = np.concatenate([np.concatenate(pix[r * cols : (r + 1) * cols], axis=1) for r in range(rows)])
+        Image.fromarray(img).save(out / f"photo-{k:03d}.jpg", quality=95)
+    return out, crops
+
+
+PHOTO_PEAK = """
+import json, sys, threading, numpy as np, psutil
+from PIL import Image
+from crackscale.config.score import ScoreConfig
+from crackscale.scoring.predictor import Predictor
+model, side, path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+rng = np.random.default_rng(0)
+cell = (rng.random((250, 250, 3)) * 255).astype(np.uint8)
+Image.fromarray(cell).save(path + ".small.jpg")
+Image.fromarray(np.tile(cell, (side // 250, side * 4 // 3 // 250, 1))).save(path, quality=90)
+del cell
+cfg = ScoreConfig(model=model, tile_size=227)
+p = Predictor(cfg, decode={"image_size": int(sys.argv[4]), "cfg": cfg, "antialias": False, "tile": 227})
+p({"uri": np.array([path + ".small.jpg"], dtype=object), "size": np.array([-1])})
+me, peak, done = psutil.Process(), [0], threading.Event()
+base = me.memory_info().rss
+def sample():
+    while not done.is_set():
+        peak[0] = max(peak[0], me.memory_info().rss)
+        done.wait(0.005)
+t = threading.Thread(target=sample); t.start()
+out = p({"uri": np.array([path], dtype=object), "size": np.array([-1])})
+done.set(); t.join()
+grown = (peak[0] - base) / 2**20
+w, h = Image.open(path).size
+print(json.dumps({"mp": round(w * h / 1e6, 1), "tiles": int(out["n_tiles"][0]), "grown_mib": round(grown, 1),
+                  "bytes_per_pixel": round(grown * 2**20 / (w * h), 2), "error": out["error"][0]}))
+"""
+
+
+def photo_memory(model: Path, work: Path, image_size: int, sides: list[int]) -> dict[str, dict]:
+    """An actor's peak memory growth while it scores one 4:3 photo of each height in ``sides``
+    (own processes)."""
+    rows = {}
+    for side in sides:
+        r = subprocess.run(
+            [sys.executable, "-c", PHOTO_PEAK, str(model), str(side), str(work / f"photo-{side}.jpg"), str(image_size)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        )
+        if r.returncode:
+            raise SystemExit(r.stderr[-3000:])
+        got = json.loads(r.stdout.strip().splitlines()[-1])
+        rows[f"actor memory, one {got['mp']} MP photo"] = got
+    return rows
+
+
 def rate(rt, batch, seconds: float, start=None) -> float:
     """img/s of a runtime predicting ``batch`` over and over for ``seconds`` (after one warm-up)."""
     rt.predict(batch)
@@ -188,6 +261,7 @@ def crackscale_run(
     chunk_size: int = 2000,
     decode: str = "auto",
     gcs_port: int | None = None,
+    extra: tuple[str, ...] = (),
 ) -> dict:
     """``jobs/score.py`` with a Ray of its own (``RAY_ADDRESS=local``), or attached to the running
     cluster whose GCS listens on ``gcs_port``; its summary, with peak RSS and the steady rate."""
@@ -208,6 +282,7 @@ def crackscale_run(
             f"chunk_size={chunk_size}",
             "--set",
             f"decode={decode}",
+            *extra,
         ],
         env,
         gcs_port,
@@ -305,6 +380,27 @@ def row(s: dict) -> dict:
     }
 
 
+def photo_runs(data: Path, work: Path, model_dir: Path, args: argparse.Namespace) -> dict[str, dict]:
+    """Tiles/s of ``jobs/score.py`` on photos stitched from crops (``tile_size: 227``) against
+    crops/s on the same crops as files, both in tiles (images) per second; then an actor's memory
+    growth per photo size."""
+    photos, crops = stitched(data, work / f"stitched-{args.photos}", args.photos)
+    out: dict[str, dict] = {}
+    for key, inp, n_per in (("tiles of stitched photos", photos, 16 * 12), ("the same crops as files", crops, 1)):
+        dest = work / "out-photos"
+        shutil.rmtree(dest, ignore_errors=True)
+        # one chunk per photo (1 per 192 crops): steady rates over the same number of chunks
+        chunk = max(1, args.photos // 4) if n_per > 1 else max(1, args.photos // 4) * 16 * 12
+        s = crackscale_run(str(model_dir), str(inp), str(dest), chunk_size=chunk, extra=("--set", "tile_size=227"))
+        per = {
+            k: (v * n_per if isinstance(v, (int, float)) and k in ("img_s", "steady_img_s") else v)
+            for k, v in row(s).items()
+        }
+        out[key] = dict(per, images=s["scored"], tiles=s["scored"] * n_per)
+    out.update(photo_memory(model_dir, work, args.image_size, [int(v) for v in args.photo_sides.split(",")]))
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "concrete-crack"))
@@ -314,7 +410,11 @@ def main() -> int:
     ap.add_argument("--alpha", type=float, default=1.0)
     ap.add_argument("--workdir", default="/tmp/crackscale-bench")
     ap.add_argument("--seconds", type=float, default=10.0, help="duration of each ceiling measurement")
-    ap.add_argument("--skip", default="", help="comma list of: s3, original, small, tasks, cluster")
+    ap.add_argument("--skip", default="", help="comma list of: s3, original, small, tasks, cluster, photos")
+    ap.add_argument("--photos", type=int, default=10, help="stitched photos of 16x12 crops in the photos rows")
+    ap.add_argument(
+        "--photo-sides", default="3000,4250,8660", help="heights of the 4:3 photos of the memory rows (12, 24, 100 MP)"
+    )
     ap.add_argument("--chunk-size", type=int, default=2000, help="scoring chunk_size (steady img/s needs >= 3 chunks)")
     args = ap.parse_args()
     skip = set(args.skip.split(","))
@@ -437,6 +537,7 @@ def main() -> int:
                 "wall_s": float(secs),
                 "peak_rss_mib": mem,
             }
+    photo_rows = {} if "photos" in skip else photo_runs(Path(args.data), work, model_dir, args)
     for k, v in listing.items() if "s3" not in skip else ():
         print(f"S3 listing of N={args.n} keys in 20 folders, {k}: {v:.2f} s")
     print(f"\nMobileNetV2 α={args.alpha}, {args.image_size} px, {os.cpu_count()} CPUs\n")
@@ -469,11 +570,23 @@ def main() -> int:
             b_over_c_steady=(b.get("steady_img_s") or 0) / c["img_s"],
             a_over_c=a["litert"] / c["img_s"],
         )
+    for k, v in photo_rows.items():
+        print(f"{k}: {json.dumps(v)}")
+    if photo_rows:
+        t, cr = photo_rows["tiles of stitched photos"], photo_rows["the same crops as files"]
+        ratios["tiles_over_crops_steady"] = (t.get("steady_img_s") or 0) / (cr.get("steady_img_s") or 1)
+        ratios["tiles_over_crops_wall"] = t["img_s"] / cr["img_s"]
     print(f"\n(b) in the ratios: {primary}")
     print("ratios at N=%d: %s" % (args.n, ", ".join(f"{k} {v:.2f}" for k, v in ratios.items())))
     print(
         json.dumps(
-            {"rows": rows, "ratios": ratios, "b": primary, **({"listing_s": listing} if "s3" not in skip else {})}
+            {
+                "rows": rows,
+                "photos": photo_rows,
+                "ratios": ratios,
+                "b": primary,
+                **({"listing_s": listing} if "s3" not in skip else {}),
+            }
         )
     )
     return 0

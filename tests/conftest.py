@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -690,3 +691,24 @@ def ray_tune_local(s3_server):
         )
         yield ray
         ray.shutdown()
+
+
+def job_env() -> dict:
+    return dict(os.environ, RAY_ADDRESS="local")  # a fresh local Ray, never someone else's cluster
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL the job and every process it started (its local Ray), by pid."""
+    import psutil
+
+    try:
+        kids = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        kids = []
+    os.kill(proc.pid, signal.SIGKILL)
+    for k in kids:
+        try:
+            k.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait(timeout=60)

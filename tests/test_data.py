@@ -29,6 +29,9 @@ def test_dedup_groups_and_reproducible_split(synth_data, tmp_path):
     assert p.stats["conflicting_labels_dropped"] == 1  # 00020 is in both classes: dropped
     assert p.stats["undecodable_dropped"] == 1
     assert p.stats["images"] == 300 - 1
+    # the crop size the model learns from: the most common longer side (a 100 px image does not move it)
+    assert p.stats["source_size"] == 227
+    assert labelled.source_size([{"width": 227, "height": 227}] * 3 + [{"width": 100, "height": 80}]) == 227
     hashes = [r["sha256"] for r in p.manifest]
     assert len(hashes) == len(set(hashes))
     # whole groups per split: neighbouring numbers never straddle splits

@@ -17,8 +17,14 @@ from crackscale.scoring import commit
 T0 = dt.datetime(2026, 11, 20, 2, 0, tzinfo=dt.UTC)
 
 
-def _chunk(uris: list[str], probs: list[float | None], errors: list[str | None], model_name: str) -> pa.Table:
+def _chunk(
+    uris: list[str], probs: list[float | None], errors: list[str | None], model_name: str, tiles: bool = True
+) -> pa.Table:
+    """Score rows; ``tiles=False``: as written before the tiles columns existed (they read as null)."""
     n = len(uris)
+    counts = {"tiles": [1 if p is not None else None for p in probs]}
+    counts["crack_tiles"] = [None if p is None else int(p >= 0.5) for p in probs]
+    schema = commit.SCHEMA if tiles else pa.schema([f for f in commit.SCHEMA if f.name not in counts])
     return pa.table(
         {
             "uri": uris,
@@ -33,8 +39,9 @@ def _chunk(uris: list[str], probs: list[float | None], errors: list[str | None],
             "run_id": ["r1"] * n,
             "scored_at": [T0] * n,
             "error": errors,
+            **(counts if tiles else {}),
         },
-        schema=commit.SCHEMA,
+        schema=schema,
     )
 
 
@@ -44,7 +51,7 @@ def write_fixture_scores(output: str) -> None:
     site_a = [f"{b}/site-a/{i}.jpg" for i in range(4)]
     site_b = [f"{b}/site-b/{i}.jpg" for i in range(3)]
     commit.commit_chunk(
-        _chunk(site_a, [0.9, 0.2, 0.7, None], [None, None, None, "decode: not an image"], "m"),
+        _chunk(site_a, [0.9, 0.2, 0.7, None], [None, None, None, "decode: not an image"], "m", tiles=False),
         output,
         "aaaa000000000001",
         "2026-11-20",

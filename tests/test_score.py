@@ -4,8 +4,6 @@ manifests, and kill-and-rerun exactly-once (SIGKILL of the job process at severa
 from __future__ import annotations
 
 import io
-import os
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -14,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pytest
-from conftest import PY, ROOT, last_json, run_job, upload_tree
+from conftest import PY, ROOT, job_env, kill_tree, last_json, run_job, upload_tree
 from PIL import Image, ImageOps
 
 from crackscale import query, storage
@@ -137,10 +135,6 @@ def score_job(model: str, inp: str, out: str, cache: Path, *extra: str) -> list[
     ]
 
 
-def job_env() -> dict:
-    return dict(os.environ, RAY_ADDRESS="local")  # a fresh local Ray, never someone else's cluster
-
-
 @pytest.mark.slow
 def test_s3_incremental_and_new_model(s3_server, s3_bucket, synth_data, model_artifact, model_artifact_v2, tmp_path):
     import boto3
@@ -214,23 +208,6 @@ def _parquet_files(out: Path) -> list[Path]:
     return [p for p in out.rglob("*.parquet") if "_staging" not in p.parts]
 
 
-def _kill_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL the job and every process it started (its local Ray), by pid."""
-    import psutil
-
-    try:
-        kids = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        kids = []
-    os.kill(proc.pid, signal.SIGKILL)
-    for k in kids:
-        try:
-            k.kill()
-        except psutil.NoSuchProcess:
-            pass
-    proc.wait(timeout=60)
-
-
 def _kill_predictor(proc: subprocess.Popen) -> bool:
     import psutil
 
@@ -297,7 +274,7 @@ def test_kill_and_rerun_exactly_once(synth_data, model_artifact, tmp_path):
                 "the run did not survive the loss of a model actor:\n" + log.read_text()[-4000:]
             )
             continue
-        _kill_tree(proc)
+        kill_tree(proc)
         files = _parquet_files(out)
         if not finished and not list((out / "_runs").glob("*.json")):
             killed_mid_run += 1
@@ -572,6 +549,10 @@ def test_benchmark_score_job_prints_rows_and_ratios(synth_data, tmp_path):
             "s3,small",
             "--chunk-size",
             "100",
+            "--photos",
+            "1",
+            "--photo-sides",
+            "1000",
             "--workdir",
             str(tmp_path),
         ],
@@ -603,6 +584,14 @@ def test_benchmark_score_job_prints_rows_and_ratios(synth_data, tmp_path):
     assert "| (b) crackscale local → Parquet, N=600, on a running cluster, next job |" in r.stdout
     # the same run with decode tasks before the model actor (the GPU layout), side by side
     assert rows["(b) crackscale local → Parquet, N=600, decode: tasks"]["img_s"] > 0
+    # whole photos: tiles/s of one stitched 16×12 photo beside the same 192 crops as files, and an
+    # actor's memory growth for a 1000 × 1250 photo
+    photos = out["photos"]
+    tiled, crops = photos["tiles of stitched photos"], photos["the same crops as files"]
+    assert (tiled["images"], tiled["tiles"], crops["images"], crops["tiles"]) == (1, 192, 192, 192)
+    assert ratios["tiles_over_crops_wall"] == pytest.approx(tiled["img_s"] / crops["img_s"]) > 0
+    (memory,) = [v for k, v in photos.items() if k.startswith("actor memory")]
+    assert memory["mp"] == pytest.approx(1.25, abs=0.06) and memory["tiles"] == 5 * 6 and memory["error"] == ""
 
 
 @pytest.mark.slow

@@ -36,9 +36,30 @@ class ScoreConfig:
         ),
     )
     extensions: tuple[str, ...] = setting(
-        (".jpg", ".jpeg", ".png"),
+        (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp"),
         group="Inputs and outputs",
         help="Listed files kept, by suffix (case-insensitive); manifest entries are not filtered",
+    )
+    tile_size: int = setting(
+        0,
+        group="Whole photos",
+        help=(
+            "Tile side in source pixels for photos larger than a crop; 0 = the artifact's source_size "
+            "(the crop size it learned from; an artifact without one scores every image whole)"
+        ),
+    )
+    tile_overlap: float = setting(
+        0.0,
+        group="Whole photos",
+        help="Share of a tile's side that neighbouring tiles overlap, in [0, 0.9); edge tiles are shifted inward",
+    )
+    tile_above: float = setting(
+        1.5,
+        group="Whole photos",
+        help=(
+            "A photo is cut into tiles when its longer side exceeds this many tile sides (> 1); "
+            "smaller images are resized whole, as crops are"
+        ),
     )
     runtime: str = setting(
         "auto",
@@ -64,6 +85,14 @@ class ScoreConfig:
         256,
         group="Pipeline",
         help="Images per Ray Data batch: one model-actor call (and one decode-task call with decode: tasks) each",
+    )
+    block_bytes: int = setting(
+        4_000_000,
+        group="Pipeline",
+        help=(
+            "A block also ends at this many bytes of listed objects, so that big photos (many tiles each) "
+            "spread over the actors; 0 = blocks of block_size images only"
+        ),
     )
     chunk_size: int = setting(
         2000,
@@ -148,9 +177,12 @@ class ScoreConfig:
         help="Pipeline attempts per wave (>= 1): after a lost actor or node the uncommitted chunks run again",
     )
     max_pixels: int = setting(
-        50_000_000,
+        120_000_000,
         group="Limits",
-        help="Images with more pixels are refused before decoding (decompression-bomb guard)",
+        help=(
+            "Images with more pixels are refused before decoding (decompression-bomb guard); "
+            "the default admits 100 MP photos"
+        ),
     )
     run_date: str = setting("", group="Run", help='Output partition date YYYY-MM-DD; "" = today (UTC)')
     cache_dir: str = setting(
@@ -177,6 +209,7 @@ class ScoreConfig:
         check(self.decoder in ("auto", "tf"), "config key 'decoder' must be auto or tf")
         check(self.batch_size >= 0, "config key 'batch_size' must be >= 0 (0 = per runtime)")
         check(self.block_size > 0, "config key 'block_size' must be positive")
+        check(self.block_bytes >= 0, "config key 'block_bytes' must be >= 0 (0 = by count only)")
         check(self.chunk_size > 0, "config key 'chunk_size' must be positive")
         check(self.num_actors >= 0, "config key 'num_actors' must be >= 0")
         check(self.actor_cpus >= 0 and self.decode_cpus > 0, "actor_cpus must be >= 0 and decode_cpus > 0")
@@ -188,6 +221,9 @@ class ScoreConfig:
         check(self.max_attempts >= 1, "config key 'max_attempts' must be >= 1")
         check(self.max_pixels > 0, "config key 'max_pixels' must be positive")
         check(self.parity_tolerance > 0, "config key 'parity_tolerance' must be positive")
+        check(self.tile_size >= 0, "config key 'tile_size' must be >= 0 (0 = the artifact's source_size)")
+        check(0 <= self.tile_overlap < 0.9, "config key 'tile_overlap' must be in [0, 0.9)")
+        check(self.tile_above > 1, "config key 'tile_above' must be > 1")
         check(
             all(e.startswith(".") for e in self.extensions),
             "config key 'extensions' must list suffixes starting with '.', e.g. .jpg",

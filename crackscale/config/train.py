@@ -75,6 +75,14 @@ class TrainConfig:
     )
     synth_per_class: int = setting(200, group="Data", help='Synthetic images generated per class when data is ""')
     synth_dir: str = setting("demo/data", group="Data", help='Where synthetic images are written when data is ""')
+    source_size: int = setting(
+        0,
+        group="Data",
+        help=(
+            "Side in pixels of the crops the model learns from, recorded in the artifact: scoring cuts larger "
+            "photos into tiles of this size; 0 = learn it from the training images (their most common longer side)"
+        ),
+    )
     image_size: int = setting(
         160,
         group="Model",
@@ -236,6 +244,7 @@ def _validate_train(self: TrainConfig) -> None:
     check(self.lr_schedule in ("constant", "cosine"), "config key 'lr_schedule' must be constant or cosine")
     check(self.min_epochs >= 0 and self.patience >= 0, "config keys 'min_epochs' and 'patience' must be >= 0")
     check(self.freeze_base in ("auto", "true", "false"), "config key 'freeze_base' must be auto, true or false")
+    check(self.source_size >= 0, "config key 'source_size' must be >= 0 (0 = learned from the data)")
     check(self.group_size >= 1, "config key 'group_size' must be >= 1")
     check(0 <= self.bn_momentum < 1, "config key 'bn_momentum' must be in [0, 1)")
     check(bool(self.weights), "config key 'weights' must be imagenet, none, or a path/URI")

@@ -14,6 +14,7 @@ import io
 import json
 import logging
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,16 +80,23 @@ def assign_splits(groups: dict[str, int], seed: int, val_fraction: float, test_f
     return out
 
 
-def _check_image(data: bytes) -> str | None:
-    """None if ``data`` looks like a decodable image, else the reason."""
+def _check_image(data: bytes) -> tuple[str | None, tuple[int, int]]:
+    """(None, (width, height)) if ``data`` looks like a decodable image, else (the reason, (0, 0))."""
     if not data:
-        return "empty file"
+        return "empty file", (0, 0)
     try:
         with Image.open(io.BytesIO(data)) as im:
+            size = im.size
             im.verify()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        return f"not a decodable image: {e}"
-    return None
+        return f"not a decodable image: {e}", (0, 0)
+    return None, size
+
+
+def source_size(rows: list[dict[str, Any]]) -> int:
+    """The most common longer side of the images (the crop size of a dataset cut from photos)."""
+    sides = Counter(max(r["width"], r["height"]) for r in rows)
+    return sides.most_common(1)[0][0] if sides else 0
 
 
 def _read(cfg: TrainConfig, data_uri: str) -> tuple[list[dict[str, Any]], list[bytes]]:
@@ -130,7 +138,7 @@ def _dedupe(rows: list[dict[str, Any]], blobs: list[bytes]) -> tuple[list[int], 
             if rows[first_by_hash[digest]]["label"] != row["label"]:
                 conflicts.add(digest)
             continue
-        reason = _check_image(blob)
+        reason, (row["width"], row["height"]) = _check_image(blob)
         if reason:
             bad += 1
             log.warning("skipping %s: %s", row["uri"], reason)
@@ -191,6 +199,7 @@ def scan(cfg: TrainConfig, data_uri: str) -> Prepared:
         "images": len(manifest),
         "per_split": counts,
         "groups": len({r["group"] for r in manifest}),
+        "source_size": source_size(manifest),
     }
     log.info("data: %s", json.dumps(stats))
     return Prepared(manifest=manifest, images=images, labels=labels, manifest_hash=manifest_hash(manifest), stats=stats)

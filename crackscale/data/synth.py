@@ -100,3 +100,29 @@ def generate(
             path.write_bytes(buf.getvalue())
     log.info("synthetic data: %d images per class in %s", per_class, out)
     return out
+
+
+def photos(out_dir: str | Path, n: int = 1, cols: int = 8, rows: int = 6, size: int = 227, seed: int = 0) -> list[Path]:
+    """Write ``n`` whole "inspection photos" of ``cols`` × ``rows`` synthetic crops of ``size`` px
+    (``photo-NNN.jpg``), about a third of the cells cracked, and beside each the crack cells it holds
+    (``photo-NNN.cells.json``: [row, col] pairs); idempotent."""
+    import json
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng([seed, 2])
+    written = []
+    for k in range(n):
+        crack = rng.random((rows, cols)) < 1 / 3
+        cells = [
+            [np.asarray(make_image(rng, crack=bool(crack[r, c]), size=size)[0]) for c in range(cols)]
+            for r in range(rows)
+        ]
+        path = out / f"photo-{k:03d}.jpg"
+        if not path.exists():
+            img = np.concatenate([np.concatenate(row, axis=1) for row in cells], axis=0)
+            Image.fromarray(img).save(path, quality=92)
+            path.with_suffix(".cells.json").write_text(json.dumps(np.argwhere(crack).tolist()))
+        written.append(path)
+    log.info("synthetic photos: %d of %dx%d crops in %s", n, cols, rows, out)
+    return written

@@ -73,6 +73,17 @@ def _decode_jpeg(data: bytes) -> np.ndarray:
     return simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=True, fastupsample=False, strict=True)
 
 
+def decode_full(data: bytes) -> np.ndarray:
+    """The whole JPEG as decoded (uint8 RGB, orientation not applied); raises on any libjpeg error
+    or warning."""
+    return _decode_jpeg(data)
+
+
+def resize_into(img: np.ndarray, size: int, out: np.ndarray) -> None:
+    """TensorFlow's bilinear resize (no antialias) of a contiguous uint8 [h, w, 3] into ``out``."""
+    _kernels()(img, size, out)
+
+
 def decode(data: bytes, image_size: int, orientation: int = 1) -> np.ndarray | None:
     """uint8 [image_size, image_size, 3] upright, or None where libjpeg reports any error or
     warning (the caller decodes that file with TensorFlow, which then gives its answer)."""

@@ -133,3 +133,11 @@ def clean_error(e: Exception) -> str:
     skip = ("Graph execution error", "Detected at node", "File ")  # where the op was defined
     lines = [ln.strip() for ln in msg.splitlines() if ln.strip() and not ln.strip().startswith(skip)]
     return lines[0] if lines else type(e).__name__
+
+
+def resize_uint8(img: Any, size: int, antialias: bool) -> Any:
+    """uint8 [h, w, 3] → uint8 [size, size, 3] with ``tf.image.resize`` (bilinear), rounded as
+    training rounds its decoded crops."""
+    tf = import_tf_or_exit()
+    out = tf.image.resize(tf.constant(img), (size, size), antialias=antialias)
+    return tf.cast(tf.round(tf.clip_by_value(out, 0, 255)), tf.uint8).numpy()

@@ -1,6 +1,7 @@
 """``scoring_report(output, run_id)`` writes ``<output>/_reports/<run_id>/index.html``: counts,
 throughput, the probability histogram against the previous night, and the top-N cracks with a
-Grad-CAM overlay. It reads the Parquet outputs and the run's ``_runs/<run_id>.json``."""
+Grad-CAM overlay; for whole photos a crack map each (``reports.photos``), a summary per site and a
+review queue. It reads the Parquet outputs and the run's ``_runs/<run_id>.json``."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from crackscale import artifact, query, storage
 from crackscale.config.score import ScoreConfig
 from crackscale.config.storage import StorageConfig
 from crackscale.imaging.tfdecode import resize_antialias
-from crackscale.reports import gradcam
+from crackscale.reports import gradcam, photos
 from crackscale.reports.page import Page, esc, figure, td, thumb
 from crackscale.scoring.decode import decode_image
 
@@ -92,7 +93,13 @@ def _gallery(page: Page, top: list[dict[str, Any]], model_uri: str, cfg: Storage
 
 
 def scoring_report(
-    output_uri: str, run_id: str, cfg: StorageConfig | None = None, top_n: int = 12, model_uri: str = ""
+    output_uri: str,
+    run_id: str,
+    cfg: StorageConfig | None = None,
+    top_n: int = 12,
+    model_uri: str = "",
+    max_maps: int = 100,
+    review_n: int = 20,
 ) -> str:
     """Write ``<output>/_reports/<run_id>/index.html`` (+ PNGs) for one scoring run; returns its URI.
 
@@ -176,6 +183,14 @@ def scoring_report(
         f"<h2>Top {top_n} most likely cracks</h2><p>Heatmap: Grad-CAM on the model's last convolutional "
         "block, red = where the model sees the crack.</p>",
         _gallery(page, _top_of_run(con, run_id, top_n), model_uri or s.get("model", ""), cfg),
+        "<h2>Photos with cracks</h2><p>Each photo scored as tiles: its tiles' P(crack) as heat (brighter = "
+        "higher), the tiles at or above the threshold outlined.</p>",
+        photos.photo_gallery(page, con, run_id, thr, cfg, max_maps),
+        "<h2>Sites</h2><p>Per folder of the input.</p>",
+        photos.sites(con, run_id),
+        f"<h2>Review queue</h2><p>The {review_n} images closest to the threshold: the least sure calls, for a "
+        "person to check.</p>",
+        photos.review_queue(con, run_id, thr, review_n),
     )
     return page.publish(storage.join(output_uri, "_reports", run_id), cfg)
 

@@ -9,6 +9,7 @@ import os
 import uuid
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from crackscale import storage
@@ -30,8 +31,11 @@ SCHEMA = pa.schema(
         ("run_id", pa.string()),
         ("scored_at", pa.timestamp("us", tz="UTC")),
         ("error", pa.string()),
+        ("tiles", pa.int32()),  # tiles scored: 1 for an image scored whole, null on error
+        ("crack_tiles", pa.int32()),  # tiles at or above the threshold
     ]
 )
+TILES_DIR = "_tiles"  # the tiles table, partitioned like the scores; '_': invisible to their readers
 
 
 def committed(output: str, mid: str, cfg: StorageConfig) -> KeySet:
@@ -48,29 +52,64 @@ def committed(output: str, mid: str, cfg: StorageConfig) -> KeySet:
     return KeySet.of_distinct([key_hash(u) for u in b.column(0).to_pylist()] for b in data.to_batches(columns=["uri"]))
 
 
-def commit_chunk(table: pa.Table, output: str, mid: str, run_date: str, cfg: StorageConfig) -> str:
-    """Write one chunk's rows as one Parquet file, atomically; the name is a hash of its keys."""
+def part_name(table: pa.Table) -> str:
+    """A chunk's file name: a hash of its keys, the same whichever run commits them."""
+    keys = sorted(table.column("uri").to_pylist())
+    return "part-" + hashlib.sha256("\n".join(keys).encode()).hexdigest()[:24] + ".parquet"
+
+
+def commit_chunk(
+    table: pa.Table, output: str, mid: str, run_date: str, cfg: StorageConfig, tiles: pa.Table | None = None
+) -> str:
+    """Write one chunk's rows as one Parquet file, atomically; the name is a hash of its keys.
+
+    ``tiles`` (the chunk's tiled photos' tiles) is written first, under ``_tiles/`` with the same
+    partition and name: the scores file is the commit point, and readers of the tiles table take
+    only files whose scores file exists (``committed_tiles``). A run killed between the two writes
+    leaves a tiles file that is invisible, and overwritten when the chunk is committed again."""
+    name = part_name(table)
+    partition = (f"model_id={mid}", f"run_date={run_date}", name)
+    if tiles is not None and tiles.num_rows:
+        _write(tiles, storage.join(output, TILES_DIR, *partition), output, cfg)
+    uri = storage.join(output, *partition)
+    _write(table, uri, output, cfg)
+    return uri
+
+
+def _write(table: pa.Table, uri: str, output: str, cfg: StorageConfig) -> None:
+    """One Parquet file that appears whole or not at all (S3: one PUT; local: staging + rename)."""
     import pyarrow.parquet as pq
 
-    keys = sorted(table.column("uri").to_pylist())
-    name = "part-" + hashlib.sha256("\n".join(keys).encode()).hexdigest()[:24] + ".parquet"
-    uri = storage.join(output, f"model_id={mid}", f"run_date={run_date}", name)
     buf = pa.BufferOutputStream()
     pq.write_table(table, buf, compression="zstd")
     data = buf.getvalue().to_pybytes()
     if storage.is_s3(output):
-        storage.write_bytes(uri, data, cfg)  # a single PUT: the object appears whole or not at all
-        return uri
+        storage.write_bytes(uri, data, cfg)
+        return
     staging = storage.join(output, "_staging")  # '_' dirs are invisible to pyarrow/DuckDB readers
     os.makedirs(staging, exist_ok=True)
     os.makedirs(os.path.dirname(uri), exist_ok=True)
-    tmp = os.path.join(staging, f"{name}.{uuid.uuid4().hex}")
+    tmp = os.path.join(staging, f"{os.path.basename(uri)}.{uuid.uuid4().hex}")
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, uri)
-    return uri
+
+
+def committed_tiles(output: str, cfg: StorageConfig | None = None) -> list[str]:
+    """Paths (in ``output``'s filesystem) of the tiles files whose chunk is committed."""
+    import pyarrow.fs as pafs
+
+    fs, root = storage.resolve(output, cfg)
+    root = root.rstrip("/")
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+    except OSError as e:
+        raise storage.StorageError(f"cannot list {output}: {e}") from None
+    parts = {i.path[len(root) + 1 :] for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet")}
+    prefix = TILES_DIR + "/"
+    return [f"{root}/{p}" for p in sorted(parts) if p.startswith(prefix) and p[len(prefix) :] in parts]
 
 
 def rows_table(t: pa.Table, meta: dict[str, Any], run_id: str) -> pa.Table:
@@ -101,6 +140,26 @@ def rows_table(t: pa.Table, meta: dict[str, Any], run_id: str) -> pa.Table:
             "run_id": pa.array([run_id] * n, pa.string()),
             "scored_at": t["scored_at_us"].cast(pa.timestamp("us", tz="UTC")),
             "error": err,
+            **_tile_counts(t, ok, thr),
         },
         schema=SCHEMA,
     )
+
+
+def _tile_counts(t: pa.Table, ok: pa.Array, thr: float) -> dict[str, pa.Array]:
+    """``tiles`` and ``crack_tiles`` of each row (a photo scored whole counts as one tile)."""
+    probs = t["tile_probs"].to_pylist() if "tile_probs" in t.column_names else [b""] * t.num_rows
+    whole = t["crack_probability"].to_pylist()
+    n, cracks = [], []
+    for good, blob, p in zip(ok.to_pylist(), probs, whole):
+        if not good:
+            n.append(None)
+            cracks.append(None)
+        elif blob:
+            tiles = np.frombuffer(blob, np.float32)
+            n.append(len(tiles))
+            cracks.append(int((tiles >= np.float32(thr)).sum()))
+        else:
+            n.append(1)
+            cracks.append(int(np.float32(p) >= np.float32(thr)))
+    return {"tiles": pa.array(n, pa.int32()), "crack_tiles": pa.array(cracks, pa.int32())}

@@ -162,6 +162,22 @@ class _ListingClosed(Exception):
     """The caller stopped reading the listing."""
 
 
+def blocks_of(rows: list[dict[str, Any]], size: int, max_bytes: int) -> Iterator[list[dict[str, Any]]]:
+    """``rows`` cut into blocks of at most ``size`` rows and, where sizes are known, at most
+    ``max_bytes`` (0: no limit) of listed objects; a block holds at least one row."""
+    block: list[dict[str, Any]] = []
+    total = 0
+    for r in rows:
+        n = max(int(r["size"]), 0)
+        if block and (len(block) == size or (max_bytes and total + n > max_bytes)):
+            yield block
+            block, total = [], 0
+        block.append(r)
+        total += n
+    if block:
+        yield block
+
+
 class Listing:
     """The driver's listing in a thread of its own, so that scoring need not wait for its end.
 
@@ -208,7 +224,7 @@ class Listing:
             cid = hashlib.sha256("\n".join(r["uri"] for r in rows).encode()).hexdigest()[:16]
             self.remote = self.remote or any(storage.is_s3(r["uri"]) for r in rows)
             blocks = []
-            for part in (rows[i : i + cfg.block_size] for i in range(0, len(rows), cfg.block_size)):
+            for part in blocks_of(rows, cfg.block_size, cfg.block_bytes):
                 t = pa.table(
                     {
                         "uri": [r["uri"] for r in part],

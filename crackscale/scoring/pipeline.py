@@ -14,6 +14,7 @@ from crackscale.imaging.tfdecode import resize_antialias
 from crackscale.scoring.blocks import dataset
 from crackscale.scoring.decode import decode_batch
 from crackscale.scoring.predictor import Predictor
+from crackscale.scoring.tiles import tile_side
 
 log = logging.getLogger(__name__)
 
@@ -29,14 +30,19 @@ def build(
     n_actors = min(n_actors, len(blocks))  # an actor per block at most (a small wave, a tiny input)
     cfg = dataclasses.replace(cfg, threads=threads)
     log.info("%d model actors, %s inference threads each", n_actors, threads or "all the node's cores as")
-    decode = {"image_size": int(meta["image_size"]), "cfg": cfg, "antialias": resize_antialias(meta)}
+    decode = {
+        "image_size": int(meta["image_size"]),
+        "cfg": cfg,
+        "antialias": resize_antialias(meta),
+        "tile": tile_side(meta, cfg),
+    }
     ds = dataset(blocks)
     if in_actor := decode_in_actor(cfg):  # no decoded image crosses the object store
         compute = ActorPoolStrategy(
             size=n_actors, max_concurrent_calls_per_actor=actor_calls(cfg, remote), enable_true_multi_threading=True
         )
     else:
-        ds = ds.map_batches(decode_batch, batch_size=cfg.block_size, num_cpus=cfg.decode_cpus, fn_kwargs=decode)
+        ds = ds.map_batches(decode_batch, batch_size=None, num_cpus=cfg.decode_cpus, fn_kwargs=decode)
         compute = ActorPoolStrategy(size=n_actors)
     # max_restarts=0: a model actor lost with its node is not restarted in place. Restarted on a
     # surviving node it can take the CPUs that re-running the lost decode outputs needs, and the
@@ -45,7 +51,7 @@ def build(
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*is deprecated")
         return ds.map_batches(
             Predictor,
-            batch_size=cfg.block_size,
+            batch_size=None,  # a listed block is a batch: blocks end at block_size images or block_bytes
             fn_constructor_kwargs={"cfg": cfg, "decode": decode if in_actor else None},
             compute=compute,
             num_cpus=cfg.actor_cpus,

@@ -17,6 +17,7 @@ from crackscale.runtimes.keras import configure_tf
 from crackscale.runtimes.litert import LiteRTRuntime
 from crackscale.runtimes.select import select
 from crackscale.scoring.decode import decode_batch, fast_jpeg
+from crackscale.scoring.tiles import TileScorer
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,7 @@ class Predictor:
 
         self.decode = decode
         self._model_lock = threading.Lock()
+        self._photo_lock = threading.Lock()  # one full-size photo in memory at a time
         ready = None
         if loader is None and not cfg.use_gpu and cfg.runtime in ("auto", "litert"):
             ready = artifact_litert(cfg)  # the artifact's checked export: no Keras model in this actor
@@ -91,23 +93,38 @@ class Predictor:
                 decoders(size, aa)
         log.info("predictor ready: %s", self.info)
 
+    def _predict(self, images: np.ndarray) -> np.ndarray:
+        with self._model_lock:
+            return self.runtime.predict(images)
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """P(crack) per row: of the image, or of a tiled photo's highest tile (``tile_probs``: all of
+        its tiles' probabilities in grid order, as float32 bytes; empty for images scored whole)."""
         import time
 
+        scorer = TileScorer(self._predict, getattr(self.runtime, "batch_size", 1))
         if self.decode:
-            batch = decode_batch(batch, **self.decode)
+            batch = decode_batch(batch, **self.decode, on_tile=scorer.add, one_photo=self._photo_lock)
+        for i, arr in enumerate(batch.get("tiles", ())):  # decoded in tasks: the tiles came with the rows
+            for t in arr:
+                scorer.add(i, t)
+        scorer.flush()
         errors = np.asarray(batch["error"], dtype=object)
-        ok = np.array([not e for e in errors], dtype=bool)
-        p = np.full(len(errors), np.nan, np.float32)
-        if ok.any():
-            with self._model_lock:
-                p[ok] = self.runtime.predict(np.asarray(batch["image"])[ok])
-        out = {k: v for k, v in batch.items() if k != "image"}
         n = len(errors)
+        whole = np.array([not e for e in errors], dtype=bool) & (np.asarray(batch.get("n_tiles", np.zeros(n))) == 0)
+        p = np.full(n, np.nan, np.float32)
+        if whole.any():
+            p[whole] = self._predict(np.asarray(batch["image"])[whole])
+        tile_probs = np.full(n, b"", dtype=object)
+        for i, probs in scorer.probabilities.items():
+            arr = np.asarray(probs, np.float32)
+            p[i], tile_probs[i] = arr.max(), arr.tobytes()
+        out = {k: v for k, v in batch.items() if k not in ("image", "tiles")}
         out.update(
             crack_probability=p,
             error=errors,
             scored_at_us=np.full(n, int(time.time() * 1e6), np.int64),
             runtime=np.array([self.runtime.name] * n, dtype=object),
+            tile_probs=tile_probs,
         )
         return out

@@ -20,6 +20,8 @@ from crackscale.scoring import pipeline, recovery
 from crackscale.scoring.commit import commit_chunk, committed, rows_table
 from crackscale.scoring.keys import model_id
 from crackscale.scoring.listing import Listing
+from crackscale.scoring.tiles import table as tiles_table
+from crackscale.scoring.tiles import tile_side
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,7 @@ class _Run:
     run_date: str
     t0: float
     summary: dict[str, Any]
+    tile: int = 0  # tile side for photos larger than a crop (0: every image scored whole)
     finished: set[str] = dataclasses.field(default_factory=set)  # chunks committed by this run
 
     @classmethod
@@ -61,7 +64,7 @@ class _Run:
             "attempts": 0,
             "waves": 0,
         }
-        return cls(cfg, meta, mid, run_id, run_date, t0, summary)
+        return cls(cfg, meta, mid, run_id, run_date, t0, summary, tile_side(meta, cfg))
 
     @property
     def done(self) -> int:
@@ -180,7 +183,8 @@ def _gather_and_commit(ds: Any, sizes: dict[str, int], r: _Run) -> None:
 def _commit(results: pa.Table, cid: str, r: _Run, total: int) -> int:
     """Commit one whole chunk's results and count them; returns its number of rows."""
     rows = rows_table(results, r.meta, r.run_id)
-    uri = commit_chunk(rows, r.cfg.output, r.model_id, r.run_date, r.cfg.storage)
+    tiled = tiles_table(results, r.tile, r.cfg.tile_overlap, r.run_id) if r.tile else None
+    uri = commit_chunk(rows, r.cfg.output, r.model_id, r.run_date, r.cfg.storage, tiles=tiled)
     r.finished.add(cid)
     ok = rows["error"].null_count
     r.summary["scored"] += ok

@@ -233,6 +233,8 @@ def _model_meta(
         "class_names": list(cfg.class_names),
         "crack_class": cfg.crack_class,
         "image_size": cfg.image_size,
+        # the crops it learned from: scoring cuts larger photos into tiles of this side
+        "source_size": cfg.source_size or int(config["data_stats"].get("source_size", 0)),
         "input": {
             "dtype": "float32",
             "shape": [None, cfg.image_size, cfg.image_size, 3],
