@@ -34,6 +34,7 @@ EXAMPLES = {
     "tune": "crackscale tune --config jobs/configs/tune.yaml",
     "report": "crackscale report --run latest --output demo/scores",
     "doctor": "crackscale doctor",
+    "repair": "crackscale repair --output s3://bucket/scores/",
 }
 MORE_EXAMPLES = {
     "synth": ["crackscale synth --out demo/photos --photos 1 --grid 8x6"],
@@ -60,6 +61,7 @@ HELP = {
     "tune": "search hyperparameters with Ray Tune (same as jobs/tune.py)",
     "report": "(re)build the HTML report of a scoring run or a model artifact",
     "doctor": "check Python/TF/Ray versions, the Ray cluster, S3 and GPUs",
+    "repair": "move unreadable output files aside so that the next run scores their images again",
 }
 USER_ERRORS: tuple[type[BaseException], ...] = (
     ConfigError,
@@ -142,10 +144,14 @@ def score_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="model artifact URI (= --set model=…)")
     p.add_argument("--input", help="image prefix or manifest URI (= --set input=…)")
     p.add_argument("--output", help="Parquet output root (= --set output=…)")
+    p.add_argument(
+        "--wait", action="store_true", help="wait while another run holds this output (= --set wait_for_lease=true)"
+    )
 
 
 def score_config(args: argparse.Namespace) -> ScoreConfig:
-    return scoring_config(args, {"model": args.model, "input": args.input, "output": args.output})
+    flags = {"model": args.model, "input": args.input, "output": args.output}
+    return scoring_config(args, {**flags, "wait_for_lease": "true" if getattr(args, "wait", False) else None})
 
 
 def cmd_score(args: argparse.Namespace) -> dict[str, Any]:
@@ -170,6 +176,9 @@ def query_arguments(p: argparse.ArgumentParser) -> None:
         "photos: photos scored as tiles, most crack tiles first; tiles: one photo's tiles (--uri)",
     )
     p.add_argument("--uri", default="", help="the photo whose tiles `tiles` lists")
+    p.add_argument(
+        "--all-versions", action="store_true", help="every scored version of a changed image, not only its latest"
+    )
     add_config_args(p, " (a scoring config: its output and storage are read)")
     p.add_argument("--output", help="scores root written by `crackscale score` (local or s3://; = --set output=…)")
     p.add_argument("--sql", help='any SQL over the view "scores", e.g. "SELECT count(*) FROM scores"')
@@ -189,7 +198,7 @@ def cmd_query(args: argparse.Namespace) -> int:
     cfg = scoring_config(args, {"output": args.output})
     if not cfg.output:
         raise ConfigError("say where the scores are: --output URI (or output in --config)")
-    con = query.connect(cfg.output, cfg.storage)
+    con = query.connect(cfg.output, cfg.storage, all_versions=args.all_versions)
     filters = dict(prefix=args.prefix, since=args.since, until=args.until, model=args.model)
     if args.sql:
         table = query.sql(con, args.sql)
@@ -254,6 +263,21 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 1 if any(c.status == "fail" for c in checks) else 0
 
 
+def repair_arguments(p: argparse.ArgumentParser) -> None:
+    add_config_args(p, " (a scoring config: its output and storage are read)")
+    p.add_argument("--output", help="scores root to check (local or s3://; = --set output=…)")
+    add_storage_flag(p)
+
+
+def cmd_repair(args: argparse.Namespace) -> dict[str, Any]:
+    from crackscale.scoring.repair import repair
+
+    cfg = scoring_config(args, {"output": args.output})
+    if not cfg.output:
+        raise ConfigError("say which output to repair: --output URI (or output in --config)")
+    return repair(cfg.output, cfg.storage)
+
+
 def synth_arguments(p: argparse.ArgumentParser) -> None:
     add_config_args(p, " (a training config: synth_dir, synth_per_class, class_names, seed)")
     p.add_argument("--out", help="folder to write <class>/*.jpg into (= --set synth_dir=…; default demo/data)")
@@ -295,6 +319,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[a
     "tune": (tune_arguments, cmd_tune),
     "report": (report_arguments, cmd_report),
     "doctor": (doctor_arguments, cmd_doctor),
+    "repair": (repair_arguments, cmd_repair),
 }
 
 
@@ -306,7 +331,8 @@ def run_guarded(fn: Callable[[argparse.Namespace], Any], args: argparse.Namespac
     try:
         result = fn(args)
     except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
+        # raised in a Ray task or actor: Ray's error carries the cause, with a traceback in its text
+        print(f"error: {getattr(e, 'cause', None) or e}", file=sys.stderr)
         return 2
     except RuntimeError as e:  # e.g. weights that cannot be loaded, Ray Train failures
         msg = str(e).strip().splitlines()

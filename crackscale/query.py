@@ -64,13 +64,21 @@ def open_tiles(output: str, cfg: StorageConfig | None = None) -> Any:
         raise storage.StorageError(f"cannot read tiles at {output}: {e}") from None
 
 
-def connect(output: str, cfg: StorageConfig | None = None) -> Any:
-    """A DuckDB connection with the views ``scores`` and ``tiles`` over ``output``."""
+def connect(output: str, cfg: StorageConfig | None = None, all_versions: bool = False) -> Any:
+    """A DuckDB connection with the views ``scores`` and ``tiles`` over ``output``. An image whose
+    content changed was scored again: ``scores`` holds its latest version per model, or every
+    version with ``all_versions``."""
     import duckdb
 
     con = duckdb.connect()
-    con.register("scores", open_scores(output, cfg))
+    con.register("score_rows", open_scores(output, cfg))
     con.register("tiles", open_tiles(output, cfg))
+    latest = (
+        ""
+        if all_versions
+        else " QUALIFY row_number() OVER (PARTITION BY model_id, uri ORDER BY scored_at DESC, run_id DESC) = 1"
+    )
+    con.execute(f"CREATE VIEW scores AS SELECT * FROM score_rows{latest}")
     return con
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 
+from crackscale.config.loader import ConfigError
+
 
 def connect(dashboard: bool | None = None) -> None:
     """Attach to the cluster, or start a private Ray (``RAY_ADDRESS=local``); no-op if connected."""
@@ -20,3 +22,34 @@ def connect(dashboard: bool | None = None) -> None:
         ray.init(include_dashboard=dashboard)
     else:
         ray.init()
+
+
+HOME_ENV = "CRACKSCALE_HOME"  # the base of relative output paths, where the working directory is not the user's
+
+
+def durable(path: str, key: str) -> str:
+    """Where an output path lands, resolved once, in the driver: an ``s3://`` URI or an absolute
+    path as it is; a relative path under ``$CRACKSCALE_HOME`` when set, else under the current
+    directory. Under ``ray job submit`` the current directory is Ray's temporary copy of the
+    project, deleted once unused, so there a relative path without ``CRACKSCALE_HOME`` is refused
+    with one line saying what to set (``key``: the config key, for that line)."""
+    if not path or "://" in path:
+        return path
+    path = os.path.expanduser(path)
+    if os.path.isabs(path):
+        return path
+    home = os.environ.get(HOME_ENV, "").strip()
+    if home:
+        return os.path.join(os.path.abspath(os.path.expanduser(home)), path)
+    if os.environ.get(_JOB_SUBMISSION_ENV):
+        raise ConfigError(
+            f"config key '{key}' is the relative path {path!r}: under `ray job submit` it would land in Ray's "
+            "temporary copy of the working directory, which Ray deletes; give an absolute path or an s3:// URI, "
+            f'or set {HOME_ENV} in the job\'s runtime env (--runtime-env-json \'{{"env_vars": {{"{HOME_ENV}": '
+            '"/data/crackscale"}}}}\')'
+        )
+    return os.path.abspath(path)
+
+
+# set by Ray's job supervisor in the environment of a submitted job's driver
+_JOB_SUBMISSION_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"

@@ -204,6 +204,17 @@ def write_bytes(uri: str, data: bytes, cfg: StorageConfig | None = None) -> None
         raise wrap_error(uri, cfg, e) from None
 
 
+def delete(uri: str, cfg: StorageConfig | None = None) -> None:
+    """Delete one file or object (absent: nothing to do)."""
+    fs, path = resolve(uri, cfg)
+    try:
+        fs.delete_file(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        raise wrap_error(uri, cfg, e) from None
+
+
 def write_text(uri: str, text: str, cfg: StorageConfig | None = None) -> None:
     write_bytes(uri, text.encode(), cfg)
 
@@ -259,11 +270,35 @@ def basename(uri: str) -> str:
 # ---- object reads for scoring (one GET each, per-object errors, transient faults retried) ----
 
 
+# answers about the credentials, not the object: every later request gets the same
+CREDENTIAL_ERRORS = (
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "ExpiredToken",
+    "ExpiredTokenException",
+    "TokenRefreshRequired",
+    "InvalidToken",
+    "InvalidClientTokenId",
+    "AuthorizationHeaderMalformed",
+)
+
+
+class CredentialsError(StorageError):
+    """The endpoint refused the credentials themselves: the run stops, no image is marked failed."""
+
+
+# An image row's error that is the run's failure, not the image's: the driver stops the run with it
+# and never commits the row's chunk (raised in a Ray worker, an exception would reach the driver
+# wrapped in Ray's own, its type lost).
+RUN_FAILURE = "run failure: "
+
+
 def get_object(uri: str, cfg: StorageConfig | None = None, pool: int = 10) -> bytes:
     """An S3 object's bytes in one GET (pyarrow's streams send a HEAD first: twice the requests).
 
     Raises FileNotFoundError (no such key), PermissionError or ValueError (an answer about the
-    object: its error row), or OSError (transient: throttling, 5xx, connection lost)."""
+    object: its error row), CredentialsError (expired or wrong credentials: the run's failure), or
+    OSError (transient: throttling, 5xx, connection lost)."""
     import botocore.exceptions as bx
     import urllib3.exceptions
 
@@ -277,6 +312,11 @@ def get_object(uri: str, cfg: StorageConfig | None = None, pool: int = 10) -> by
         msg = f"{code or status}: {err.get('Message') or e}"
         if code in ("NoSuchKey", "NotFound", "404") or status == 404:
             raise FileNotFoundError(uri) from None
+        if code in CREDENTIAL_ERRORS:
+            raise CredentialsError(
+                f"credentials refused by the S3 endpoint {S3Settings.resolve(cfg).describe()} ({msg}); "
+                "renew or fix them and run again: the chunks not committed are scored then"
+            ) from None
         if code in ("AccessDenied", "403") or status == 403:
             raise PermissionError(f"ACCESS_DENIED {msg}") from None
         if status >= 500 or status == 429 or "SlowDown" in code or "Throttl" in code or not status:
@@ -305,6 +345,8 @@ def read_object(uri: str, cfg: StorageConfig | None = None, attempts: int = 3, p
                 return f.read()
         except FileNotFoundError:
             return "read: not found"
+        except CredentialsError:
+            raise
         except Exception as e:  # permanent (denied, invalid key, local I/O): this image's error row
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             transient = isinstance(e, OSError) and not isinstance(e, PermissionError)

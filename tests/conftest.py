@@ -482,6 +482,10 @@ class FaultyS3Proxy:
     ``"deny"`` answers every request 403 AccessDenied. ``fail_first``: the first attempt of every
     distinct (method, path) fails too, so every kind of request must be retried at least once.
     ``latency``: seconds each forwarded request waits first (a remote endpoint's round trip).
+    ``drop_put_answers``: the first that many PUTs of ``part-`` files are forwarded (the server
+    stores them) and then answered with a TCP reset instead of the server's answer.
+    ``expire_after``: after that many object GETs under ``images/``, every such GET is answered
+    400 ExpiredToken (credentials that expire mid-run; set it to None to renew them).
     Counters: ``faults``, ``faulted_requests``, ``forwarded``, ``paths`` (forwarded, in order) and
     ``max_in_flight`` (the most requests it served at once).
     """
@@ -490,6 +494,7 @@ class FaultyS3Proxy:
         "slowdown": (503, "SlowDown", "Please reduce your request rate."),
         "internal": (500, "InternalError", "We encountered an internal error. Please try again."),
         "deny": (403, "AccessDenied", "Access Denied"),
+        "expired": (400, "ExpiredToken", "The provided token has expired."),
     }
 
     def __init__(
@@ -502,6 +507,8 @@ class FaultyS3Proxy:
         mode: str = "mixed",
         fail_first: bool = False,
         latency: float = 0.0,
+        expire_after: int | None = None,
+        drop_put_answers: int = 0,
     ) -> None:
         import http.server
         import random
@@ -510,6 +517,8 @@ class FaultyS3Proxy:
         self.upstream = upstream.split("://", 1)[1]
         self.rate, self.max_consecutive, self.mode = rate, max_consecutive, mode
         self.fail_first, self.latency = fail_first, latency
+        self.expire_after, self.image_gets = expire_after, 0
+        self.drop_put_answers, self.dropped = drop_put_answers, []
         self.paths: list[str] = []
         self.in_flight = self.max_in_flight = 0
         self._seen: set[tuple[str, str]] = set()
@@ -595,6 +604,20 @@ class FaultyS3Proxy:
                 finally:
                     with proxy._lock:
                         proxy.in_flight -= 1
+                with proxy._lock:
+                    drop = (
+                        self.command == "PUT" and "part-" in self.path and len(proxy.dropped) < proxy.drop_put_answers
+                    )
+                    if drop:
+                        proxy.dropped.append(self.path)
+                if drop:  # stored upstream; the client never hears so
+                    import socket
+                    import struct
+
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    self.close_connection = True
+                    self.connection.close()
+                    return
                 self.send_response(resp.status, resp.reason)
                 for k, v in resp.getheaders():
                     if k.lower() not in ("transfer-encoding", "connection", "content-length", "server", "date"):
@@ -623,7 +646,11 @@ class FaultyS3Proxy:
 
     def _decide(self, method: str, path: str) -> str:
         with self._lock:
-            if self.mode == "deny":
+            image_get = method == "GET" and "/images/" in path and "list-type" not in path
+            self.image_gets += image_get
+            if self.expire_after is not None and image_get and self.image_gets > self.expire_after:
+                kind = "expired"
+            elif self.mode == "deny":
                 kind = "deny"
             else:
                 key = (method, path)

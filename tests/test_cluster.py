@@ -404,3 +404,57 @@ def test_local_script_starts_runs_a_job_and_stops(tmp_path_factory):
         # Stops only this test's cluster (by its GCS port); other Ray clusters on the machine live on.
         _script(["down"], env)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- KubeRay's own schemas
+CRDS = ROOT.parent / "shared" / "kuberay-crds"
+
+
+def _strict(schema):
+    """The CRD schema as ``kubectl apply --validate=strict`` applies it: an object schema with
+    ``properties`` refuses other keys unless it preserves unknown fields."""
+    if isinstance(schema, list):
+        return [_strict(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _strict(v) for k, v in schema.items()}
+    if "properties" in schema and "additionalProperties" not in schema:
+        if not schema.get("x-kubernetes-preserve-unknown-fields"):
+            out["additionalProperties"] = False
+    return out
+
+
+def _crd_validators() -> dict[tuple[str, str], object]:
+    import jsonschema
+
+    out = {}
+    for f in sorted(CRDS.glob("ray.io_*.yaml")):
+        crd = yaml.safe_load(f.read_text())
+        for version in crd["spec"]["versions"]:
+            schema = _strict(version["schema"]["openAPIV3Schema"])
+            key = (crd["spec"]["names"]["kind"], f"{crd['spec']['group']}/{version['name']}")
+            out[key] = jsonschema.Draft7Validator(schema)
+    return out
+
+
+@pytest.mark.skipif(not CRDS.is_dir(), reason="../shared/kuberay-crds not present")
+def test_kuberay_manifests_validate_against_the_operators_crds():
+    """Every RayCluster, RayJob and RayCronJob in cluster/kubernetes/ is valid against the KubeRay
+    operator's CRD schema of its kind and version, unknown fields refused; a typo'd key is caught."""
+    validators = _crd_validators()
+    checked = set()
+    for name, doc in _k8s_docs():
+        key = (doc["kind"], doc["apiVersion"])
+        if not doc["apiVersion"].startswith("ray.io/"):
+            continue
+        assert key in validators, f"{name}: no CRD for {key}"
+        errors = sorted(validators[key].iter_errors(doc), key=lambda e: list(e.absolute_path))
+        assert not errors, f"{name}: {errors[0].message} at {'.'.join(map(str, errors[0].absolute_path))}"
+        checked.add(doc["kind"])
+    assert checked == {"RayCluster", "RayJob", "RayCronJob"}
+    (cluster,) = [d for _, d in _k8s_docs() if d["kind"] == "RayCluster"]
+    typo = copy.deepcopy(cluster)
+    typo["spec"]["headGroupSpec"]["rayStartParam"] = typo["spec"]["headGroupSpec"].pop("rayStartParams")
+    assert any(
+        "rayStartParam" in e.message for e in validators[("RayCluster", cluster["apiVersion"])].iter_errors(typo)
+    )

@@ -70,7 +70,7 @@ def test_doctor_checks_in_process(s3_server, s3_bucket, monkeypatch):
     assert doctor.check_s3(StorageConfig(), "").status == "skip"  # never probes AWS itself unless asked to
 
 
-SUBCOMMANDS = ("train", "synth", "score", "query", "tune", "report", "doctor")
+SUBCOMMANDS = ("train", "synth", "score", "query", "tune", "report", "doctor", "repair")
 
 
 def test_cli_help_shows_examples():

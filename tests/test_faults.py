@@ -141,6 +141,48 @@ def test_an_s3_object_read_is_one_get_and_its_failures_are_classified(s3_server,
     assert len(dead.faulted_requests) == 5  # the client's own 5 attempts
 
 
+@pytest.mark.slow
+def test_credentials_expiring_mid_run_stop_the_run_and_the_rerun_scores_every_image_once(
+    ray_local, s3_server, s3_bucket, faulty_s3, synth_data, model_artifact, tmp_path
+):
+    """After 12 image GETs the endpoint answers ExpiredToken: the run stops with one line naming
+    the endpoint and the error (no image gets a ``read:`` row for it); with the credentials renewed
+    the re-run scores every image once. A denied object while others read stays that image's row."""
+    n = stage_images(synth_data, tmp_path / "imgs" / "site-a", 40, bad=False)
+    upload_tree(s3_server, tmp_path / "imgs", s3_bucket, "images")
+    proxy = faulty_s3(rate=0.0, expire_after=12)
+    inp, out = f"s3://{s3_bucket}/images/", f"s3://{s3_bucket}/scores"
+    cfg = cfg_for(model_artifact["uri"], inp, out, proxy.endpoint, tmp_path, chunk_size=4, block_size=4, batch_size=4)
+    with pytest.raises(storage.CredentialsError) as e:
+        scoring_run.run(cfg)
+    assert str(e.value).startswith(f"credentials refused by the S3 endpoint {proxy.endpoint} (ExpiredToken")
+    committed = scores_direct(out, s3_server) if s3_keys(s3_server, s3_bucket, "scores/") else None
+    if committed is not None:
+        assert committed["error"].null_count == committed.num_rows  # no image failed for the credentials
+    proxy.expire_after = None  # renewed
+    s = scoring_run.run(cfg)
+    t = scores_direct(out, s3_server)
+    assert t.num_rows == n and len(set(t["uri"].to_pylist())) == n and t["error"].null_count == n
+    assert s["already_scored"] + s["scored"] == n and s["failed"] == 0
+
+
+@pytest.mark.slow
+def test_a_commit_put_stored_but_unanswered_is_retried_and_every_image_is_once(
+    ray_local, s3_server, s3_bucket, faulty_s3, synth_data, model_artifact, tmp_path
+):
+    """The proxy forwards the first three chunk PUTs and drops their answers: the client retries
+    each (the same object, the same bytes), the run completes, and every image is there once."""
+    n = stage_images(synth_data, tmp_path / "imgs" / "site-a", 24, bad=False)
+    upload_tree(s3_server, tmp_path / "imgs", s3_bucket, "images")
+    proxy = faulty_s3(rate=0.0, drop_put_answers=3)
+    inp, out = f"s3://{s3_bucket}/images/", f"s3://{s3_bucket}/scores"
+    s = scoring_run.run(cfg_for(model_artifact["uri"], inp, out, proxy.endpoint, tmp_path, chunk_size=4))
+    assert len(proxy.dropped) == 3 and s["chunks"] == 6 and s["scored"] == n, (proxy.dropped, s)
+    t = scores_direct(out, s3_server)
+    assert t.num_rows == n and len(set(t["uri"].to_pylist())) == n
+    assert len([k for k in s3_keys(s3_server, s3_bucket, "scores/") if "/part-" in k]) == 6
+
+
 def test_s3_listing_shares_the_bounded_client(s3_server, s3_bucket, faulty_s3, tmp_path):
     """Listing pages through storage.s3_client: a fault is retried, and an endpoint that never
     answers well fails the listing after the same 5 attempts, with an error naming it."""

@@ -95,7 +95,8 @@ def hostile_files() -> dict[str, tuple[bytes, str]]:
             "ok",
         ),
         "with space ünïcödé 裂缝 🙂.jpg": (good, "ok"),
-        "double..dots..jpg": (good, "ok"),  # a leading "." is a hidden file: not listed locally
+        "double..dots..jpg": (good, "ok"),
+        'quote"d, comma.jpg': (good, "ok"),  # a leading "." is a hidden file: not listed locally
     }
 
 

@@ -68,6 +68,21 @@ def test_parity_guard_refuses_a_wrong_export(model_artifact, model_artifact_v2, 
         rt_select.select(v1.model, v1.meta, "litert", 8, cache_dir=str(tmp_path))
 
 
+def test_a_cached_export_is_used_only_when_its_hash_matches(model_artifact, tmp_path):
+    """The LiteRT cache keeps each export's SHA-256 beside it: a damaged (or half-written) cache
+    file is exported again, never loaded."""
+    loaded = artifact.load(model_artifact["uri"])
+    path = litert.cache_path(str(tmp_path), loaded.meta["model_sha256"])
+    rt_select.select(loaded.model, loaded.meta, "litert", 8, cache_dir=str(tmp_path))
+    good = path.read_bytes()
+    assert litert.verified(path) and litert.digest_path(path).is_file()
+    path.write_bytes(good[: len(good) // 2])  # damaged in place
+    assert not litert.verified(path)
+    rt, info = rt_select.select(loaded.model, loaded.meta, "litert", 8, cache_dir=str(tmp_path))
+    assert rt.name == "litert" and info["parity_max_abs_diff"] <= 1e-4
+    assert litert.verified(path) and path.read_bytes() == good
+
+
 def test_predictor_without_ray_gpu_path_on_cpu(model_artifact, lite_cache):
     """The actor class with an injected loader; runtime=tf + use_gpu runs the GPU code path on CPU."""
     calls = []
@@ -187,3 +202,28 @@ def test_a_tampered_or_missing_export_is_refused_or_redone(model_artifact, tmp_p
     pred = predictor.Predictor(cfg)
     assert pred.info["runtime"] == "litert" and pred.info["litert"] == "converted", pred.info
     assert pred.info["parity_max_abs_diff"] <= 1e-4
+
+
+def test_one_model_per_run_an_artifact_replaced_mid_run_is_refused(model_artifact, model_artifact_v2, tmp_path):
+    """``models/current`` republished during a run: the next attempt refuses to start (the driver
+    checks model.json before each attempt) and so does any model actor that loads the new files."""
+    import shutil
+
+    from crackscale.artifact import ArtifactError
+    from crackscale.scoring import run as scoring_run
+
+    art = tmp_path / "current"
+    shutil.copytree(model_artifact["uri"], art)
+    first, second = model_artifact["meta"]["model_sha256"][:16], model_artifact_v2["meta"]["model_sha256"][:16]
+    cfg = ScoreConfig(model=str(art), input=str(tmp_path), output=str(tmp_path / "out"), cache_dir=str(tmp_path / "c"))
+    predictor.Predictor(cfg, model_id=first)  # the run's model: fine
+    r = scoring_run._Run.start(cfg, 0.0)
+    scoring_run._same_model(r)
+    shutil.rmtree(art)
+    shutil.copytree(model_artifact_v2["uri"], art)
+    with pytest.raises(ArtifactError, match=f"replaced during the run \\(model_id {first}, now {second}\\)"):
+        scoring_run._same_model(r)
+    with pytest.raises(
+        ArtifactError, match=f"no longer the one this run scores with \\(model_id {first}, now {second}"
+    ):
+        predictor.Predictor(cfg, model_id=first)

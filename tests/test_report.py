@@ -298,3 +298,48 @@ def test_scoring_report(ray_local, trained, synth_data, chromium, tmp_path, s3_s
     text = Path(report_scoring.scoring_report(out, again["run_id"])).read_text()
     assert 'id="already-scored" data-value="22"' in text and 'id="scored" data-value="0"' in text
     assert "No images scored in this run." in text
+
+
+ODD_NAMES = ('quote"d, comma é space.jpg', "new\nline.jpg", "plain.jpg")
+
+
+def test_odd_uris_and_hostile_model_json_values_survive_csv_and_html(synth_data, tmp_path):
+    """URIs with quotes, commas, non-ASCII, spaces and newlines come back unaltered from
+    manifest.csv and test_predictions.csv (written and read by ``csv``), so the report finds their
+    images; every model.json value on the page is escaped."""
+    from crackscale.data import labelled
+    from crackscale.training.loop import predictions_csv
+
+    images = tmp_path / "imgs"
+    images.mkdir()
+    src = sorted((synth_data / "Positive").glob("*.jpg"))
+    uris = []
+    for name, f in zip(ODD_NAMES, src):
+        (images / name).write_bytes(f.read_bytes())
+        uris.append(str(images / name))
+    manifest = [
+        {"uri": u, "class": "Positive", "label": 1, "sha256": "0" * 64, "group": "g", "split": "test"} for u in uris
+    ]
+    back = list(csv.DictReader(io.StringIO(labelled.manifest_csv(manifest))))
+    assert [r["uri"] for r in back] == uris
+    art = tmp_path / "artifact"
+    art.mkdir()
+    (art / "test_predictions.csv").write_text(predictions_csv(uris, [1, 1, 1], np.array([0.1, 0.2, 0.9])))
+    evil = "<script>alert(1)</script>"
+    meta = {
+        "name": evil,
+        "created_at": evil,
+        "threshold": 0.5,
+        "target_recall": evil,
+        "num_workers": evil,
+        "versions": {"crackscale": evil},
+        "history": [{"epoch": evil, "phase": evil, "loss": evil}],
+        "metrics": {"after": {"test": {"n": evil}}},
+        "data_stats": {"per_split": {evil: {"Positive": 1}}},
+        "config": {},
+    }
+    (art / "model.json").write_text(json.dumps(meta))
+    page = Path(report_training.training_report(str(art))).read_text()
+    assert evil not in page and "&lt;script&gt;" in page
+    # the two missed cracks (p below the threshold) are shown, their images found
+    assert "image unavailable" not in page and page.count("<img") >= 2

@@ -1,14 +1,20 @@
-"""Secrets never leak: recognisable fake S3 credentials and a fake Ray token are set, a tiny
-training run reads its data from the S3 server and a tiny scoring run writes Parquet to it; then
-every output (artifact, run storage, Parquet and run summaries on S3, job stdout/stderr) and every
-file of the Ray session (logs included) is searched for them."""
+"""Secrets never leak: recognisable fake S3 credentials and a fake Ray token are set the ways users
+set them (environment variables, then a ``~/.aws/credentials`` profile), a tiny training run reads
+its data from the S3 server and tiny scoring runs write Parquet to it; then every output is
+searched for them as a user reads it: the artifact and run storage, the Parquet files decoded by
+pyarrow (and their raw bytes), run summaries and reports on S3, job stdout/stderr, and every file of
+the Ray sessions (logs included)."""
 
 from __future__ import annotations
 
+import io
+import json
 import os
+import tempfile
 import urllib.parse
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 from conftest import files_under, last_json, run_job, upload_tree
 
@@ -22,9 +28,15 @@ SECRETS = {
 }
 
 
+FILE_SECRETS = {  # in ~/.aws/credentials for the second scoring run
+    "aws_access_key_id": "AKIAFAKEPROF1LE0KEY7",
+    "aws_secret_access_key": "fakeProfileSecretRel1ab1l1ty/Kq2wE4rT6yU8iO0p",
+}
+
+
 def needles() -> list[bytes]:
     out = []
-    for v in SECRETS.values():
+    for v in [*SECRETS.values(), *FILE_SECRETS.values()]:
         out += [v.encode(), urllib.parse.quote(v, safe="").encode()]
         out.append(v[8:28].encode())  # a fragment: a truncated or re-wrapped copy still counts
     return sorted(set(out))
@@ -38,6 +50,7 @@ def test_no_secret_in_any_output_or_log(s3_server, s3_bucket, synth_data, tmp_pa
     import boto3
 
     ray_tmp = Path("/tmp") / f"rs-{os.getpid()}-{tmp_path.name[-6:]}"  # short: Ray's socket paths
+    home = Path("/nonexistent")
     env = dict(os.environ, **SECRETS, RAY_TMPDIR=str(ray_tmp), RAY_ADDRESS="local")
     try:
         n = upload_tree(s3_server, synth_data / "Positive", s3_bucket, "data/Positive")
@@ -110,8 +123,42 @@ def test_no_secret_in_any_output_or_log(s3_server, s3_bucket, synth_data, tmp_pa
         s3 = boto3.client("s3", endpoint_url=s3_server)
         written = [o["Key"] for o in s3.list_objects_v2(Bucket=s3_bucket, Prefix="scores/").get("Contents", [])]
         assert any(k.endswith(".parquet") for k in written) and any("/_runs/" in k for k in written)
+        # the same job with the credentials in a profile, as on a workstation
+        home = Path(tempfile.mkdtemp(prefix="home-"))  # not searched: it holds the profile's secrets
+        (home / ".aws").mkdir(parents=True)
+        (home / ".aws" / "credentials").write_text(
+            "[default]\n" + "".join(f"{k} = {v}\n" for k, v in FILE_SECRETS.items())
+        )
+        env2 = {k: v for k, v in env.items() if not k.startswith("AWS_") or k == "AWS_ENDPOINT_URL"}
+        env2.update(HOME=str(home), AWS_EC2_METADATA_DISABLED="true")
+        score2 = run_job(
+            [
+                "jobs/score.py",
+                "--model",
+                str(artifact),
+                "--input",
+                f"s3://{s3_bucket}/data/Positive/",
+                "--output",
+                f"s3://{s3_bucket}/scores2",
+                "--set",
+                f"storage.s3_endpoint={s3_server}",
+                "--set",
+                f"cache_dir={tmp_path / 'cache'}",
+            ],
+            env=env2,
+            timeout=900,
+        )
+        assert score2.returncode == 0, score2.stderr[-4000:]
+        assert last_json(score2.stdout)["scored"] > 0
+        if leaks((score2.stdout + score2.stderr).encode()):
+            found["score (profile) stdout+stderr"] = leaks((score2.stdout + score2.stderr).encode())
+        written += [o["Key"] for o in s3.list_objects_v2(Bucket=s3_bucket, Prefix="scores2/").get("Contents", [])]
+        assert any(k.endswith(".html") for k in written)  # the scoring reports are searched too
         for key in written:
             body = s3.get_object(Bucket=s3_bucket, Key=key)["Body"].read()
+            if key.endswith(".parquet"):  # compressed pages hide text from a byte search: decode them
+                table = pq.read_table(io.BytesIO(body))
+                body += json.dumps(table.to_pylist(), default=str).encode()
             if leaks(body):
                 found[f"s3://{s3_bucket}/{key}"] = leaks(body)
         session_files = files_under(ray_tmp)
@@ -132,3 +179,4 @@ def test_no_secret_in_any_output_or_log(s3_server, s3_bucket, synth_data, tmp_pa
         import shutil
 
         shutil.rmtree(ray_tmp, ignore_errors=True)
+        shutil.rmtree(home, ignore_errors=True)

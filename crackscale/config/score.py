@@ -192,6 +192,19 @@ class ScoreConfig:
             'Cache of LiteRT exports for artifacts that carry none, keyed by model SHA-256; "" = <tmp>/crackscale-cache'
         ),
     )
+    lease_ttl_s: float = setting(
+        300.0,
+        group="Run",
+        help=(
+            "A run holds a lease on (output, model) and renews it every quarter of this; a lease without "
+            "renewal for this long belongs to a dead run and is taken over"
+        ),
+    )
+    wait_for_lease: bool = setting(
+        False,
+        group="Run",
+        help="When another run holds the lease: wait for it (true, --wait) or stop with one line naming it",
+    )
     dashboard: bool = setting(
         False,
         group="Run",
@@ -224,6 +237,7 @@ class ScoreConfig:
         check(self.tile_size >= 0, "config key 'tile_size' must be >= 0 (0 = the artifact's source_size)")
         check(0 <= self.tile_overlap < 0.9, "config key 'tile_overlap' must be in [0, 0.9)")
         check(self.tile_above > 1, "config key 'tile_above' must be > 1")
+        check(self.lease_ttl_s > 0, "config key 'lease_ttl_s' must be positive")
         check(
             all(e.startswith(".") for e in self.extensions),
             "config key 'extensions' must list suffixes starting with '.', e.g. .jpg",

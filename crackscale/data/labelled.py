@@ -9,6 +9,7 @@ kept image) and its hash are recorded with every run and artifact.
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import io
 import json
@@ -214,8 +215,12 @@ def manifest_hash(manifest: list[dict[str, Any]]) -> str:
 
 
 def manifest_csv(manifest: list[dict[str, Any]]) -> str:
-    cols = ["uri", "class", "label", "sha256", "group", "split"]
-    lines = [",".join(cols)]
-    for r in manifest:
-        lines.append(",".join(json.dumps(r[c]) if c == "uri" else str(r[c]) for c in cols))
-    return "\n".join(lines) + "\n"
+    """The manifest as CSV (``csv`` quoting: a URI with quotes, commas or newlines reads back as is)."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(MANIFEST_COLUMNS)
+    w.writerows([r[c] for c in MANIFEST_COLUMNS] for r in manifest)
+    return buf.getvalue()
+
+
+MANIFEST_COLUMNS = ("uri", "class", "label", "sha256", "group", "split")

@@ -107,7 +107,7 @@ def scoring_report(
     Parquet cannot know: listed / skipped counts, duration). Heatmaps need the model artifact:
     ``model_uri`` or the one the run summary names.
     """
-    con = query.connect(output_uri, cfg)
+    con = query.connect(output_uri, cfg, all_versions=True)  # the run's own rows, even if scored again since
     if run_id == "latest":
         run_id = latest_run(con)
     s = run_summary(output_uri, run_id, cfg)

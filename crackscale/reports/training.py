@@ -79,10 +79,10 @@ def _learning_curves(page: Page, meta: dict[str, Any]) -> str:
     axes[0].legend(fontsize=8)
     img = page.fig("learning_curves.png", fig, "learning curves")
     rows = "".join(
-        f'<tr data-epoch="{h["epoch"]}" data-phase="{esc(h["phase"])}"><td>{h["epoch"]}</td><td class="l">'
+        f'<tr data-epoch="{esc(h["epoch"])}" data-phase="{esc(h["phase"])}"><td>{esc(h["epoch"])}</td><td class="l">'
         f"{esc(h['phase'])}</td>"
         + "".join(
-            f"<td>{num(h.get(k))}</td>"
+            f"<td>{esc(num(h.get(k)))}</td>"
             for k in ("loss", "val_loss", "accuracy", "val_accuracy", "recall", "val_recall")
         )
         + "</tr>"

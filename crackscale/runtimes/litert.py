@@ -3,6 +3,7 @@ parity check that a LiteRT export gives tf.keras's probabilities before it is tr
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 import uuid
@@ -63,7 +64,23 @@ def export_litert(model: Any, path: str | Path) -> Path:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
     tmp.write_bytes(data)
     os.replace(tmp, path)  # concurrent actors on one node may race: last complete file wins
+    tmp.write_text(hashlib.sha256(data).hexdigest())
+    os.replace(tmp, digest_path(path))  # written after the file: a file without it is not trusted
     return path
+
+
+def digest_path(path: Path) -> Path:
+    """Where the SHA-256 of an exported ``.tflite`` is kept, beside it."""
+    return path.with_name(path.name + ".sha256")
+
+
+def verified(path: Path) -> bool:
+    """Whether ``path`` is a whole export: its SHA-256 matches the digest written with it."""
+    try:
+        want = digest_path(path).read_text().strip()
+        return hashlib.sha256(path.read_bytes()).hexdigest() == want
+    except OSError:
+        return False
 
 
 def sample_images(image_size: int, n: int = 16, seed: int = 0) -> np.ndarray:

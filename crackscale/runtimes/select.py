@@ -12,7 +12,7 @@ import numpy as np
 
 from crackscale.runtimes.base import DEFAULT_BATCH, Runtime
 from crackscale.runtimes.keras import TFRuntime
-from crackscale.runtimes.litert import LiteRTRuntime, cache_path, export_litert, parity, sample_images
+from crackscale.runtimes.litert import LiteRTRuntime, cache_path, export_litert, parity, sample_images, verified
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,9 @@ def select(
     sha = str(meta.get("model_sha256") or "")
     path = cache_path(cache_dir, sha) if sha else Path(tempfile.mkdtemp()) / "model.tflite"
     try:
-        if not path.is_file():
+        if not verified(path):
+            if path.is_file():
+                log.warning("LiteRT cache %s does not match its recorded SHA-256: exporting it again", path)
             log.info("exporting the model to LiteRT: %s", path)
             export_litert(model, path)
         lite = LiteRTRuntime(path, batch_size or DEFAULT_BATCH["litert"], threads)

@@ -14,7 +14,7 @@ import pyarrow as pa
 
 from crackscale import storage
 from crackscale.config.storage import StorageConfig
-from crackscale.scoring.keys import KeySet, key_hash
+from crackscale.scoring.keys import KeySet, scored_key, version
 
 PARTITIONING = pa.schema([("model_id", pa.string()), ("run_date", pa.string())])
 SCHEMA = pa.schema(
@@ -35,26 +35,69 @@ SCHEMA = pa.schema(
         ("crack_tiles", pa.int32()),  # tiles at or above the threshold
     ]
 )
+QUARANTINE_DIR = "_quarantine"  # unreadable output files moved aside by `crackscale repair`
 TILES_DIR = "_tiles"  # the tiles table, partitioned like the scores; '_': invisible to their readers
 
 
 def committed(output: str, mid: str, cfg: StorageConfig) -> KeySet:
     """The hashes of every URI already committed under ``output`` for model ``mid``."""
     import pyarrow.dataset as ds
+    import pyarrow.fs as pafs
 
     fs, root = storage.resolve(storage.join(output, f"model_id={mid}"), cfg)
     try:
+        if fs.get_file_info(root).type == pafs.FileType.NotFound:
+            return KeySet()  # nothing committed for this model yet
         data = ds.dataset(root, filesystem=fs, format="parquet", partitioning="hive")
-    except (FileNotFoundError, pa.ArrowInvalid):
-        return KeySet()
+        return KeySet.of_distinct(
+            [scored_key(u, version(e, s, m)) for u, e, s, m in _versions(b)]
+            for b in data.to_batches(columns=["uri", "etag", "size", "mtime"])
+        )
+    except pa.ArrowInvalid as e:  # a file that is not whole Parquet: never "nothing committed"
+        raise damaged(output, fs, root, e) from None
     except OSError as e:
         raise storage.StorageError(f"cannot read committed scores under {output}: {e}") from None
-    return KeySet.of_distinct([key_hash(u) for u in b.column(0).to_pylist()] for b in data.to_batches(columns=["uri"]))
+
+
+def _versions(batch: pa.RecordBatch | pa.Table) -> Any:
+    """(uri, etag, size, mtime in µs) of each committed row."""
+    uri, etag, size = (batch.column(c).to_pylist() for c in ("uri", "etag", "size"))
+    return zip(uri, etag, size, batch.column("mtime").cast(pa.int64()).to_pylist())
+
+
+def unreadable(fs: Any, root: str) -> list[tuple[str, str]]:
+    """(path, reason) of every Parquet file under ``root`` whose ``uri`` column cannot be read."""
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
+
+    bad = []
+    for info in fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True)):
+        if info.type != pafs.FileType.File or not info.path.endswith(".parquet"):
+            continue
+        if {"_staging", QUARANTINE_DIR} & set(info.path.split("/")):
+            continue
+        try:
+            with fs.open_input_file(info.path) as f:
+                pq.read_table(f, columns=["uri"])
+        except (pa.ArrowInvalid, OSError) as e:
+            bad.append((info.path, str(e).splitlines()[0] if str(e) else type(e).__name__))
+    return bad
+
+
+def damaged(output: str, fs: Any, root: str, e: Exception) -> storage.StorageError:
+    """The error that stops a run over a damaged output: the file named, and what to do."""
+    bad = unreadable(fs, root)
+    what = f"{storage.uri_of(output, bad[0][0])} ({bad[0][1]})" if bad else f"a file under {output} ({e})"
+    more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+    return storage.StorageError(
+        f"damaged output file {what}{more}: move it aside with `crackscale repair --output {output}`, then run "
+        "again (its images are scored again)"
+    )
 
 
 def part_name(table: pa.Table) -> str:
-    """A chunk's file name: a hash of its keys, the same whichever run commits them."""
-    keys = sorted(table.column("uri").to_pylist())
+    """A chunk's file name: a hash of its keys (URI and version), the same whichever run commits them."""
+    keys = sorted(f"{u}\n{version(e, s, m)}" for u, e, s, m in _versions(table))
     return "part-" + hashlib.sha256("\n".join(keys).encode()).hexdigest()[:24] + ".parquet"
 
 

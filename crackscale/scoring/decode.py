@@ -167,6 +167,10 @@ def _blobs(uris: list[str], cfg: ScoreConfig) -> Iterator[bytes | str]:
 
 
 def _read(uri: str, cfg: ScoreConfig) -> bytes | str:
-    """The object's bytes, or its error row's text (``storage.read_object``); S3 clients are pooled
-    for two decode calls at a time per actor."""
-    return storage.read_object(uri, cfg.storage, pool=2 * cfg.read_threads)
+    """The object's bytes, or its error row's text (``storage.read_object``); refused credentials
+    are the run's failure (``storage.RUN_FAILURE``). S3 clients are pooled for two decode calls at a
+    time per actor."""
+    try:
+        return storage.read_object(uri, cfg.storage, pool=2 * cfg.read_threads)
+    except storage.CredentialsError as e:
+        return storage.RUN_FAILURE + str(e)

@@ -20,6 +20,21 @@ def model_id(meta: dict[str, Any]) -> str:
     return sha[:16]
 
 
+def version(etag: str | None, size: int | None, mtime_us: int | None) -> str:
+    """Which content of an object was scored: its ETag, else its size and modification time (local
+    files), else "" (a manifest entry without either: the URI alone)."""
+    if etag:
+        return f"e:{etag}"
+    if mtime_us is not None and mtime_us >= 0:
+        return f"m:{size}:{mtime_us}"
+    return ""
+
+
+def scored_key(uri: str, ver: str) -> bytes:
+    """The key of "this content of this URI was scored": a changed object is a new key."""
+    return key_hash(f"{uri}\n{ver}" if ver else uri)
+
+
 def key_hash(uri: str) -> bytes:
     """16-byte hash of a URI plus a 0x01 sentinel: numpy's fixed-width bytes dtype strips trailing
     NUL bytes, so a hash ending in 0x00 would never match itself in the sorted array."""

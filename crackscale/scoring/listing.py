@@ -16,7 +16,7 @@ from crackscale import storage
 from crackscale.config.score import ScoreConfig
 from crackscale.config.storage import StorageConfig
 from crackscale.scoring.blocks import block_metadata
-from crackscale.scoring.keys import KeySet, key_hash
+from crackscale.scoring.keys import KeySet, scored_key, version
 from crackscale.scoring.manifests import is_manifest, read_manifest
 
 log = logging.getLogger(__name__)
@@ -178,6 +178,12 @@ def blocks_of(rows: list[dict[str, Any]], size: int, max_bytes: int) -> Iterator
         yield block
 
 
+def _version(obj: dict[str, Any]) -> str:
+    """A listed object's version, as its committed row will record it (mtime in µs)."""
+    mtime = obj["mtime_ns"] // 1000 if obj["mtime_ns"] >= 0 else None
+    return version(obj["etag"] or None, obj["size"], mtime)
+
+
 class Listing:
     """The driver's listing in a thread of its own, so that scoring need not wait for its end.
 
@@ -245,7 +251,7 @@ class Listing:
             if self._stop.is_set():
                 return
             counts["listed"] += 1
-            if len(done) and key_hash(obj["uri"]) in done:
+            if len(done) and scored_key(obj["uri"], _version(obj)) in done:
                 counts["already_scored"] += 1
                 continue
             pending.append(obj)

@@ -13,6 +13,7 @@ from crackscale.config.score import ScoreConfig
 from crackscale.imaging.tfdecode import resize_antialias
 from crackscale.scoring.blocks import dataset
 from crackscale.scoring.decode import decode_batch
+from crackscale.scoring.keys import model_id
 from crackscale.scoring.predictor import Predictor
 from crackscale.scoring.tiles import tile_side
 
@@ -52,7 +53,7 @@ def build(
         return ds.map_batches(
             Predictor,
             batch_size=None,  # a listed block is a batch: blocks end at block_size images or block_bytes
-            fn_constructor_kwargs={"cfg": cfg, "decode": decode if in_actor else None},
+            fn_constructor_kwargs={"cfg": cfg, "decode": decode if in_actor else None, "model_id": model_id(meta)},
             compute=compute,
             num_cpus=cfg.actor_cpus,
             num_gpus=1 if cfg.use_gpu else 0,

@@ -50,6 +50,7 @@ def artifact_litert(cfg: ScoreConfig) -> tuple[Runtime, dict[str, Any]] | None:
         "parity_max_abs_diff": diff,
         "litert": "artifact",
         "parity_images": lit.get("parity_images"),
+        "model_sha256": meta.get("model_sha256"),
     }
 
 
@@ -63,8 +64,14 @@ class Predictor:
     """
 
     def __init__(
-        self, cfg: ScoreConfig, loader: Callable[..., Any] | None = None, decode: dict[str, Any] | None = None
+        self,
+        cfg: ScoreConfig,
+        loader: Callable[..., Any] | None = None,
+        decode: dict[str, Any] | None = None,
+        model_id: str = "",
     ) -> None:
+        """``model_id``: the run's model; an actor that finds another one at ``cfg.model`` (the
+        artifact was replaced during the run) refuses to score."""
         import threading
 
         self.decode = decode
@@ -86,7 +93,14 @@ class Predictor:
                 cfg.cache_dir,
                 cfg.parity_tolerance,
             )
+            ready[1]["model_sha256"] = loaded.meta.get("model_sha256")
         self.runtime, self.info = ready
+        if model_id and not str(self.info.get("model_sha256") or "").startswith(model_id):
+            raise artifact.ArtifactError(
+                f"the model at {cfg.model} is no longer the one this run scores with (model_id {model_id}, "
+                f"now {str(self.info.get('model_sha256'))[:16]}): it was replaced during the run; run again to "
+                "score with the new model"
+            )
         if decode:  # ready the decoder now, not in the first batch (TF's: after the model set its threads)
             size, aa = int(decode["image_size"]), bool(decode.get("antialias", RESIZE_ANTIALIAS))
             if not fast_jpeg(cfg, aa):  # else TensorFlow is imported only if a PNG/GIF/BMP (or damaged JPEG) comes

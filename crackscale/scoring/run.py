@@ -19,6 +19,7 @@ from crackscale.config.score import ScoreConfig
 from crackscale.scoring import pipeline, recovery
 from crackscale.scoring.commit import commit_chunk, committed, rows_table
 from crackscale.scoring.keys import model_id
+from crackscale.scoring.lease import Lease
 from crackscale.scoring.listing import Listing
 from crackscale.scoring.tiles import table as tiles_table
 from crackscale.scoring.tiles import tile_side
@@ -39,13 +40,14 @@ class _Run:
     summary: dict[str, Any]
     tile: int = 0  # tile side for photos larger than a crop (0: every image scored whole)
     finished: set[str] = dataclasses.field(default_factory=set)  # chunks committed by this run
+    lease: Lease | None = None  # this run's hold on (output, model)
 
     @classmethod
-    def start(cls, cfg: ScoreConfig, t0: float) -> _Run:
+    def start(cls, cfg: ScoreConfig, t0: float, run_id: str = "") -> _Run:
         meta = artifact.read_meta(cfg.model, cfg.storage)
         mid = model_id(meta)
         now = dt.datetime.now(dt.UTC)
-        run_id = now.strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:6]
+        run_id = run_id or new_run_id()
         run_date = cfg.run_date or now.strftime("%Y-%m-%d")
         summary: dict[str, Any] = {
             "run_id": run_id,
@@ -71,24 +73,41 @@ class _Run:
         return self.summary["scored"] + self.summary["failed"]
 
 
+def new_run_id() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:6]
+
+
 def run(cfg: ScoreConfig) -> dict[str, Any]:
-    """Score every not-yet-scored image of ``cfg.input`` with ``cfg.model``; returns the summary."""
+    """Score every not-yet-scored image of ``cfg.input`` with ``cfg.model``; returns the summary.
+
+    The run holds the lease of (output, model) from before it reads what is committed until it
+    ends, handled failures included; everything before Ray starts fails fast."""
     for key in ("model", "input", "output"):
         if not getattr(cfg, key):
             raise ConfigError(f"config key '{key}' is required (--set {key}=URI)")
-    raysession.connect(dashboard=cfg.dashboard)
-    r = _Run.start(cfg, time.time())
+    cfg = dataclasses.replace(cfg, output=raysession.durable(cfg.output, "output"))
+    mid = model_id(artifact.read_meta(cfg.model, cfg.storage))
     storage.check_bucket(cfg.output, cfg.storage)
-    listing = Listing(cfg, committed(cfg.output, r.model_id, cfg.storage))
-    log.info("run %s: model %s (%s), listing %s", r.run_id, r.model_id, r.meta.get("name"), cfg.input)
+    run_id = new_run_id()
+    lease = Lease(cfg, mid, run_id)
+    lease.acquire()
     try:
-        _waves(r, listing)
+        done = committed(cfg.output, mid, cfg.storage)  # a damaged output fails here, closed
+        raysession.connect(dashboard=cfg.dashboard)
+        r = _Run.start(cfg, time.time(), run_id)
+        r.lease = lease
+        listing = Listing(cfg, done)
+        log.info("run %s: model %s (%s), listing %s", r.run_id, r.model_id, r.meta.get("name"), cfg.input)
+        try:
+            _waves(r, listing)
+        finally:
+            listing.stop()
+        if listing.error is not None:
+            raise listing.error
+        r.summary.update(listing.counts)
+        return _finish(r)
     finally:
-        listing.stop()
-    if listing.error is not None:
-        raise listing.error
-    r.summary.update(listing.counts)
-    return _finish(r)
+        lease.release()
 
 
 def _waves(r: _Run, listing: Listing) -> None:
@@ -107,6 +126,7 @@ def _waves(r: _Run, listing: Listing) -> None:
             summary["waves"] += 1
             more = "" if listing.ended else ", listing goes on"
             log.info("wave %d: %d chunks (%d images)%s", summary["waves"], len(sizes), sum(sizes.values()), more)
+        _same_model(r)
         failure, lost = "", set()
         try:
             _gather_and_commit(pipeline.build(todo, r.cfg, r.meta, nodes, listing.remote), sizes, r)
@@ -126,6 +146,16 @@ def _waves(r: _Run, listing: Listing) -> None:
                 len(set(sizes) - r.finished),
             )
             nodes = recovery.end_attempt(lost) or None  # none answered (probe failed): size from ray.nodes()
+
+
+def _same_model(r: _Run) -> None:
+    """Before each attempt: the artifact at ``model`` is still the run's model (one model per run)."""
+    now = model_id(artifact.read_meta(r.cfg.model, r.cfg.storage))
+    if now != r.model_id:
+        raise artifact.ArtifactError(
+            f"the model at {r.cfg.model} was replaced during the run (model_id {r.model_id}, now {now}); "
+            f"{r.summary['chunks']} chunks were committed with the first; run again to score the rest with the new one"
+        )
 
 
 def _finish(r: _Run) -> dict[str, Any]:
@@ -181,7 +211,15 @@ def _gather_and_commit(ds: Any, sizes: dict[str, int], r: _Run) -> None:
 
 
 def _commit(results: pa.Table, cid: str, r: _Run, total: int) -> int:
-    """Commit one whole chunk's results and count them; returns its number of rows."""
+    """Commit one whole chunk's results and count them; returns its number of rows. A row whose
+    error is the run's failure (refused credentials) stops the run, the chunk uncommitted."""
+    import pyarrow.compute as pc
+
+    failures = results.filter(pc.starts_with(results["error"], storage.RUN_FAILURE))["error"]
+    if len(failures):
+        raise storage.CredentialsError(failures[0].as_py()[len(storage.RUN_FAILURE) :])
+    if r.lease is not None:
+        r.lease.check()
     rows = rows_table(results, r.meta, r.run_id)
     tiled = tiles_table(results, r.tile, r.cfg.tile_overlap, r.run_id) if r.tile else None
     uri = commit_chunk(rows, r.cfg.output, r.model_id, r.run_date, r.cfg.storage, tiles=tiled)

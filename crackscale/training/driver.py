@@ -66,7 +66,8 @@ def storage_args(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def absolute_paths(cfg: TrainConfig) -> TrainConfig:
-    """Local paths made absolute: Ray workers do not share the driver's working directory."""
+    """Local paths made absolute: Ray workers do not share the driver's working directory. Inputs
+    resolve against the current directory; outputs where they last (``raysession.durable``)."""
 
     def fix(v: str) -> str:
         return (
@@ -80,9 +81,10 @@ def absolute_paths(cfg: TrainConfig) -> TrainConfig:
         {
             **to_dict(cfg),
             "data": fix(cfg.data),
-            "output": fix(cfg.output),
-            "storage_path": fix(cfg.storage_path),
-            "synth_dir": fix(cfg.synth_dir),
+            "output": raysession.durable(cfg.output, "output"),
+            "storage_path": raysession.durable(cfg.storage_path, "storage_path"),
+            # synthetic demo data is written there: an output unless data names the input
+            "synth_dir": fix(cfg.synth_dir) if cfg.data else raysession.durable(cfg.synth_dir, "synth_dir"),
             "weights": fix(cfg.weights),
         },
     )

@@ -5,7 +5,9 @@ writes the model artifact."""
 
 from __future__ import annotations
 
+import csv
 import datetime as dt
+import io
 import json
 import logging
 import os
@@ -263,6 +265,15 @@ def _model_meta(
     }
 
 
+def predictions_csv(uris: list[str], labels: list[int], probs: np.ndarray) -> str:
+    """Per-image test scores as CSV (``csv`` quoting, so every URI reads back as it is)."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(("uri", "label", "probability"))
+    w.writerows((u, int(y), repr(float(p))) for u, y, p in zip(uris, labels, probs))
+    return buf.getvalue()
+
+
 def _save_artifact(
     cfg: TrainConfig,
     config: dict[str, Any],
@@ -282,10 +293,7 @@ def _save_artifact(
     Path(extra, "manifest.csv").write_text(config["manifest_csv"])
     # per-image test scores: reports (ROC/PR curves, misclassified grid) need nothing else
     te_y = config["test_labels"]
-    rows = ["uri,label,probability"] + [
-        f"{json.dumps(u)},{y},{float(p)!r}" for u, y, p in zip(config["test_uris"], te_y, test_p)
-    ]
-    Path(extra, "test_predictions.csv").write_text("\n".join(rows) + "\n")
+    Path(extra, "test_predictions.csv").write_text(predictions_csv(config["test_uris"], te_y, test_p))
     if Path(tb_dir).is_dir():
         shutil.copytree(tb_dir, Path(extra, "tensorboard"))
     # the LiteRT export's parity check runs on real validation images, decoded as for training

@@ -36,7 +36,13 @@ def _latest(storage_path: str) -> str:
 
 
 def _named(cfg: TuneConfig, resume: bool) -> TuneConfig:
-    """``cfg`` with its experiment name and output resolved; refuses a clash or a missing run."""
+    """``cfg`` with its experiment name and output resolved; refuses a clash or a missing run.
+    Trials run in working directories of Ray's, so the outputs are resolved here, in the driver."""
+    cfg = replace(
+        cfg,
+        storage_path=raysession.durable(cfg.storage_path, "storage_path"),
+        output=raysession.durable(cfg.output, "output"),
+    )
     if resume and not cfg.name:
         if storage.is_s3(cfg.storage_path):
             raise ConfigError("--resume with an s3:// storage_path needs the experiment name: --set name=...")

@@ -1,0 +1,65 @@
+"""Outputs land where the user finds them and they last: relative output paths are resolved once,
+in the driver, against the current directory or CRACKSCALE_HOME, and refused under `ray job submit`
+(whose working directory is Ray's temporary copy of the project) unless CRACKSCALE_HOME is set."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+from conftest import PY, ROOT
+
+from crackscale.config.loader import ConfigError
+from crackscale.config.tune import TuneConfig
+from crackscale.raysession import HOME_ENV, durable
+
+SUBMITTED = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # what Ray's job supervisor sets for a submitted driver
+
+
+@pytest.fixture
+def plain_env(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(HOME_ENV, raising=False)
+    monkeypatch.delenv(SUBMITTED, raising=False)
+    return tmp_path
+
+
+def test_outputs_resolve_where_they_last(plain_env, monkeypatch):
+    assert durable("runs", "storage_path") == str(plain_env / "runs")
+    assert durable("s3://bucket/runs", "storage_path") == "s3://bucket/runs"
+    assert durable("/data/runs", "storage_path") == "/data/runs" and durable("", "output") == ""
+    monkeypatch.setenv(SUBMITTED, "{}")
+    with pytest.raises(ConfigError, match=r"config key 'storage_path' is the relative path 'runs'.*CRACKSCALE_HOME"):
+        durable("runs", "storage_path")
+    assert durable("/data/runs", "storage_path") == "/data/runs"  # absolute: fine when submitted
+    monkeypatch.setenv(HOME_ENV, str(plain_env / "home"))
+    assert durable("runs", "storage_path") == str(plain_env / "home" / "runs")
+
+
+def test_tuning_resolves_its_outputs_in_the_driver(plain_env):
+    """Trials run in working directories of Ray's: the experiment and its best model are resolved
+    before any trial starts (a relative storage_path once put the trial models there)."""
+    from crackscale.tuning.driver import _named
+
+    cfg = _named(TuneConfig(storage_path="runs", name="t"), resume=False)
+    assert cfg.storage_path == str(plain_env / "runs")
+    assert cfg.output == str(plain_env / "runs" / "t" / "best-model")
+
+
+@pytest.mark.parametrize(
+    ("job", "args", "key"),
+    [
+        ("jobs/train.py", ["--config", "jobs/configs/demo.yaml"], "storage_path"),
+        ("jobs/score.py", ["--model", "/nowhere/model", "--input", "/nowhere/in", "--output", "scores"], "output"),
+        ("jobs/tune.py", ["--config", "jobs/configs/tune.yaml"], "storage_path"),
+    ],
+)
+def test_a_submitted_job_refuses_relative_outputs_in_one_line(job, args, key):
+    env = {k: v for k, v in os.environ.items() if k != HOME_ENV}
+    env.update({SUBMITTED: "{}", "RAY_ADDRESS": "local"})
+    r = subprocess.run([PY, job, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and f"config key '{key}' is the relative path" in lines[0], r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
