@@ -120,8 +120,8 @@ def test_resize_compiles_where_numba_cannot_cache(monkeypatch):
 
 def test_resize_is_loaded_from_numba_cache_in_a_new_process():
     """Each scoring actor is a new process: the second one must load the compiled resize from the disk
-    cache, not compile it again (a closure kernel once recompiled, ≈ 1.4 s, and added a cache file,
-    in every process)."""
+    cache, not compile it again (numba keys a closure kernel by its captured variables, so one would
+    be compiled again, and add a cache file, in every process)."""
     code = """
 import json
 from crackscale.imaging import jpeg

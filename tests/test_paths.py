@@ -39,7 +39,7 @@ def test_outputs_resolve_where_they_last(plain_env, monkeypatch):
 
 def test_tuning_resolves_its_outputs_in_the_driver(plain_env):
     """Trials run in working directories of Ray's: the experiment and its best model are resolved
-    before any trial starts (a relative storage_path once put the trial models there)."""
+    before any trial starts, or a relative storage_path would put the trial models there."""
     from crackscale.tuning.driver import _named
 
     cfg = _named(TuneConfig(storage_path="runs", name="t"), resume=False)

@@ -452,13 +452,14 @@ def test_key_set_finds_repeats_before_and_after_merging():
 
 
 def test_committed_key_lookup_survives_hashes_ending_in_nul():
-    """Regression: numpy's bytes dtype strips trailing NULs, which once made ~1 key in 256 look
-    unscored and get scored twice on a re-run. Checked in the merged arrays and before merging."""
+    """numpy's bytes dtype strips trailing NULs: a key hash ending in a zero byte (about 1 in 256)
+    must still be found, or its image would be scored twice. Checked in the merged arrays and before
+    merging."""
     from crackscale.scoring.keys import KeySet, key_hash
 
     uris = [f"s3://b/site/{i:06d}.jpg" for i in range(3000)]
     hashes = [key_hash(u) for u in uris]
-    assert any(h[15] == 0 for h in hashes)  # the case that used to fail is present
+    assert any(h[15] == 0 for h in hashes)  # the case the sentinel byte exists for is present
     for merge_at in (1000, 10_000):  # all merged / none merged
         done = KeySet(merge_at=merge_at)
         assert all(done.add_many(hashes)) and len(done) == 3000
