@@ -204,17 +204,6 @@ def write_bytes(uri: str, data: bytes, cfg: StorageConfig | None = None) -> None
         raise wrap_error(uri, cfg, e) from None
 
 
-def delete(uri: str, cfg: StorageConfig | None = None) -> None:
-    """Delete one file or object (absent: nothing to do)."""
-    fs, path = resolve(uri, cfg)
-    try:
-        fs.delete_file(path)
-    except FileNotFoundError:
-        pass
-    except OSError as e:
-        raise wrap_error(uri, cfg, e) from None
-
-
 def write_text(uri: str, text: str, cfg: StorageConfig | None = None) -> None:
     write_bytes(uri, text.encode(), cfg)
 

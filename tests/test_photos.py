@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import PY, ROOT, job_env, kill_tree, last_json, run_job
+from conftest import PY, REAL_DATA, ROOT, job_env, kill_tree, last_json, run_job
 from PIL import Image
 
 from crackscale import query
@@ -111,9 +111,12 @@ def test_stitched_photos_find_every_crack_cell_where_the_crops_do(ray_local, tra
     cell the files find is found at its (row, col) and per-tile accuracy is the files' (within 0.5
     points). Stored as JPEG (q95) the same grid comes back; how much re-compression moves a tile's
     probability is the model's robustness, not the tiling's, so it is not asserted here. Each
-    photo's row holds the verdict of its highest tile and the tile counts."""
+    photo's row holds the verdict of its highest tile and the tile counts. The crops are real
+    (../shared/data) when present, synthetic otherwise; the test model learned synthetic cracks, so
+    its recall is checked on synthetic crops only."""
     rows, cols = 12, 16
-    files, crack = _cells(None, synth_data, rows * cols)
+    real = REAL_DATA if REAL_DATA.is_dir() else None
+    files, crack = _cells(real, synth_data, rows * cols)
     photo = _stitch(files, rows, cols)
     site = tmp_path / "in" / "site-a"
     site.mkdir(parents=True)
@@ -136,7 +139,8 @@ def test_stitched_photos_find_every_crack_cell_where_the_crops_do(ray_local, tra
     file_p = np.array([file_p[str(crops / f"{i:03d}.jpg")] for i in range(rows * cols)])
     thr = meta["threshold"]
     file_acc = float(((file_p >= thr) == crack).mean())
-    assert float((file_p[crack] >= thr).mean()) >= 0.9  # the model learned (its test recall is checked too)
+    if real is None:
+        assert float((file_p[crack] >= thr).mean()) >= 0.9  # the model learned (its test recall is checked too)
     for name, tolerance in (("deck.png", 1e-5), ("deck.jpg", None)):
         t = query.tiles_of(con, str(site / name)).to_pylist()
         assert [(r["row"], r["col"]) for r in t] == [(r, c) for r in range(rows) for c in range(cols)]
@@ -199,6 +203,10 @@ def test_tiled_photos_commit_verdict_and_tiles_exactly_once_through_kills(synth_
         "block_size=1",
         "--set",
         f"cache_dir={tmp_path}/c",
+        # a killed run keeps its lease until it expires: the next run waits that long, then takes over
+        "--set",
+        "lease_ttl_s=3",
+        "--wait",
     ]
     killed = 0
     for after in (1, 3):

@@ -248,6 +248,10 @@ def test_kill_and_rerun_exactly_once(synth_data, model_artifact, tmp_path):
         "batch_size=4",
         "--set",
         "block_size=4",
+        # a killed run keeps its lease until it expires: the next run waits that long, then takes over
+        "--set",
+        "lease_ttl_s=3",
+        "--wait",
     )
     # kill points: after the 1st committed file, after more files, and at a fixed delay from start
     # (which may land before anything is committed, during Ray/actor start-up)

@@ -111,6 +111,13 @@ class Lease:
             os.fsync(f.fileno())
         return True
 
+    def _delete(self) -> None:
+        if storage.is_s3(self.uri):  # boto3: pyarrow's delete would leave a folder marker behind
+            bucket, _, key = self.uri[len("s3://") :].partition("/")
+            storage.s3_client(self.cfg.storage).delete_object(Bucket=bucket, Key=key)
+        else:
+            os.remove(self.uri)
+
     def _take_over(self, old: _Version) -> bool:
         """Replace a dead run's lease, if no one else did first."""
         if storage.is_s3(self.uri):
@@ -181,7 +188,7 @@ class Lease:
         try:
             cur = self._read()
             if cur is not None and cur.body.get("run_id") == self.run_id:
-                storage.delete(self.uri, self.cfg.storage)
+                self._delete()
         except Exception as e:  # noqa: BLE001 - an unreleased lease only expires later
             log.warning("could not release the lease %s: %s", self.uri, e)
 
