@@ -147,6 +147,8 @@ def committed_tiles(output: str, cfg: StorageConfig | None = None) -> list[str]:
     fs, root = storage.resolve(output, cfg)
     root = root.rstrip("/")
     try:
+        if fs.get_file_info(f"{root}/{TILES_DIR}").type == pafs.FileType.NotFound:
+            return []  # no photo was scored as tiles here: no need to list the scores
         infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
     except OSError as e:
         raise storage.StorageError(f"cannot list {output}: {e}") from None

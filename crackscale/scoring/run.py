@@ -43,8 +43,8 @@ class _Run:
     lease: Lease | None = None  # this run's hold on (output, model)
 
     @classmethod
-    def start(cls, cfg: ScoreConfig, t0: float, run_id: str = "") -> _Run:
-        meta = artifact.read_meta(cfg.model, cfg.storage)
+    def start(cls, cfg: ScoreConfig, t0: float, run_id: str = "", meta: dict[str, Any] | None = None) -> _Run:
+        meta = meta or artifact.read_meta(cfg.model, cfg.storage)
         mid = model_id(meta)
         now = dt.datetime.now(dt.UTC)
         run_id = run_id or new_run_id()
@@ -86,7 +86,8 @@ def run(cfg: ScoreConfig) -> dict[str, Any]:
         if not getattr(cfg, key):
             raise ConfigError(f"config key '{key}' is required (--set {key}=URI)")
     cfg = dataclasses.replace(cfg, output=raysession.durable(cfg.output, "output"))
-    mid = model_id(artifact.read_meta(cfg.model, cfg.storage))
+    meta = artifact.read_meta(cfg.model, cfg.storage)
+    mid = model_id(meta)
     storage.check_bucket(cfg.output, cfg.storage)
     run_id = new_run_id()
     lease = Lease(cfg, mid, run_id)
@@ -94,7 +95,7 @@ def run(cfg: ScoreConfig) -> dict[str, Any]:
     try:
         done = committed(cfg.output, mid, cfg.storage)  # a damaged output fails here, closed
         raysession.connect(dashboard=cfg.dashboard)
-        r = _Run.start(cfg, time.time(), run_id)
+        r = _Run.start(cfg, time.time(), run_id, meta)
         r.lease = lease
         listing = Listing(cfg, done)
         log.info("run %s: model %s (%s), listing %s", r.run_id, r.model_id, r.meta.get("name"), cfg.input)
