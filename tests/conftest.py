@@ -38,6 +38,8 @@ os.environ["RAY_ADDRESS"] = "local"
 # --dist load --maxschedchunk 1) hands tests out one at a time in collection order, so starting
 # these first keeps one of them from running alone at the end.
 LONGEST_FIRST = [
+    "test_readme.py::test_readme_tour_as_written",
+    "test_readme.py::test_tuning_page_as_written",
     "test_tune.py::test_asha_stops_weak_trials_and_exports_a_best_artifact_that_scores",
     "test_train_jobs.py::test_two_workers_on_two_nodes_learn",
     "test_tune.py::test_interrupted_run_resumes_without_redoing_finished_trials",
@@ -46,7 +48,6 @@ LONGEST_FIRST = [
     "test_train_jobs.py::test_killed_run_resumes_without_redoing_epochs",
     "test_secrets.py::test_no_secret_in_any_output_or_log",
     "test_train_jobs.py::test_benchmark_train_prints_both_rates",
-    "test_train_jobs.py::test_ray_job_submit_to_a_ray_start_head_cluster",
     "test_score.py::test_s3_incremental_and_new_model",
 ]
 
@@ -68,6 +69,22 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def private_agent_ports() -> list[str]:
+    """``ray start`` flags giving a cluster's per-node services their own ports: other clusters on
+    this machine may hold the defaults, and the job API then answers "No available agent to submit
+    job"."""
+    flags = [
+        "dashboard-agent-listen-port",
+        "dashboard-agent-grpc-port",
+        "metrics-export-port",
+        "runtime-env-agent-port",
+        "ray-client-server-port",
+        "node-manager-port",
+        "object-manager-port",
+    ]
+    return [f"--{flag}={free_port()}" for flag in flags]
 
 
 @pytest.fixture(scope="session")
@@ -135,6 +152,24 @@ def synth_data(tmp_path_factory) -> Path:
     from crackscale.data import synth
 
     return shared_dir(tmp_path_factory, "synth", lambda p: synth.generate(p, per_class=150, seed=7))
+
+
+# What users' file names hold and naive CSV or HTML handling alters: a quote, a comma, non-ASCII, a
+# space, a newline. The leading number stays, so the group key (source photo) is the plain file's.
+ODD_SUFFIXES = (' quote"d', " comma, here", " é", " new\nline")
+
+
+@pytest.fixture(scope="session")
+def odd_named_data(synth_data, tmp_path_factory) -> Path:
+    """``synth_data`` with every third file renamed ``NNNNN<odd suffix>.jpg``."""
+
+    def make(path: Path) -> None:
+        for i, src in enumerate(sorted(synth_data.rglob("*.jpg"))):
+            name = src.name if i % 3 else f"{src.stem}{ODD_SUFFIXES[(i // 3) % len(ODD_SUFFIXES)]}{src.suffix}"
+            (path / src.parent.name).mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, path / src.parent.name / name)
+
+    return shared_dir(tmp_path_factory, "odd-named", make)
 
 
 @pytest.fixture(scope="session")
@@ -219,13 +254,7 @@ def ray_head(s3_server):
         f"--dashboard-port={dash}",
         "--disable-usage-stats",
         f"--temp-dir={tmp}",
-        # private agent ports: other clusters on this machine may hold the defaults, and the
-        # job API then answers "No available agent to submit job"
-        f"--dashboard-agent-listen-port={free_port()}",
-        f"--dashboard-agent-grpc-port={free_port()}",
-        f"--metrics-export-port={free_port()}",
-        f"--runtime-env-agent-port={free_port()}",
-        f"--ray-client-server-port={free_port()}",
+        *private_agent_ports(),
     ]
     subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=180)
     client_env = dict(env, RAY_API_SERVER_ADDRESS=f"http://127.0.0.1:{dash}", RAY_ADDRESS=f"http://127.0.0.1:{dash}")
@@ -399,12 +428,12 @@ def check_learned(summary: dict, meta: dict) -> None:
 
 
 @pytest.fixture(scope="session")
-def trained_run(synth_data, tmp_path_factory) -> dict:
+def trained_run(odd_named_data, tmp_path_factory) -> dict:
     """One real training run, shared by every test that needs a trained model (don't modify it).
 
-    ``jobs/train.py`` with ``small_train_config(name="one")`` (1 worker, its own local Ray), run
-    once per test session; dict with ``cfg`` (the TrainConfig), ``summary`` (the job's JSON) and
-    ``artifact`` (the model directory).
+    ``jobs/train.py`` with ``small_train_config(name="one")`` (1 worker, its own local Ray) on
+    ``odd_named_data``, run once per test session; dict with ``cfg`` (the TrainConfig),
+    ``summary`` (the job's JSON) and ``artifact`` (the model directory).
     """
     import json as _json
 
@@ -412,7 +441,7 @@ def trained_run(synth_data, tmp_path_factory) -> dict:
 
     def make(path: Path) -> None:
         path.mkdir(parents=True)
-        cfg = small_train_config(synth_data, path, name="one")
+        cfg = small_train_config(odd_named_data, path, name="one")
         (path / "train.yaml").write_text(dump(cfg))
         r = run_job(["jobs/train.py", "--config", str(path / "train.yaml")])
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
@@ -420,7 +449,7 @@ def trained_run(synth_data, tmp_path_factory) -> dict:
 
     path = shared_dir(tmp_path_factory, "trained", make)
     return {
-        "cfg": small_train_config(synth_data, path, name="one"),
+        "cfg": small_train_config(odd_named_data, path, name="one"),
         "summary": _json.loads((path / "summary.json").read_text()),
         "artifact": path / "runs" / "one" / "model",
     }

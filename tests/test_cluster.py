@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import PY, ROOT, free_port
+from conftest import PY, ROOT, free_port, private_agent_ports
 
 CLUSTER = ROOT / "cluster"
 VERSIONS = yaml.safe_load((CLUSTER / "versions.yaml").read_text())
@@ -352,20 +352,14 @@ def test_local_script_starts_runs_a_job_and_stops(tmp_path_factory):
     )
     env.pop("RAY_ADDRESS", None)
     # Own ports for every per-node service, so this cluster can't collide with another on the machine.
-    extra = [
-        "--",
-        f"--dashboard-agent-listen-port={free_port()}",
-        f"--dashboard-agent-grpc-port={free_port()}",
-        f"--runtime-env-agent-port={free_port()}",
-        f"--metrics-export-port={free_port()}",
-        f"--ray-client-server-port={free_port()}",
-        f"--node-manager-port={free_port()}",
-        f"--object-manager-port={free_port()}",
-    ]
+    extra = ["--", *private_agent_ports()]
     try:
         up = _script(["up", *extra], env)
         assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
         assert f"http://127.0.0.1:{dash_port}" in up.stdout
+        # a second `up` on the same port is refused and leaves the running cluster alone
+        again = _script(["up", *extra], env)
+        assert again.returncode == 2 and f"already runs with its GCS on port {ray_port}" in again.stderr, again.stderr
         # The dashboard listens on loopback only.
         listening = subprocess.run(["ss", "-ltnH", f"sport = :{dash_port}"], capture_output=True, text=True)
         if listening.returncode == 0 and listening.stdout.strip():

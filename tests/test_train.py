@@ -7,7 +7,7 @@ import subprocess
 
 import numpy as np
 import pytest
-from conftest import PY, ROOT, check_learned, last_json, small_train_config, upload_tree
+from conftest import ODD_SUFFIXES, PY, ROOT, check_learned, last_json, small_train_config, upload_tree
 
 from crackscale import artifact
 from crackscale import model as M
@@ -230,3 +230,34 @@ def test_building_the_trainer_does_not_import_tensorflow():
         "cluster": {"worker": ["10.0.0.1:1234", "10.0.0.2:5678"]},
         "task": {"type": "worker", "index": 1},
     }
+
+
+def test_odd_file_names_through_train_report_and_score(trained_run, odd_named_data, ray_local, tmp_path):
+    """File names with a quote, a comma, é, a space and a newline keep their exact path through the
+    shared real training run (its manifest and test predictions, written and read by ``csv``), its
+    report (every test image it shows is found) and a scoring run over the same folder."""
+    import csv
+
+    from crackscale import query
+    from crackscale.config.score import ScoreConfig
+    from crackscale.scoring import run as scoring_run
+
+    art = trained_run["artifact"]
+    files = {str(p) for p in odd_named_data.rglob("*.jpg")}
+    odd = {f for f in files if any(s in f for s in ODD_SUFFIXES)}
+    assert len(odd) == len(files) // 3 and all(any(s in f for f in odd) for s in ODD_SUFFIXES)
+    with open(art / "manifest.csv", newline="", encoding="utf-8") as f:
+        assert {row["uri"] for row in csv.DictReader(f)} == files
+    with open(art / "test_predictions.csv", newline="", encoding="utf-8") as f:
+        tested = {row["uri"] for row in csv.DictReader(f)}
+    assert tested <= files and tested & odd, sorted(tested)[:5]
+    page = (art / "report" / "index.html").read_text(encoding="utf-8")
+    assert "image unavailable" not in page and 'quote"d' not in page  # shown names are escaped
+
+    out = tmp_path / "scores"
+    s = scoring_run.run(
+        ScoreConfig(model=str(art), input=str(odd_named_data), output=str(out), cache_dir=str(tmp_path / "c"))
+    )
+    assert (s["scored"], s["failed"]) == (len(files), 0), s
+    rows = query.open_scores(str(out)).to_table(columns=["uri", "error"]).to_pylist()
+    assert sorted(r["uri"] for r in rows) == sorted(files) and not any(r["error"] for r in rows)

@@ -17,12 +17,13 @@
 #   NUM_GPUS       GPUs Ray may schedule               [auto-detected]
 #   TEMP_DIR       Ray's session/log directory         [Ray's default, /tmp/ray]
 #   OBJECT_STORE_BYTES  object store size              [Ray's default, 30% of RAM]
+#   RAY_START_ARGS more `ray start` flags, split on spaces   [none]
 #
 # Token authentication stays on: `ray start` uses (or creates) ~/.ray/auth_token, and every client
 # command here runs with RAY_AUTH_MODE=token, which makes the client send that token.
 # `submit` uploads the repository root (minus .gitignore'd files) as the job's working_dir.
-# `up -- EXTRA` passes EXTRA to `ray start` (e.g. --dashboard-agent-listen-port=... when several
-# clusters share a machine).
+# `up -- EXTRA` (or RAY_START_ARGS) passes more flags to `ray start`, e.g. the agents' ports
+# (--dashboard-agent-listen-port=..., --ray-client-server-port=...) when several clusters share a machine.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -41,6 +42,8 @@ DASHBOARD_PORT="${DASHBOARD_PORT:-8265}"
 export RAY_AUTH_MODE=token
 export RAY_USAGE_STATS_ENABLED=0
 dashboard_url="http://127.0.0.1:${DASHBOARD_PORT}"
+# Every command here names its cluster; a RAY_ADDRESS meant for another (or `local`) must not leak in.
+unset RAY_ADDRESS
 # Workers use tf.keras from tf-keras (Ray Train sets this too; Ray Data actors need it as well).
 runtime_env='{"env_vars": {"TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}}'
 
@@ -53,14 +56,34 @@ cmd_up() {
     echo "warning: dashboard on $DASHBOARD_HOST:$DASHBOARD_PORT is reachable from the network;" \
          "anyone with the token in ~/.ray/auth_token can run code here. Prefer an SSH tunnel." >&2
   fi
+  if [[ -n "$(cluster_pids)" ]]; then
+    echo "error: a Ray cluster already runs with its GCS on port $RAY_PORT; use it, or \`$0 down\` first" >&2
+    return 2
+  fi
   local args=(start --head "--port=${RAY_PORT}" "--dashboard-host=${DASHBOARD_HOST}"
               "--dashboard-port=${DASHBOARD_PORT}" --disable-usage-stats)
   [[ -n "${NUM_CPUS:-}" ]] && args+=("--num-cpus=${NUM_CPUS}")
   [[ -n "${NUM_GPUS:-}" ]] && args+=("--num-gpus=${NUM_GPUS}")
   [[ -n "${TEMP_DIR:-}" ]] && args+=("--temp-dir=${TEMP_DIR}")
   [[ -n "${OBJECT_STORE_BYTES:-}" ]] && args+=("--object-store-memory=${OBJECT_STORE_BYTES}")
+  # shellcheck disable=SC2206
+  [[ -n "${RAY_START_ARGS:-}" ]] && args+=(${RAY_START_ARGS})
   [[ "${1:-}" == "--" ]] && shift
-  "$RAY" "${args[@]}" "$@"
+  # The cluster's processes inherit this: Train V2 frees a stopped Tune trial's placement group by
+  # asking the state API, which it cannot find by itself when several clusters share the machine.
+  # `ray start` gives the raylet a fixed 30 s to register; on a busy machine it can miss that and
+  # leave half a cluster behind. Stop what this port started and try again, three times in all.
+  local attempt
+  for attempt in 1 2 3; do
+    if RAY_API_SERVER_ADDRESS="$dashboard_url" "$RAY" "${args[@]}" "$@"; then break; fi
+    cmd_down >/dev/null
+    if [[ "$attempt" -eq 3 ]]; then
+      echo "error: ray start failed three times; see ${TEMP_DIR:-/tmp/ray}/session_latest/logs/raylet.out" >&2
+      return 1
+    fi
+    echo "(ray start failed; stopped what it left and trying again, attempt $((attempt + 1)))" >&2
+    sleep 2
+  done
   # The job API answers a little after `ray start` returns; wait so `submit` can follow at once.
   local i
   for i in $(seq 1 60); do
