@@ -5,7 +5,9 @@ threshold) and everything an auditor needs (metrics, resolved config, split mani
 versions, history), plus the SHA-256 of ``model.keras``: a tampered model is refused. Loading uses
 Keras safe mode (no Lambda layers / arbitrary code from the file). ``model.tflite`` is the same
 model exported for LiteRT at save time; ``litert`` in model.json holds its SHA-256 and its measured
-parity with tf.keras, so CPU scorers start from it directly.
+parity with tf.keras, so CPU scorers start from it directly. ``model_int8.tflite`` is an optional
+full-integer export; ``litert_int8`` records its quality on the validation split next to tf.keras's
+on the same images, and its own decision threshold (``int8_qualifies`` says whether it may be chosen).
 """
 
 from __future__ import annotations
@@ -19,16 +21,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from crackscale import __version__, storage
+from crackscale import model as M
 from crackscale.config.storage import StorageConfig
 from crackscale.model import keras
 from crackscale.runtimes.keras import TFRuntime
-from crackscale.runtimes.litert import LiteRTRuntime, export_litert, parity, sample_images
+from crackscale.runtimes.litert import LiteRTRuntime, export_litert, export_litert_int8, parity, sample_images
 
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.keras"
 LITERT_FILE = "model.tflite"
+INT8_FILE = "model_int8.tflite"
+# int8 is chosen automatically only if on validation it misses no more cracks than tf.keras and its
+# accuracy is at most this much lower
+INT8_ACCURACY_MARGIN = 0.002
 META_FILE = "model.json"
 FORMAT_VERSION = 1
 
@@ -83,6 +92,87 @@ def _export_litert(model: Any, local: Path, check_images: Any = None) -> dict[st
     }
 
 
+@dataclass
+class Int8Data:
+    """What an int8 export is calibrated and judged on: ``representative`` training images (both
+    classes) and the validation split (uint8 NHWC images, 0/1 labels)."""
+
+    representative: np.ndarray
+    val_images: np.ndarray
+    val_labels: np.ndarray
+
+
+def _export_int8(model: Any, local: Path, meta: dict[str, Any], data: Int8Data) -> dict[str, Any]:
+    """Write ``model_int8.tflite`` and measure it on the validation split beside tf.keras: its own
+    threshold for the artifact's ``target_recall``, accuracy and recall at it, tf.keras's at the
+    artifact's threshold on the same images, decision agreement and max |Δp|. A failed export is
+    recorded, not raised (scorers then use fp32)."""
+    import time
+
+    path = local / INT8_FILE
+    t0 = time.perf_counter()
+    try:
+        export_litert_int8(model, path, data.representative)
+        convert_s = time.perf_counter() - t0
+        y = np.asarray(data.val_labels).astype(int)
+        p8 = LiteRTRuntime(path, 16).predict(data.val_images)
+        p32 = TFRuntime(model, 64).predict(data.val_images)
+    except Exception as e:  # e.g. an op without an int8 kernel
+        path.unlink(missing_ok=True)
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        log.warning("no int8 export stored in the artifact: %s", msg)
+        return {"error": msg[:500]}
+    thr32 = float(meta.get("threshold", 0.5))
+    thr8 = M.threshold_for_recall(y, p8, float(meta.get("target_recall", 0.99)))
+    m8, m32 = M.metrics(y, p8, thr8), M.metrics(y, p32, thr32)
+    record = {
+        "file": INT8_FILE,
+        "sha256": sha256_file(path),
+        "threshold": thr8,
+        "representative_images": len(data.representative),
+        "convert_s": round(convert_s, 1),
+        "val": {k: m8[k] for k in ("n", "accuracy", "recall", "precision", "roc_auc")},
+        "fp32_val": {k: m32[k] for k in ("n", "accuracy", "recall", "precision", "roc_auc")},
+        "agreement": float(((p8 >= thr8) == (p32 >= thr32)).mean()) if len(y) else 0.0,
+        "max_abs_diff": float(np.max(np.abs(p8 - p32))) if len(y) else 0.0,
+    }
+    ok, why = int8_qualifies({"litert_int8": record})
+    log.info("int8 export stored (%s): %s", "chosen by runtime auto" if ok else "not chosen by auto", why)
+    return record
+
+
+def int8_qualifies(meta: dict[str, Any]) -> tuple[bool, str]:
+    """Whether ``runtime: auto`` may score with the int8 export, and why (one line)."""
+    rec = meta.get("litert_int8") or {}
+    if not rec.get("sha256"):
+        return False, "the artifact has no int8 export" + (f" ({rec['error']})" if rec.get("error") else "")
+    v, f = rec["val"], rec["fp32_val"]
+    said = (
+        f"validation recall {v['recall']:.4f} vs fp32 {f['recall']:.4f}, "
+        f"accuracy {v['accuracy']:.4f} vs {f['accuracy']:.4f} on {v['n']} images"
+    )
+    if not v["n"]:
+        return False, "no validation images measured the int8 export"
+    if v["recall"] < f["recall"]:
+        return False, said + ": it misses more cracks"
+    if v["accuracy"] < f["accuracy"] - INT8_ACCURACY_MARGIN:
+        return False, said + f": accuracy more than {INT8_ACCURACY_MARGIN * 100:g} points lower"
+    return True, said
+
+
+def add_int8(uri: str, data: Int8Data, cfg: StorageConfig | None = None) -> dict[str, Any]:
+    """Add (or replace) the int8 export of the artifact at ``uri``; returns its record. The model
+    and its SHA-256 (the artifact's ``model_id``) stay as they are."""
+    loaded = load(uri, cfg)
+    with tempfile.TemporaryDirectory(prefix="crackscale-int8-") as tmp:
+        record = _export_int8(loaded.model, Path(tmp), loaded.meta, data)
+        if record.get("sha256"):
+            storage.write_bytes(storage.join(uri, INT8_FILE), (Path(tmp) / INT8_FILE).read_bytes(), cfg)
+    meta = dict(loaded.meta, litert_int8=record)
+    storage.write_text(storage.join(uri, META_FILE), json.dumps(meta, indent=2, sort_keys=False, default=str), cfg)
+    return record
+
+
 def save(
     model: Any,
     meta: dict[str, Any],
@@ -90,9 +180,11 @@ def save(
     extra_dir: str | Path | None = None,
     cfg: StorageConfig | None = None,
     check_images: Any = None,
+    int8: Int8Data | None = None,
 ) -> str:
-    """Write model + its LiteRT export + model.json (+ files of ``extra_dir``) to ``uri``;
-    model.json is written last. ``check_images``: uint8 NHWC images for the LiteRT parity check."""
+    """Write model + its LiteRT export(s) + model.json (+ files of ``extra_dir``) to ``uri``;
+    model.json is written last. ``check_images``: uint8 NHWC images for the LiteRT parity check;
+    ``int8``: calibration and validation images for a full-integer export too."""
     with tempfile.TemporaryDirectory(prefix="crackscale-art-") as tmp:
         local = Path(tmp) / "artifact"
         if extra_dir and Path(extra_dir).is_dir():
@@ -108,6 +200,8 @@ def save(
             model_sha256=sha256_file(local / MODEL_FILE),
             litert=_export_litert(model, local, check_images),
         )
+        if int8 is not None:
+            meta["litert_int8"] = _export_int8(model, local, meta, int8)
         meta_text = json.dumps(meta, indent=2, sort_keys=False, default=str)
         storage.upload_dir(local, uri, cfg)
         # model.json last: an artifact without it is incomplete and refused by load()
@@ -126,19 +220,21 @@ def read_meta(uri: str, cfg: StorageConfig | None = None) -> dict[str, Any]:
         raise ArtifactError(f"{meta_uri} is not valid JSON: {e}") from None
 
 
-def read_litert(uri: str, meta: dict[str, Any], cfg: StorageConfig | None = None) -> bytes:
-    """The artifact's LiteRT export (``meta["litert"]``), checked against its SHA-256."""
-    lit = meta.get("litert") or {}
-    if lit.get("file") != LITERT_FILE or not lit.get("sha256"):
-        raise ArtifactError(f"artifact {uri} holds no LiteRT export")
+def read_litert(uri: str, meta: dict[str, Any], cfg: StorageConfig | None = None, int8: bool = False) -> bytes:
+    """The artifact's LiteRT export (``meta["litert"]``, or ``meta["litert_int8"]`` with ``int8``),
+    checked against its SHA-256."""
+    key, name = ("litert_int8", INT8_FILE) if int8 else ("litert", LITERT_FILE)
+    lit = meta.get(key) or {}
+    if lit.get("file") != name or not lit.get("sha256"):
+        raise ArtifactError(f"artifact {uri} holds no {'int8 ' if int8 else ''}LiteRT export")
     try:
-        data = storage.read_bytes(storage.join(uri, LITERT_FILE), cfg)
+        data = storage.read_bytes(storage.join(uri, name), cfg)
     except (FileNotFoundError, storage.StorageError) as e:
         raise ArtifactError(f"LiteRT file missing from artifact {uri}: {e}") from None
     digest = hashlib.sha256(data).hexdigest()
     if digest != lit["sha256"]:
         raise ArtifactError(
-            f"{LITERT_FILE} of {uri} does not match the checksum in {META_FILE} "
+            f"{name} of {uri} does not match the checksum in {META_FILE} "
             f"({digest[:12]}… != {str(lit['sha256'])[:12]}…): refusing a tampered artifact"
         )
     return data

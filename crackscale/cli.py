@@ -35,6 +35,7 @@ EXAMPLES = {
     "report": "crackscale report --run latest --output demo/scores",
     "doctor": "crackscale doctor",
     "repair": "crackscale repair --output s3://bucket/scores/",
+    "export": "crackscale export --int8 demo/runs/train-20261124-101500/model",
 }
 MORE_EXAMPLES = {
     "synth": ["crackscale synth --out demo/photos --photos 1 --grid 8x6"],
@@ -62,6 +63,7 @@ HELP = {
     "report": "(re)build the HTML report of a scoring run or a model artifact",
     "doctor": "check Python/TF/Ray versions, the Ray cluster, S3 and GPUs",
     "repair": "move unreadable output files aside so that the next run scores their images again",
+    "export": "add an int8 LiteRT export to an existing model artifact, measured on its validation split",
 }
 USER_ERRORS: tuple[type[BaseException], ...] = (
     ConfigError,
@@ -311,6 +313,25 @@ def cmd_synth(args: argparse.Namespace) -> dict[str, Any]:
     return {"out": str(out), "per_class": cfg.synth_per_class}
 
 
+def export_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("artifact", help="model artifact directory (local or s3://)")
+    p.add_argument(
+        "--int8",
+        action="store_true",
+        help="a full-integer LiteRT model, calibrated on 200 of the artifact's training images",
+    )
+    add_storage_flag(p)
+
+
+def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
+    from crackscale.config.storage import StorageConfig
+    from crackscale.training.export import add_int8
+
+    if not args.int8:
+        raise ConfigError("say which export: --int8")
+    return add_int8(args.artifact, StorageConfig(s3_endpoint=args.s3_endpoint) if args.s3_endpoint else None)
+
+
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], Any]]] = {
     "train": (train_arguments, cmd_train),
     "synth": (synth_arguments, cmd_synth),
@@ -320,6 +341,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[a
     "report": (report_arguments, cmd_report),
     "doctor": (doctor_arguments, cmd_doctor),
     "repair": (repair_arguments, cmd_repair),
+    "export": (export_arguments, cmd_export),
 }
 
 

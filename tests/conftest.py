@@ -409,6 +409,7 @@ def small_train_config(data, tmp_path, **overrides):
         patience=5,
         storage_path=str(tmp_path / "runs"),
         name="t",
+        int8=False,  # the int8 export is checked on the shared trained_run
     )
     base.update(overrides)
     return TrainConfig(**base)
@@ -441,7 +442,7 @@ def trained_run(odd_named_data, tmp_path_factory) -> dict:
 
     def make(path: Path) -> None:
         path.mkdir(parents=True)
-        cfg = small_train_config(odd_named_data, path, name="one")
+        cfg = small_train_config(odd_named_data, path, name="one", int8=True)
         (path / "train.yaml").write_text(dump(cfg))
         r = run_job(["jobs/train.py", "--config", str(path / "train.yaml")])
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
@@ -449,7 +450,7 @@ def trained_run(odd_named_data, tmp_path_factory) -> dict:
 
     path = shared_dir(tmp_path_factory, "trained", make)
     return {
-        "cfg": small_train_config(odd_named_data, path, name="one"),
+        "cfg": small_train_config(odd_named_data, path, name="one", int8=True),
         "summary": _json.loads((path / "summary.json").read_text()),
         "artifact": path / "runs" / "one" / "model",
     }
@@ -478,6 +479,7 @@ def small_tune_config(data, tmp_path, **overrides):
         min_epochs=2,
         patience=5,
         limit_per_class=60,
+        int8=False,
     )
     train.update(overrides.pop("train", {}))
     base = dict(

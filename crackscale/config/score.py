@@ -65,8 +65,10 @@ class ScoreConfig:
         "auto",
         group="Model runtime",
         help=(
-            "auto = tf.keras on GPU, on CPU LiteRT if its parity check passes, else tf.keras; "
-            "litert = LiteRT, failing if the parity check fails; tf = tf.keras always"
+            "auto = tf.keras on GPU; on CPU the artifact's int8 LiteRT model when its validation quality holds "
+            "(recall at least tf.keras's, accuracy within 0.2 points), else fp32 LiteRT if its parity check passes, "
+            "else tf.keras; litert = fp32 LiteRT, failing if the parity check fails; litert-int8 = the int8 "
+            "model whatever its quality (failing if the artifact has none); tf = tf.keras always"
         ),
     )
     parity_tolerance: float = setting(
@@ -217,7 +219,10 @@ class ScoreConfig:
     def validate(self) -> None:
         """Raise ConfigError naming the first invalid key (required keys are checked by run())."""
 
-        check(self.runtime in ("auto", "litert", "tf"), "config key 'runtime' must be auto, litert or tf")
+        check(
+            self.runtime in ("auto", "litert", "litert-int8", "tf"),
+            "config key 'runtime' must be auto, litert, litert-int8 or tf",
+        )
         check(self.decode in ("auto", "tasks", "actor"), "config key 'decode' must be auto, tasks or actor")
         check(self.decoder in ("auto", "tf"), "config key 'decoder' must be auto or tf")
         check(self.batch_size >= 0, "config key 'batch_size' must be >= 0 (0 = per runtime)")

@@ -171,6 +171,35 @@ def _errors(
     )
 
 
+def _exports(meta: dict[str, Any]) -> str:
+    """The fp32 export's parity and the int8 export's validation quality beside tf.keras's."""
+    lit = meta.get("litert") or {}
+    fp32 = (
+        f"<p>fp32 <code>model.tflite</code>: max |Δp| against tf.keras "
+        f"<span id='fp32-parity'>{num(lit.get('parity_max_abs_diff'))}</span> on {esc(lit.get('parity_images', 0))} "
+        f"{esc(lit.get('parity_on', 'images'))}.</p>"
+        if lit.get("sha256")
+        else f"<p>No fp32 LiteRT export ({esc(lit.get('error', 'not stored'))}).</p>"
+    )
+    rec = meta.get("litert_int8") or {}
+    if not rec.get("sha256"):
+        return fp32 + f"<p id='int8'>No int8 export ({esc(rec.get('error', 'not stored'))}).</p>"
+    chosen, why = artifact.int8_qualifies(meta)
+    v, f = rec["val"], rec["fp32_val"]
+    rows = "".join(
+        f"<tr><th class='l'>{k}</th>{td(f'int8-{k}', v.get(k))}{td(f'fp32-{k}', f.get(k))}</tr>"
+        for k in ("accuracy", "recall", "precision", "roc_auc")
+    )
+    return (
+        fp32 + f"<table><tr><th>validation ({esc(v.get('n'))} images)</th><th>int8</th><th>tf.keras</th></tr>{rows}"
+        f"<tr><th class='l'>threshold</th>{td('int8-threshold', rec.get('threshold'))}"
+        f"{td('fp32-threshold', meta.get('threshold'))}</tr></table>"
+        f"<p>Same decision on {num(rec.get('agreement'))} of the images, max |Δp| {num(rec.get('max_abs_diff'))}. "
+        f"<span id='int8-chosen' data-value='{str(chosen).lower()}'>runtime auto "
+        f"{'scores with the int8 model' if chosen else 'keeps fp32'}</span>: {esc(why)}.</p>"
+    )
+
+
 def training_report(artifact_uri: str, cfg: StorageConfig | None = None, max_errors: int = 24) -> str:
     """Write ``<artifact>/report/index.html`` (+ PNGs) for a model artifact; returns its URI."""
     meta = artifact.read_meta(artifact_uri, cfg)
@@ -204,6 +233,8 @@ def training_report(artifact_uri: str, cfg: StorageConfig | None = None, max_err
         _test_split(page, meta, preds),
         "<h2>Test images the model got wrong</h2>",
         _errors(page, meta, preds, max_errors, cfg),
+        "<h2>LiteRT exports</h2>",
+        _exports(meta),
         "<h2>TensorBoard</h2>"
         + (
             f"<p>Logs: <a href='../tensorboard/'>tensorboard/</a>; view with <code>tensorboard --logdir "

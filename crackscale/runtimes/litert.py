@@ -16,14 +16,14 @@ from crackscale.runtimes.base import Runtime, pad
 
 
 class LiteRTRuntime:
-    """An exported ``.tflite`` model on the LiteRT interpreter (XNNPACK delegate, fp32)."""
+    """An exported ``.tflite`` model on the LiteRT interpreter (XNNPACK delegate; fp32, or int8
+    with ``name="litert-int8"``)."""
 
-    name = "litert"
-
-    def __init__(self, model: str | Path | bytes, batch_size: int, threads: int = 0) -> None:
+    def __init__(self, model: str | Path | bytes, batch_size: int, threads: int = 0, name: str = "litert") -> None:
         """``model``: a ``.tflite`` path, or its bytes."""
         from ai_edge_litert.interpreter import Interpreter
 
+        self.name = name
         self.batch_size = batch_size
         source = {"model_content": model} if isinstance(model, bytes) else {"model_path": str(model)}
         self._it = Interpreter(**source, num_threads=threads or os.cpu_count() or 1)
@@ -43,11 +43,10 @@ class LiteRTRuntime:
         return np.concatenate(out).astype(np.float32) if out else np.zeros(0, np.float32)
 
 
-def export_litert(model: Any, path: str | Path) -> Path:
-    """Convert a tf.keras model to an fp32 ``.tflite`` file (inference mode, any batch size;
-    atomic write).
+def _converter(model: Any) -> Any:
+    """A TFLite converter for ``model`` in inference mode, any batch size.
 
-    Converted from one concrete function whose only tracked state is the model's variables:
+    Built from one concrete function whose only tracked state is the model's variables:
     ``TFLiteConverter.from_keras_model`` first writes a Keras SavedModel, tracing every layer's
     call, which takes several times longer and yields the same probabilities.
     """
@@ -57,9 +56,30 @@ def export_litert(model: Any, path: str | Path) -> Path:
     holder = tf.Module()
     holder.variables_ = list(model.variables)
     holder.serve = tf.function(lambda x: model(x, training=False), input_signature=[spec])
-    conv = tf.lite.TFLiteConverter.from_concrete_functions([holder.serve.get_concrete_function()], holder)
-    data = conv.convert()
-    path = Path(path)
+    return tf.lite.TFLiteConverter.from_concrete_functions([holder.serve.get_concrete_function()], holder)
+
+
+def export_litert(model: Any, path: str | Path) -> Path:
+    """Convert a tf.keras model to an fp32 ``.tflite`` file (atomic write, SHA-256 beside it)."""
+    return _write(_converter(model).convert(), Path(path))
+
+
+def export_litert_int8(model: Any, path: str | Path, representative: np.ndarray) -> Path:
+    """Full-integer post-training quantisation: int8 weights and activations, calibrated on
+    ``representative`` (uint8 NHWC images, one per calibration step). Input and output stay float32,
+    so the runtime is fed exactly as the fp32 export and returns probabilities."""
+    import tensorflow as tf
+
+    if not len(representative):
+        raise ValueError("int8 export needs representative images")
+    conv = _converter(model)
+    conv.optimizations = [tf.lite.Optimize.DEFAULT]
+    conv.representative_dataset = lambda: ([img[None].astype(np.float32)] for img in representative)
+    conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    return _write(conv.convert(), Path(path))
+
+
+def _write(data: bytes, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
     tmp.write_bytes(data)

@@ -158,14 +158,18 @@ def committed_tiles(output: str, cfg: StorageConfig | None = None) -> list[str]:
 
 
 def rows_table(t: pa.Table, meta: dict[str, Any], run_id: str) -> pa.Table:
-    """Result rows from the actors → the output schema (decision at the artifact's threshold)."""
+    """Result rows from the actors → the output schema (decision at the threshold of the runtime
+    that scored the row: the int8 model has its own; the artifact's otherwise)."""
     import pyarrow.compute as pc
 
     err = pc.if_else(pc.equal(t["error"], ""), pa.scalar(None, pa.string()), t["error"])
     ok = pc.is_null(err)
     p = pc.if_else(ok, t["crack_probability"].cast(pa.float32()), pa.scalar(None, pa.float32()))
-    thr = float(meta.get("threshold", 0.5))
     n = t.num_rows
+    if "threshold" in t.column_names:
+        thr = t["threshold"].cast(pa.float32())
+    else:
+        thr = pa.array([float(meta.get("threshold", 0.5))] * n, pa.float32())
 
     def null_if(col: str, bad: Any, typ: pa.DataType) -> pa.Array:
         return pc.if_else(pc.equal(t[col], bad), pa.scalar(None, typ), t[col]).cast(typ)
@@ -178,8 +182,8 @@ def rows_table(t: pa.Table, meta: dict[str, Any], run_id: str) -> pa.Table:
             "etag": null_if("etag", "", pa.string()),
             "mtime": mtime.cast(pa.timestamp("us", tz="UTC")),
             "crack_probability": p,
-            "crack": pc.greater_equal(p, pa.scalar(thr, pa.float32())),
-            "threshold": pa.array([thr] * n, pa.float32()),
+            "crack": pc.greater_equal(p, thr),
+            "threshold": thr,
             "model_name": pa.array([str(meta.get("name", ""))] * n, pa.string()),
             "runtime": t["runtime"].cast(pa.string()),
             "run_id": pa.array([run_id] * n, pa.string()),
@@ -191,12 +195,12 @@ def rows_table(t: pa.Table, meta: dict[str, Any], run_id: str) -> pa.Table:
     )
 
 
-def _tile_counts(t: pa.Table, ok: pa.Array, thr: float) -> dict[str, pa.Array]:
+def _tile_counts(t: pa.Table, ok: pa.Array, thresholds: pa.Array) -> dict[str, pa.Array]:
     """``tiles`` and ``crack_tiles`` of each row (a photo scored whole counts as one tile)."""
     probs = t["tile_probs"].to_pylist() if "tile_probs" in t.column_names else [b""] * t.num_rows
     whole = t["crack_probability"].to_pylist()
     n, cracks = [], []
-    for good, blob, p in zip(ok.to_pylist(), probs, whole):
+    for good, blob, p, thr in zip(ok.to_pylist(), probs, whole, thresholds.to_pylist()):
         if not good:
             n.append(None)
             cracks.append(None)

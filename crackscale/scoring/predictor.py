@@ -23,13 +23,30 @@ log = logging.getLogger(__name__)
 
 
 def artifact_litert(cfg: ScoreConfig) -> tuple[Runtime, dict[str, Any]] | None:
-    """The artifact's own LiteRT export (``model.tflite``, checksummed in ``model.json``) if its
-    recorded parity with tf.keras is within ``cfg.parity_tolerance``; else None (artifacts from
-    before exports were stored, or a failed export: the caller converts and checks instead).
+    """The artifact's own LiteRT export, checksummed in ``model.json``: the int8 model when
+    ``runtime: litert-int8``, or with ``auto`` when its recorded validation quality holds
+    (``artifact.int8_qualifies``); else the fp32 model if its recorded parity with tf.keras is
+    within ``cfg.parity_tolerance``; else None (no stored export, or a failed one: the caller
+    converts and checks instead). The record carries the threshold its probabilities are judged at.
 
     Starts in well under a second: no TensorFlow import, no Keras load, no conversion.
     """
     meta = artifact.read_meta(cfg.model, cfg.storage)
+    batch = cfg.batch_size or DEFAULT_BATCH["litert"]
+    common = {"gpus": 0, "litert": "artifact", "model_sha256": meta.get("model_sha256")}
+    if cfg.runtime in ("auto", "litert-int8"):
+        good, why = artifact.int8_qualifies(meta)
+        if cfg.runtime == "litert-int8" and not (meta.get("litert_int8") or {}).get("sha256"):
+            raise artifact.ArtifactError(
+                f"runtime litert-int8: {why} at {cfg.model}; add one with `crackscale export --int8 {cfg.model}`"
+            )
+        if good or cfg.runtime == "litert-int8":
+            rec = meta["litert_int8"]
+            rt = LiteRTRuntime(
+                artifact.read_litert(cfg.model, meta, cfg.storage, int8=True), batch, cfg.threads, "litert-int8"
+            )
+            return rt, {**common, "runtime": "litert-int8", "threshold": rec["threshold"], "int8": why}
+        log.info("int8 not used: %s", why)
     lit = meta.get("litert") or {}
     diff = lit.get("parity_max_abs_diff")
     if not lit.get("sha256") or diff is None:
@@ -41,16 +58,13 @@ def artifact_litert(cfg: ScoreConfig) -> tuple[Runtime, dict[str, Any]] | None:
             cfg.parity_tolerance,
         )
         return None
-    rt = LiteRTRuntime(
-        artifact.read_litert(cfg.model, meta, cfg.storage), cfg.batch_size or DEFAULT_BATCH["litert"], cfg.threads
-    )
+    rt = LiteRTRuntime(artifact.read_litert(cfg.model, meta, cfg.storage), batch, cfg.threads)
     return rt, {
+        **common,
         "runtime": "litert",
-        "gpus": 0,
+        "threshold": float(meta.get("threshold", 0.5)),
         "parity_max_abs_diff": diff,
-        "litert": "artifact",
         "parity_images": lit.get("parity_images"),
-        "model_sha256": meta.get("model_sha256"),
     }
 
 
@@ -78,7 +92,7 @@ class Predictor:
         self._model_lock = threading.Lock()
         self._photo_lock = threading.Lock()  # one full-size photo in memory at a time
         ready = None
-        if loader is None and not cfg.use_gpu and cfg.runtime in ("auto", "litert"):
+        if loader is None and (cfg.runtime == "litert-int8" or (not cfg.use_gpu and cfg.runtime in ("auto", "litert"))):
             ready = artifact_litert(cfg)  # the artifact's checked export: no Keras model in this actor
         if ready is None:
             n_gpus = configure_tf(cfg.use_gpu, cfg.threads)  # before the model's first TF op
@@ -93,8 +107,11 @@ class Predictor:
                 cfg.cache_dir,
                 cfg.parity_tolerance,
             )
-            ready[1]["model_sha256"] = loaded.meta.get("model_sha256")
+            ready[1].update(
+                model_sha256=loaded.meta.get("model_sha256"), threshold=float(loaded.meta.get("threshold", 0.5))
+            )
         self.runtime, self.info = ready
+        self.threshold = float(self.info["threshold"])  # this runtime's decision threshold, in every row
         if model_id and not str(self.info.get("model_sha256") or "").startswith(model_id):
             raise artifact.ArtifactError(
                 f"the model at {cfg.model} is no longer the one this run scores with (model_id {model_id}, "
@@ -139,6 +156,7 @@ class Predictor:
             error=errors,
             scored_at_us=np.full(n, int(time.time() * 1e6), np.int64),
             runtime=np.array([self.runtime.name] * n, dtype=object),
+            threshold=np.full(n, self.threshold, np.float32),
             tile_probs=tile_probs,
         )
         return out

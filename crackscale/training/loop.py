@@ -296,13 +296,41 @@ def _save_artifact(
     Path(extra, "test_predictions.csv").write_text(predictions_csv(config["test_uris"], te_y, test_p))
     if Path(tb_dir).is_dir():
         shutil.copytree(tb_dir, Path(extra, "tensorboard"))
-    # the LiteRT export's parity check runs on real validation images, decoded as for training
-    va_x, va_y = config["val_sample"]
-    batches = tfdata.tf_dataset(
-        va_x, va_y, cfg.image_size, 64, shuffle=False, seed=0, repeat=False, antialias=cfg.resize_antialias
+    # the LiteRT exports are checked on real validation images, decoded as for training
+    va_x, va_y = config["val"]
+    check = decoded(cfg, va_x[:64])
+    int8 = None
+    if cfg.int8:
+        tr_x, tr_y = config["train"]
+        int8 = artifact.Int8Data(
+            decoded(cfg, representative(tr_x, tr_y, cfg.seed)), decoded(cfg, va_x), np.asarray(va_y)
+        )
+    artifact.save(plain, meta, config["output"], extra_dir=extra, cfg=cfg.storage, check_images=check, int8=int8)
+
+
+def representative(images: list[bytes], labels: list[int], seed: int, n: int = 200) -> list[bytes]:
+    """Up to ``n`` training images for int8 calibration, half of each class, seeded."""
+    rng = np.random.default_rng(seed)
+    y = np.asarray(labels)
+    picks = [rng.permutation(np.flatnonzero(y == c))[: n // 2] for c in (0, 1)]
+    return [images[i] for i in sorted(np.concatenate(picks).astype(int))]
+
+
+def decoded(cfg: TrainConfig, images: list[bytes]) -> np.ndarray:
+    """Encoded images as the model sees them at evaluation (NHWC float32 0..255)."""
+    if not images:
+        return np.zeros((0, cfg.image_size, cfg.image_size, 3), np.float32)
+    ds = tfdata.tf_dataset(
+        images,
+        [0] * len(images),
+        cfg.image_size,
+        64,
+        shuffle=False,
+        seed=0,
+        repeat=False,
+        antialias=cfg.resize_antialias,
     )
-    check = next(iter(batches))[0].numpy()
-    artifact.save(plain, meta, config["output"], extra_dir=extra, cfg=cfg.storage, check_images=check)
+    return np.concatenate([x.numpy() for x, _ in ds])
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -345,7 +373,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if rank == 0:
         after = {"val": val_m, "test": test_m}
         meta = _model_meta(cfg, config, state, after, ctx.get_world_size(), strategy, strategy_name)
-        extra = dict(config, test_labels=te_y, val_sample=(va_x[:64], va_y[:64]))
+        extra = dict(config, test_labels=te_y, val=(va_x, va_y), train=(tr_x, tr_y))
         _save_artifact(cfg, extra, weights, meta, test_p, tb_dir)
         final.update({f"test_{k_}": v for k_, v in test_m.items() if isinstance(v, (int, float))})
         final.update({f"val_{k_}": v for k_, v in val_m.items() if isinstance(v, (int, float))})
