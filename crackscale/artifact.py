@@ -141,6 +141,56 @@ def _export_int8(model: Any, local: Path, meta: dict[str, Any], data: Int8Data) 
     return record
 
 
+FP16_TOLERANCE = 0.01  # largest recorded |Δp| of float16 compute for runtime auto to use it on GPUs
+
+
+def mixed_model(model: Any, meta: dict[str, Any]) -> Any:
+    """``model`` rebuilt to compute in float16 (float32 weights and output), its weights copied;
+    None when ``meta`` lacks the training config that describes the architecture."""
+    from crackscale.config.loader import ConfigError, from_dict
+    from crackscale.config.train import TrainConfig
+
+    if not meta.get("config"):
+        return None
+    try:
+        cfg = from_dict(TrainConfig, meta["config"])
+    except (ConfigError, TypeError, ValueError):
+        return None
+    mixed, _ = M.build(cfg, load_weights=False, mixed=True)
+    mixed.set_weights(model.get_weights())
+    return mixed
+
+
+def _fp16_record(model: Any, meta: dict[str, Any], images: Any) -> dict[str, Any]:
+    """How float16 compute changes the probabilities on ``images``: max |Δp| and decision agreement
+    at the artifact's threshold (what ``runtime auto`` checks before scoring in float16 on GPUs)."""
+    try:
+        half = mixed_model(model, meta)
+        if half is None:
+            return {"error": "no training config in model.json to rebuild the model in float16"}
+        p16, p32 = TFRuntime(half, 16).predict(images), TFRuntime(model, 16).predict(images)
+    except Exception as e:  # an op without a float16 kernel on this device
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return {"error": msg[:500]}
+    thr = float(meta.get("threshold", 0.5))
+    return {
+        "max_abs_diff": float(np.max(np.abs(p16 - p32))) if len(images) else 0.0,
+        "agreement": float(((p16 >= thr) == (p32 >= thr)).mean()) if len(images) else 0.0,
+        "images": len(images),
+    }
+
+
+def fp16_qualifies(meta: dict[str, Any]) -> tuple[bool, str]:
+    """Whether ``runtime auto`` may score in float16 on GPUs, and why (one line)."""
+    rec = (meta.get("mixed_precision") or {}).get("scoring_fp16") or {}
+    if "max_abs_diff" not in rec:
+        return False, "no float16 parity record" + (f" ({rec['error']})" if rec.get("error") else "")
+    said = f"float16 max |Δp| {rec['max_abs_diff']:.2e}, same decision on {rec['agreement']:.4f} of {rec['images']}"
+    if rec["max_abs_diff"] > FP16_TOLERANCE or rec["agreement"] < 1.0:
+        return False, said + f": beyond |Δp| {FP16_TOLERANCE} or a changed decision"
+    return True, said
+
+
 def int8_qualifies(meta: dict[str, Any]) -> tuple[bool, str]:
     """Whether ``runtime: auto`` may score with the int8 export, and why (one line)."""
     rec = meta.get("litert_int8") or {}
@@ -202,6 +252,9 @@ def save(
         )
         if int8 is not None:
             meta["litert_int8"] = _export_int8(model, local, meta, int8)
+        if check_images is not None and len(check_images) and meta.get("config"):
+            fp16 = _fp16_record(model, meta, check_images)
+            meta["mixed_precision"] = dict(meta.get("mixed_precision") or {}, scoring_fp16=fp16)
         meta_text = json.dumps(meta, indent=2, sort_keys=False, default=str)
         storage.upload_dir(local, uri, cfg)
         # model.json last: an artifact without it is incomplete and refused by load()

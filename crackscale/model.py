@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -29,6 +31,24 @@ def keras() -> Any:
     import tf_keras
 
     return tf_keras
+
+
+def mixed_wanted(setting: str, n_gpus: int) -> bool:
+    """Whether to compute in float16 (``mixed_precision``: auto = with GPUs; true; false)."""
+    return setting == "true" or (setting == "auto" and n_gpus > 0)
+
+
+@contextmanager
+def precision(mixed: bool) -> Iterator[None]:
+    """Layers (and models) created inside compute in float16 with float32 variables
+    (``mixed_float16``) when ``mixed``, else in float32; the global policy is restored after."""
+    policy = keras().mixed_precision
+    before = policy.global_policy()
+    policy.set_global_policy("mixed_float16" if mixed else "float32")
+    try:
+        yield
+    finally:
+        policy.set_global_policy(before)
 
 
 def pretrained(cfg: TrainConfig) -> bool:
@@ -54,12 +74,18 @@ def resolve_weights(cfg: TrainConfig) -> str | None:
     return w
 
 
-def build(cfg: TrainConfig, load_weights: bool = True) -> tuple[Any, Any]:
+def build(cfg: TrainConfig, load_weights: bool = True, mixed: bool = False) -> tuple[Any, Any]:
     """(model, base), compiled per phase by ``set_phase``.
 
     ``load_weights=False`` builds the same architecture without loading any weights (to copy
-    trained weights into a model outside the distribution strategy).
+    trained weights into a model outside the distribution strategy). ``mixed``: float16 compute,
+    float32 variables; the probability is float32 either way, so the weights of one fit the other.
     """
+    with precision(mixed):
+        return _build(cfg, load_weights)
+
+
+def _build(cfg: TrainConfig, load_weights: bool) -> tuple[Any, Any]:
     k = keras()
     weights = resolve_weights(cfg) if load_weights else None
     try:
@@ -95,7 +121,7 @@ def build(cfg: TrainConfig, load_weights: bool = True) -> tuple[Any, Any]:
     x = base(x, training=False if pretrained(cfg) else None)
     x = k.layers.GlobalAveragePooling2D(name="gap")(x)
     x = k.layers.Dropout(cfg.dropout, name="dropout")(x)
-    outputs = k.layers.Dense(1, activation="sigmoid", name="crack_probability")(x)
+    outputs = k.layers.Dense(1, activation="sigmoid", name="crack_probability", dtype="float32")(x)
     return k.Model(inputs, outputs, name="crackscale_mobilenetv2"), base
 
 

@@ -150,3 +150,37 @@ def test_export_int8_adds_it_to_an_existing_artifact(trained_run, tmp_path):
     bad = subprocess.run([*cmd, "export", "--int8", str(art)], capture_output=True, text=True, timeout=600)
     errors = [line for line in bad.stderr.splitlines() if line.startswith("error:")]
     assert bad.returncode == 2 and len(errors) == 1 and "/nowhere/gone.jpg" in errors[0], bad.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    ("record", "chosen", "why"),
+    [
+        ({"max_abs_diff": 0.004, "agreement": 1.0, "images": 64}, True, "max |Δp| 4.00e-03"),
+        ({"max_abs_diff": 0.02, "agreement": 1.0, "images": 64}, False, "beyond |Δp| 0.01"),
+        ({"max_abs_diff": 0.001, "agreement": 63 / 64, "images": 64}, False, "changed decision"),
+        ({"error": "no float16 kernel"}, False, "no float16 kernel"),
+    ],
+)
+def test_float16_is_chosen_on_gpus_only_when_its_parity_holds(record, chosen, why):
+    ok, said = artifact.fp16_qualifies({"mixed_precision": {"scoring_fp16": record}})
+    assert ok is chosen and why in said, said
+
+
+@pytest.mark.slow
+def test_float16_scoring_agrees_with_float32(trained_run):
+    """The artifact records float16's parity on validation images; a model actor told
+    ``mixed_precision: true`` scores in float16 (``tf-fp16``, CPU here) close to float32."""
+    art = str(trained_run["artifact"])
+    meta = artifact.read_meta(art)
+    rec = meta["mixed_precision"]["scoring_fp16"]
+    assert meta["mixed_precision"]["training"] is False and rec["images"] > 0 and rec["max_abs_diff"] < 0.05
+    src = sorted(Path(trained_run["cfg"].data).rglob("*.jpg"))[::15]
+    batch = {"uri": np.array([str(p) for p in src], dtype=object), "size": np.full(len(src), -1)}
+    decode = {"image_size": meta["image_size"], "cfg": ScoreConfig(), "antialias": meta["resize_antialias"]}
+    out = {}
+    for mp in ("true", "false"):
+        pred = predictor.Predictor(ScoreConfig(model=art, runtime="tf", mixed_precision=mp), decode=decode)
+        out[mp] = pred(dict(batch))
+    assert set(out["true"]["runtime"]) == {"tf-fp16"} and set(out["false"]["runtime"]) == {"tf"}
+    diff = np.abs(out["true"]["crack_probability"] - out["false"]["crack_probability"])
+    assert not any(out["true"]["error"]) and diff.max() < 0.05, diff.max()

@@ -80,3 +80,23 @@ def test_metrics_match_brute_force():
     cm = m["confusion_matrix"]
     assert cm["tp"] + cm["fn"] == y.sum() and cm["tn"] + cm["fp"] == (y == 0).sum()
     assert m["accuracy"] == pytest.approx(((p >= 0.5) == y).mean())
+
+
+def test_mixed_precision_computes_in_float16_with_float32_weights_and_output():
+    """The mixed model's layers compute in float16, its variables and its probability stay float32,
+    so weights move between the two builds both ways; the global policy is restored after."""
+    k = M.keras()
+    cfg = TrainConfig(weights="none", image_size=64, alpha=0.35, bn_momentum=0.7)
+    full, _ = M.build(cfg)
+    half, base = M.build(cfg, load_weights=False, mixed=True)
+    assert k.mixed_precision.global_policy().name == "float32"
+    convs = [layer for layer in base.layers if isinstance(layer, k.layers.Conv2D)]
+    assert convs and all(layer.compute_dtype == "float16" for layer in convs)
+    assert all(w.dtype == np.float32 for w in half.get_weights())
+    half.set_weights(full.get_weights())
+    x = np.random.default_rng(0).uniform(0, 255, (8, 64, 64, 3)).astype(np.float32)
+    p16, p32 = half(x, training=False).numpy(), full(x, training=False).numpy()
+    assert p16.dtype == np.float32 and np.abs(p16 - p32).max() < 0.01
+    # training in float16 wraps the optimizer in loss scaling
+    M.set_phase(cfg, half, base, "head")
+    assert isinstance(half.optimizer, k.mixed_precision.LossScaleOptimizer)

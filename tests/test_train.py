@@ -110,11 +110,14 @@ def test_s3_data_in_artifact_out(ray_local, s3_server, s3_bucket, synth_data, tm
         fine_tune_epochs=1,
         limit_per_class=60,
         storage_path=f"s3://{s3_bucket}/runs",
+        mixed_precision="true",  # float16 training runs on CPU too (slowly): its code path, here
     )
     summary = train_driver.run(cfg)
     assert summary["artifact"] == f"s3://{s3_bucket}/runs/s3run/model"
     loaded = artifact.load(summary["artifact"])
     assert loaded.meta["config"]["data"].startswith("s3://") and loaded.meta["history"]
+    # trained in float16 compute, stored as a float32 model
+    assert loaded.meta["mixed_precision"]["training"] is True and loaded.model.dtype_policy.name == "float32"
     assert loaded.model.predict(np.zeros((2, 96, 96, 3), np.float32), verbose=0).shape == (2, 1)
     import boto3
 

@@ -71,6 +71,15 @@ class ScoreConfig:
             "model whatever its quality (failing if the artifact has none); tf = tf.keras always"
         ),
     )
+    mixed_precision: str = setting(
+        "auto",
+        group="Model runtime",
+        help=(
+            "float16 compute for tf.keras (float32 weights and probabilities): auto = on GPUs when the "
+            "artifact's recorded float16 parity holds (max |Δp| <= 0.01, no changed decision); true = always "
+            "(CPU too); false = never"
+        ),
+    )
     parity_tolerance: float = setting(
         1e-4,
         group="Model runtime",
@@ -222,6 +231,10 @@ class ScoreConfig:
         check(
             self.runtime in ("auto", "litert", "litert-int8", "tf"),
             "config key 'runtime' must be auto, litert, litert-int8 or tf",
+        )
+        check(
+            self.mixed_precision in ("auto", "true", "false"),
+            "config key 'mixed_precision' must be auto, true or false",
         )
         check(self.decode in ("auto", "tasks", "actor"), "config key 'decode' must be auto, tasks or actor")
         check(self.decoder in ("auto", "tf"), "config key 'decoder' must be auto or tf")

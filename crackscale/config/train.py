@@ -188,6 +188,14 @@ class TrainConfig:
         help="GPUs per worker; set it to the GPUs of a node, as each node runs one worker that uses them all",
     )
     cpus_per_worker: int = setting(1, group="Cluster", help="Ray CPUs reserved per worker")
+    mixed_precision: str = setting(
+        "auto",
+        group="Cluster",
+        help=(
+            "float16 compute with float32 weights and probabilities (Keras mixed_float16, loss scaling): "
+            "auto = on when training on GPUs; true; false. The artifact is float32 either way"
+        ),
+    )
     max_failures: int = setting(
         2,
         group="Cluster",
@@ -252,6 +260,7 @@ def _validate_train(self: TrainConfig) -> None:
     check(self.lr_schedule in ("constant", "cosine"), "config key 'lr_schedule' must be constant or cosine")
     check(self.min_epochs >= 0 and self.patience >= 0, "config keys 'min_epochs' and 'patience' must be >= 0")
     check(self.freeze_base in ("auto", "true", "false"), "config key 'freeze_base' must be auto, true or false")
+    check(self.mixed_precision in ("auto", "true", "false"), "config key 'mixed_precision' must be auto, true or false")
     check(self.source_size >= 0, "config key 'source_size' must be >= 0 (0 = learned from the data)")
     check(self.group_size >= 1, "config key 'group_size' must be >= 1")
     check(0 <= self.bn_momentum < 1, "config key 'bn_momentum' must be in [0, 1)")

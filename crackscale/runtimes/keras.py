@@ -39,11 +39,11 @@ def configure_tf(use_gpu: bool, threads: int = 0) -> int:
 class TFRuntime:
     """tf.keras in graph mode (``tf.function``), fixed batch shape."""
 
-    name = "tf"
-
-    def __init__(self, model: Any, batch_size: int) -> None:
+    def __init__(self, model: Any, batch_size: int, name: str = "tf") -> None:
+        """``name``: what rows say scored them (``tf-fp16`` for a float16-compute model)."""
         import tensorflow as tf
 
+        self.name = name
         self.batch_size = batch_size
         self._fn = tf.function(lambda x: model(x, training=False))
 

@@ -13,7 +13,7 @@ from crackscale import artifact
 from crackscale.config.score import ScoreConfig
 from crackscale.imaging.tfdecode import RESIZE_ANTIALIAS, decoders
 from crackscale.runtimes.base import DEFAULT_BATCH, Runtime
-from crackscale.runtimes.keras import configure_tf
+from crackscale.runtimes.keras import TFRuntime, configure_tf
 from crackscale.runtimes.litert import LiteRTRuntime
 from crackscale.runtimes.select import select
 from crackscale.scoring.decode import decode_batch, fast_jpeg
@@ -68,6 +68,29 @@ def artifact_litert(cfg: ScoreConfig) -> tuple[Runtime, dict[str, Any]] | None:
     }
 
 
+def half_precision(
+    cfg: ScoreConfig, loaded: artifact.Loaded, n_gpus: int, ready: tuple[Runtime, dict[str, Any]]
+) -> tuple[Runtime, dict[str, Any]]:
+    """tf.keras computing in float16 (``tf-fp16``) when ``mixed_precision`` says so: ``true``
+    always, ``auto`` on GPUs when the artifact's float16 parity record holds; else ``ready``."""
+    if cfg.mixed_precision == "false" or (cfg.mixed_precision == "auto" and n_gpus == 0):
+        return ready
+    good, why = artifact.fp16_qualifies(loaded.meta)
+    if cfg.mixed_precision == "auto" and not good:
+        log.info("float16 not used: %s", why)
+        return ready
+    half = artifact.mixed_model(loaded.model, loaded.meta)
+    if half is None:
+        if cfg.mixed_precision == "true":
+            raise artifact.ArtifactError(
+                f"mixed_precision: true, but {cfg.model} has no training config in model.json to rebuild "
+                "the model in float16"
+            )
+        return ready
+    rt = TFRuntime(half, ready[0].batch_size, "tf-fp16")
+    return rt, dict(ready[1], runtime="tf-fp16", fp16=why)
+
+
 class Predictor:
     """Ray Data actor: loads the artifact once (``loader`` is injectable for tests), then P(crack).
 
@@ -110,6 +133,8 @@ class Predictor:
             ready[1].update(
                 model_sha256=loaded.meta.get("model_sha256"), threshold=float(loaded.meta.get("threshold", 0.5))
             )
+            if ready[0].name == "tf":
+                ready = half_precision(cfg, loaded, n_gpus, ready)
         self.runtime, self.info = ready
         self.threshold = float(self.info["threshold"])  # this runtime's decision threshold, in every row
         if model_id and not str(self.info.get("model_sha256") or "").startswith(model_id):

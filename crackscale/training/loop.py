@@ -199,6 +199,13 @@ def _fit_phase(
     )
 
 
+def mixed(cfg: TrainConfig) -> bool:
+    """Whether this worker trains in mixed precision (``mixed_precision``, its visible GPUs)."""
+    import tensorflow as tf
+
+    return M.mixed_wanted(cfg.mixed_precision, len(tf.config.list_physical_devices("GPU")) if cfg.use_gpu else 0)
+
+
 def _restore(cfg: TrainConfig, config: dict[str, Any], strategy: Any) -> tuple[Any, Any, dict[str, Any]]:
     """(model, base, training state): built in the strategy's scope, from the last checkpoint if any.
     A Tune trial restored by PBT (exploit) or ``--resume`` starts a fresh Train run from
@@ -208,7 +215,7 @@ def _restore(cfg: TrainConfig, config: dict[str, Any], strategy: Any) -> tuple[A
     state: dict[str, Any] = {"phase": "head", "epoch": 0, "history": [], "es": None}
     ckpt = ray.train.get_checkpoint() or config.get("initial_checkpoint")
     with strategy.scope():
-        mdl, base = M.build(cfg)
+        mdl, base = M.build(cfg, mixed=mixed(cfg))
         if ckpt:
             with ckpt.as_directory() as d:
                 state = json.loads(Path(d, STATE_FILE).read_text())
@@ -262,6 +269,7 @@ def _model_meta(
         "num_workers": workers,
         "num_replicas": strategy.num_replicas_in_sync,
         "strategy": strategy_name,
+        "mixed_precision": {"training": mixed(cfg)},
     }
 
 
