@@ -162,8 +162,13 @@ def cmd_score(args: argparse.Namespace) -> dict[str, Any]:
     from crackscale.scoring import run
 
     cfg = score_config(args)
-    summary = run.run(cfg)
-    summary["report"] = page.safely(scoring.scoring_report, summary["output"], summary["run_id"], cfg.storage)
+    if not cfg.report_ahead or not cfg.model:
+        summary = run.run(cfg)
+        summary["report"] = page.safely(scoring.scoring_report, summary["output"], summary["run_id"], cfg.storage)
+        return summary
+    with scoring.ReportProcess(cfg.model, cfg.storage) as report:
+        summary = run.run(cfg)
+        summary["report"] = report.build(summary["output"], summary["run_id"])
     return summary
 
 

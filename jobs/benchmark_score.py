@@ -3,10 +3,11 @@ original one-process script, and peak memory at a small and a large N.
 
     python jobs/benchmark_score.py --data ../shared/data/concrete-crack --n 20000 --small 2000
 
-(a) ceiling: the fastest runtime (LiteRT/XNNPACK) on preloaded, decoded tensors: the fastest of one
-    interpreter on all cores and one single-threaded interpreter per core (own processes), each at
-    batch 1, 4, 16 and 64; measured right before and right after the large runs (a shared
-    host's speed drifts), (b)/(a) uses the mean.
+(a) ceiling: the fastest runtime (LiteRT/XNNPACK, fp32 and int8) on preloaded, decoded tensors:
+    the fastest of one interpreter on all cores and one single-threaded interpreter per core (own
+    processes), each at batch 1, 4, 16 and 64; measured right before and right after the large
+    runs (a shared host's speed drifts), (b)/(a) uses the mean. A model without an int8 export gets
+    one, calibrated on 200 of the data's images (labels from their class folders).
 (b) crackscale: ``jobs/score.py`` from storage to committed Parquet, timings from its summary:
     - the nightly way: two jobs in turn on a running ``ray start --head`` cluster (started here by
       ``cluster/local/cluster.sh up`` on free ports, and stopped); the second job is (b) in the
@@ -15,6 +16,8 @@ original one-process script, and peak memory at a small and a large N.
       an S3 server on 127.0.0.1 started here;
     images decoded in the model actor (``decode: auto`` on CPU), and at the large N also in separate
     decode tasks (``decode: tasks``, the GPU layout) for comparison.
+    Whole process: the wall time of ``jobs/score.py`` from exec to exit at N and at the small N
+    gives the marginal rate (N − n) / (wall_N − wall_n) and the fixed cost wall_n − n / marginal.
 (c) original: ``image_dataset_from_directory`` + ``model.predict`` in one process.
 Peak memory: the largest total RSS of the process tree (driver + Ray + workers; on the cluster, the
 cluster's processes too), sampled at 5 Hz.
@@ -243,14 +246,42 @@ def ceiling(model_dir: Path, images: Path, size: int, seconds: float = 10.0) -> 
     batch = np.stack(
         [decode_image(p.read_bytes(), p.name, size, cfg, aa)[0] for p in sorted(images.glob("*.jpg"))[:64]]
     )
-    lite = artifact.read_litert(str(model_dir), loaded.meta)
-    sweep = {}
-    for bs in (1, 4, 16, 64):
-        sweep[f"1 interpreter × {os.cpu_count()} threads, batch {bs}"] = litert_rate(lite, batch, bs, 0, seconds / 2)
-        sweep[f"{os.cpu_count()} interpreters × 1 thread, batch {bs}"] = per_core_rate(lite, batch, bs, seconds / 2)
-    best = max(sweep, key=sweep.get)
+    out: dict = {}
+    for key, int8 in (("litert", False), ("int8", True)):
+        lite = artifact.read_litert(str(model_dir), loaded.meta, int8=int8)
+        sweep = {}
+        for bs in (1, 4, 16, 64):
+            sweep[f"1 interpreter × {os.cpu_count()} threads, batch {bs}"] = litert_rate(
+                lite, batch, bs, 0, seconds / 2
+            )
+            sweep[f"{os.cpu_count()} interpreters × 1 thread, batch {bs}"] = per_core_rate(lite, batch, bs, seconds / 2)
+        best = max(sweep, key=sweep.get)
+        out.update({key: sweep[best], f"{key}_layout": best, f"{key}_sweep": sweep})
     rt, _ = select(loaded.model, loaded.meta, "tf", 64)
-    return {"litert": sweep[best], "layout": best, "sweep": sweep, "tf": rate(rt, batch, seconds)}
+    return dict(out, tf=rate(rt, batch, seconds))
+
+
+def with_int8(model_dir: Path, data: Path, size: int) -> None:
+    """Give the artifact an int8 export calibrated on 200 of ``data``'s images, measured on 400
+    others (labels from the class folders: the crack class is ``Positive``)."""
+    import numpy as np
+
+    from crackscale import artifact
+    from crackscale.config.score import ScoreConfig
+    from crackscale.imaging.tfdecode import resize_antialias
+    from crackscale.scoring.decode import decode_image
+
+    meta = json.loads((model_dir / "model.json").read_text())
+    aa, cfg = resize_antialias(meta), ScoreConfig()
+    pick = {c: sorted((data / c).glob("*.jpg")) for c in ("Negative", "Positive")}
+
+    def images(files: list[Path]) -> np.ndarray:
+        return np.stack([decode_image(p.read_bytes(), p.name, size, cfg, aa)[0] for p in files])
+
+    rep = pick["Negative"][:100] + pick["Positive"][:100]
+    val = pick["Negative"][100:300] + pick["Positive"][100:300]
+    labels = np.array([0] * len(pick["Negative"][100:300]) + [1] * len(pick["Positive"][100:300]))
+    artifact.add_int8(str(model_dir), artifact.Int8Data(images(rep), images(val), labels))
 
 
 def crackscale_run(
@@ -268,6 +299,7 @@ def crackscale_run(
     env = dict(env or os.environ, RAY_ADDRESS="local")  # a fresh Ray per run, never a running cluster
     if gcs_port:
         env.update(RAY_ADDRESS=f"127.0.0.1:{gcs_port}", RAY_AUTH_MODE="token")
+    t0 = time.time()
     res, mem = peak_rss(
         [
             sys.executable,
@@ -287,8 +319,9 @@ def crackscale_run(
         env,
         gcs_port,
     )
+    wall = time.time() - t0
     s = json.loads(res.stdout.strip().splitlines()[-1])
-    s["peak_rss_mib"] = mem
+    s["peak_rss_mib"], s["process_wall_s"] = mem, wall
     # after the first result batch, whose images count as start-up (meaningless with < 3 chunks)
     if s.get("startup_s") is not None and s["chunks"] >= 3 and s["duration_s"] > s["startup_s"]:
         s["steady_img_s"] = (s["scored"] + s["failed"] - s["startup_images"]) / (s["duration_s"] - s["startup_s"])
@@ -377,6 +410,9 @@ def row(s: dict) -> dict:
         "wall_s": s["duration_s"],
         "startup_s": s.get("startup_s"),
         "peak_rss_mib": s["peak_rss_mib"],
+        "process_s": s["process_wall_s"],
+        "process_img_s": (s["scored"] + s["failed"]) / s["process_wall_s"],
+        "runtime": s.get("runtime"),
     }
 
 
@@ -416,6 +452,8 @@ def main() -> int:
         "--photo-sides", default="3000,4250,8660", help="heights of the 4:3 photos of the memory rows (12, 24, 100 MP)"
     )
     ap.add_argument("--chunk-size", type=int, default=2000, help="scoring chunk_size (steady img/s needs >= 3 chunks)")
+    ap.add_argument("--model", default="", help="a model artifact to benchmark (default: an untrained one built here)")
+    ap.add_argument("--runtime", default="litert-int8", help="scoring runtime of the local runs (default litert-int8)")
     args = ap.parse_args()
     skip = set(args.skip.split(","))
     work = Path(args.workdir)
@@ -423,9 +461,11 @@ def main() -> int:
     small = replicate(Path(args.data), work / f"images-{args.small}", args.small)
     from crackscale.imaging.tfdecode import RESIZE_ANTIALIAS
 
-    model_dir = work / f"model-{args.image_size}-{args.alpha}-aa{int(RESIZE_ANTIALIAS)}"
+    model_dir = (
+        Path(args.model) if args.model else work / f"model-{args.image_size}-{args.alpha}-aa{int(RESIZE_ANTIALIAS)}"
+    )
     meta_file = model_dir / "model.json"
-    if not meta_file.is_file() or "litert" not in json.loads(meta_file.read_text()):  # older artifacts
+    if not args.model and (not meta_file.is_file() or "litert" not in json.loads(meta_file.read_text())):
         from crackscale import artifact
         from crackscale import model as M
         from crackscale.config.train import TrainConfig
@@ -444,6 +484,10 @@ def main() -> int:
             },
             str(model_dir),
         )
+    meta = json.loads(meta_file.read_text())
+    args.image_size = int(meta["image_size"])
+    if not (meta.get("litert_int8") or {}).get("sha256"):
+        with_int8(model_dir, Path(args.data), args.image_size)
     rows: dict[str, dict] = {}
 
     def local_key(n: int, decode: str = "auto") -> str:
@@ -452,7 +496,14 @@ def main() -> int:
     def local(n: int, images: Path, decode: str = "auto") -> None:
         out = work / f"out-local-{n}"
         shutil.rmtree(out, ignore_errors=True)
-        s = crackscale_run(str(model_dir), str(images), str(out), chunk_size=args.chunk_size, decode=decode)
+        s = crackscale_run(
+            str(model_dir),
+            str(images),
+            str(out),
+            chunk_size=args.chunk_size,
+            decode=decode,
+            extra=("--set", f"runtime={args.runtime}"),
+        )
         rows[local_key(n, decode)] = row(s)
 
     def cluster_key(n: int, job: str) -> str:
@@ -471,14 +522,19 @@ def main() -> int:
         local(args.small, small)
     if "tasks" not in skip:
         local(args.n, big, decode="tasks")
-    a = {k: (a0[k] + a1[k]) / 2 for k in ("litert", "tf")}
+    a = {k: (a0[k] + a1[k]) / 2 for k in ("litert", "int8", "tf")}
     rows = {
-        "(a) model only, LiteRT, preloaded tensors (fastest layout, mean of before/after)": {
+        "(a) model only, LiteRT int8, preloaded tensors (fastest layout, mean of before/after)": {
+            "img_s": a["int8"],
+            "before": a0["int8"],
+            "after": a1["int8"],
+            "layout": [a0["int8_layout"], a1["int8_layout"]],
+        },
+        "(a) model only, LiteRT fp32, preloaded tensors (fastest layout, mean of before/after)": {
             "img_s": a["litert"],
             "before": a0["litert"],
             "after": a1["litert"],
-            "layout": [a0["layout"], a1["layout"]],
-            "sweep": [a0["sweep"], a1["sweep"]],
+            "layout": [a0["litert_layout"], a1["litert_layout"]],
         },
         "(a') model only, tf.keras graph, preloaded": {"img_s": a["tf"]},
         **{
@@ -528,43 +584,71 @@ def main() -> int:
         server.stop()
     if "original" not in skip:
         for n, d in ([] if "small" in skip else [(args.small, small)]) + [(args.n, big)]:
+            t0 = time.time()
             res, mem = peak_rss(
                 [sys.executable, "-c", ORIGINAL, str(d), str(model_dir / "model.keras"), str(args.image_size)]
             )
+            wall = time.time() - t0
             cnt, secs = res.stdout.split()[-2:]
             rows[f"(c) image_dataset_from_directory + predict, N={n}"] = {
                 "img_s": int(cnt) / float(secs),
                 "wall_s": float(secs),
                 "peak_rss_mib": mem,
+                "process_s": wall,
+                "process_img_s": int(cnt) / wall,
             }
     photo_rows = {} if "photos" in skip else photo_runs(Path(args.data), work, model_dir, args)
     for k, v in listing.items() if "s3" not in skip else ():
         print(f"S3 listing of N={args.n} keys in 20 folders, {k}: {v:.2f} s")
     print(f"\nMobileNetV2 α={args.alpha}, {args.image_size} px, {os.cpu_count()} CPUs\n")
-    print("(a) LiteRT ceiling sweep, img/s before / after the local runs:")
-    for k in a0["sweep"]:
-        print(f"    {k}: {a0['sweep'][k]:.0f} / {a1['sweep'][k]:.0f}")
-    print(f"    fastest: {a0['layout']} ({a0['litert']:.0f}) / {a1['layout']} ({a1['litert']:.0f})\n")
-    print("| path | img/s (wall) | img/s (steady) | wall s | start-up s | peak RSS MiB |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    for key in ("litert", "int8"):
+        print(f"(a) LiteRT {'int8' if key == 'int8' else 'fp32'} ceiling sweep, img/s before / after the local runs:")
+        for k in a0[f"{key}_sweep"]:
+            print(f"    {k}: {a0[f'{key}_sweep'][k]:.0f} / {a1[f'{key}_sweep'][k]:.0f}")
+        print(f"    fastest: {a0[f'{key}_layout']} ({a0[key]:.0f}) / {a1[f'{key}_layout']} ({a1[key]:.0f})\n")
+    print(
+        "| path | img/s (run) | img/s (steady) | run s | start-up s | whole process s | img/s (whole process) "
+        "| peak RSS MiB |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for k, v in rows.items():
         f = lambda x, p=0: "" if x is None else f"{x:.{p}f}"  # noqa: E731
         print(
             f"| {k} | {f(v['img_s'])} | {f(v.get('steady_img_s'))} | {f(v.get('wall_s'), 1)} "
-            f"| {f(v.get('startup_s'), 1)} | {f(v.get('peak_rss_mib'))} |"
+            f"| {f(v.get('startup_s'), 1)} | {f(v.get('process_s'), 1)} | {f(v.get('process_img_s'))} "
+            f"| {f(v.get('peak_rss_mib'))} |"
         )
     # (b) is the nightly way when measured (a job on a cluster that has run one before), else a job
     # with a Ray of its own
     primary = cluster_key(args.n, "next") if cluster_key(args.n, "next") in rows else local_key(args.n)
     b, private = rows[primary], rows[local_key(args.n)]
     c = rows.get(f"(c) image_dataset_from_directory + predict, N={args.n}", {})
+
+    def ceil(r: dict) -> float:
+        return a["int8"] if r.get("runtime") == "litert-int8" else a["litert"]
+
     ratios = {
-        "b_over_a_wall": b.get("img_s", 0) / a["litert"],
-        "b_over_a_steady": (b.get("steady_img_s") or 0) / a["litert"],
-        "b_private_ray_over_a_wall": private["img_s"] / a["litert"],
-        "b_private_ray_over_a_steady": (private.get("steady_img_s") or 0) / a["litert"],
+        "int8_over_fp32_model_only": a["int8"] / a["litert"],
+        # (b) over the ceiling of the runtime it scored with
+        "b_over_a_wall": b.get("img_s", 0) / ceil(b),
+        "b_over_a_steady": (b.get("steady_img_s") or 0) / ceil(b),
+        "b_private_ray_over_a_wall": private["img_s"] / ceil(private),
+        "b_private_ray_over_a_steady": (private.get("steady_img_s") or 0) / ceil(private),
     }
+    derived = {}
+    if local_key(args.small) in rows:
+        big_s, small_s = rows[local_key(args.n)]["process_s"], rows[local_key(args.small)]["process_s"]
+        marginal = (args.n - args.small) / (big_s - small_s)
+        derived = {"marginal_img_s": marginal, "fixed_s": small_s - args.small / marginal}
+        ceiling_key = "int8" if args.runtime == "litert-int8" else "litert"
+        ratios["marginal_over_model_only"] = marginal / a[ceiling_key]
+        print(
+            f"\nwhole process, {args.runtime}: marginal {marginal:.0f} img/s between N={args.small} and N={args.n}, "
+            f"fixed {derived['fixed_s']:.1f} s; the small run's process {small_s:.1f} s for "
+            f"{rows[local_key(args.small)]['wall_s']:.1f} s of scoring run"
+        )
     if c:
+        ratios["process_over_c_process"] = private["process_img_s"] / c["process_img_s"]
         ratios.update(
             b_over_c_wall=b.get("img_s", 0) / c["img_s"],
             b_over_c_steady=(b.get("steady_img_s") or 0) / c["img_s"],
@@ -584,6 +668,7 @@ def main() -> int:
                 "rows": rows,
                 "photos": photo_rows,
                 "ratios": ratios,
+                "whole_process": derived,
                 "b": primary,
                 **({"listing_s": listing} if "s3" not in skip else {}),
             }

@@ -289,6 +289,13 @@ def test_scoring_report(ray_local, trained, synth_data, chromium, tmp_path, s3_s
         "index.html",
     ]
     assert report_page.safely(report_scoring.scoring_report, out, "no-such-run") == ""  # jobs never fail on a report
+    # built ahead in a process of its own, as `crackscale score` does: the same page, heatmaps included
+    direct = Path(report_scoring.scoring_report(out, s["run_id"])).read_text()
+    with report_scoring.ReportProcess(trained) as ahead:
+        assert ahead.build(out, s["run_id"]) == str(index)
+    assert index.read_text() == direct and "No heatmaps" not in direct
+    with report_scoring.ReportProcess(trained) as ahead:  # a failed report is a warning, never a failure
+        assert ahead.build(out, "no-such-run") == ""
 
     # a re-run finds everything scored: its report says so from the summary (no rows of its own)
     again = scoring_run.run(

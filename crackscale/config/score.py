@@ -216,6 +216,15 @@ class ScoreConfig:
         group="Run",
         help="When another run holds the lease: wait for it (true, --wait) or stop with one line naming it",
     )
+    report_ahead: bool = setting(
+        True,
+        group="Run",
+        help=(
+            "Build the run's report in a process started with the run, which imports TensorFlow and loads the "
+            "model for the Grad-CAM heatmaps while the run scores (the job ends seconds sooner; the driver's node "
+            "holds that process's memory meanwhile); false = everything after the last commit"
+        ),
+    )
     dashboard: bool = setting(
         False,
         group="Run",

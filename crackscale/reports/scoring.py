@@ -23,6 +23,82 @@ from crackscale.scoring.decode import decode_image
 log = logging.getLogger(__name__)
 
 
+# model URI → the artifact loaded ahead of the report, in a ReportProcess
+_WARM: dict[str, artifact.Loaded] = {}
+
+
+class ReportProcess:
+    """A scoring run's report, built in a process of its own that starts with the run: while the
+    run scores, it imports TensorFlow and matplotlib and loads the model for the Grad-CAM heatmaps
+    (on the CPU), so after the last commit only the report itself is left to do. Holds the model in
+    memory for the run's duration; ``close`` ends it whatever happened."""
+
+    def __init__(self, model_uri: str, cfg: StorageConfig | None = None) -> None:
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")  # a fresh interpreter: nothing of Ray's or the driver's state
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_serve, args=(child, model_uri, cfg), daemon=True, name="crackscale-report")
+        self._proc.start()
+        child.close()
+
+    def build(self, output_uri: str, run_id: str, timeout_s: float = 600.0) -> str:
+        """The report of ``run_id`` (its URI), or "" with a warning if it could not be written:
+        a report never fails a finished run."""
+        try:
+            self._conn.send((output_uri, run_id))
+            if not self._conn.poll(timeout_s):
+                raise TimeoutError(f"no report after {timeout_s:.0f} s")
+            kind, value = self._conn.recv()
+        except (OSError, EOFError, TimeoutError) as e:
+            kind, value = "error", f"the report process ended: {e}"
+        if kind != "ok":
+            log.warning("scoring report not written: %s", value)
+            return ""
+        return value
+
+    def close(self) -> None:
+        try:
+            self._conn.send(None)
+        except OSError:
+            pass
+        self._proc.join(5)
+        if self._proc.is_alive():
+            self._proc.terminate()
+            self._proc.join(5)
+        self._conn.close()
+
+    def __enter__(self) -> ReportProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _serve(conn: Any, model_uri: str, cfg: StorageConfig | None) -> None:
+    """The report process: warm up, then build the one report asked for (None: none)."""
+    import os
+
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""  # heatmaps on the CPU: the GPUs are the run's
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        import matplotlib.pyplot  # noqa: F401 - the histogram's import, ahead of time
+
+        _WARM[model_uri] = artifact.load(model_uri, cfg)
+    except Exception as e:  # noqa: BLE001 - the report notes the missing heatmaps itself
+        log.info("report process: model not loaded ahead (%s)", e)
+    try:
+        job = conn.recv()
+    except EOFError:  # the run's process is gone
+        return
+    if job is None:
+        return
+    try:
+        conn.send(("ok", scoring_report(*job, cfg)))
+    except Exception as e:  # noqa: BLE001
+        conn.send(("error", str(e)))
+
+
 def ks_statistic(a: np.ndarray, b: np.ndarray) -> float:
     """Two-sample Kolmogorov–Smirnov statistic: the largest gap between the two empirical CDFs."""
     if not len(a) or not len(b):
@@ -53,7 +129,7 @@ def _gallery(page: Page, top: list[dict[str, Any]], model_uri: str, cfg: Storage
         return "<p>No images scored in this run.</p>"
     model, note = None, ""
     try:
-        loaded = artifact.load(model_uri, cfg)
+        loaded = _WARM.get(model_uri) or artifact.load(model_uri, cfg)
         model, size = loaded.model, int(loaded.meta["image_size"])
     except Exception as e:  # noqa: BLE001 - the gallery still shows the images
         note = f"<p class='muted'>No heatmaps: model {esc(model_uri or '(unknown)')} not loadable: {esc(e)}</p>"
