@@ -325,16 +325,16 @@ def export_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="a full-integer LiteRT model, calibrated on 200 of the artifact's training images",
     )
+    add_config_args(p, " (a scoring config: its storage is read)")
     add_storage_flag(p)
 
 
 def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
-    from crackscale.config.storage import StorageConfig
     from crackscale.training.export import add_int8
 
     if not args.int8:
         raise ConfigError("say which export: --int8")
-    return add_int8(args.artifact, StorageConfig(s3_endpoint=args.s3_endpoint) if args.s3_endpoint else None)
+    return add_int8(args.artifact, scoring_config(args, {}).storage)
 
 
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], Any]]] = {

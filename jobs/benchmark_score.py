@@ -228,7 +228,9 @@ def per_core_rate(model: bytes, batch, batch_size: int, seconds: float) -> float
     return sum(rates)
 
 
-def ceiling(model_dir: Path, images: Path, size: int, seconds: float = 10.0) -> dict:
+def ceiling(
+    model_dir: Path, images: Path, size: int, seconds: float = 10.0, batches: tuple[int, ...] = (1, 4, 16, 64)
+) -> dict:
     """(a) the fastest LiteRT layout on decoded tensors already in memory: one interpreter on all
     cores and one single-threaded interpreter per core, each at batch 1, 4, 16 and 64 (XNNPACK runs
     small batches faster: their activations stay in cache); and tf.keras at batch 64."""
@@ -250,7 +252,7 @@ def ceiling(model_dir: Path, images: Path, size: int, seconds: float = 10.0) -> 
     for key, int8 in (("litert", False), ("int8", True)):
         lite = artifact.read_litert(str(model_dir), loaded.meta, int8=int8)
         sweep = {}
-        for bs in (1, 4, 16, 64):
+        for bs in batches:
             sweep[f"1 interpreter × {os.cpu_count()} threads, batch {bs}"] = litert_rate(
                 lite, batch, bs, 0, seconds / 2
             )
@@ -452,6 +454,7 @@ def main() -> int:
         "--photo-sides", default="3000,4250,8660", help="heights of the 4:3 photos of the memory rows (12, 24, 100 MP)"
     )
     ap.add_argument("--chunk-size", type=int, default=2000, help="scoring chunk_size (steady img/s needs >= 3 chunks)")
+    ap.add_argument("--batches", default="1,4,16,64", help="batch sizes of the model-only sweep")
     ap.add_argument("--model", default="", help="a model artifact to benchmark (default: an untrained one built here)")
     ap.add_argument("--runtime", default="litert-int8", help="scoring runtime of the local runs (default litert-int8)")
     args = ap.parse_args()
@@ -511,13 +514,14 @@ def main() -> int:
 
     # A shared host's speed drifts over minutes, so the ceiling is measured right before and right
     # after the large runs, and (b)/(a) uses their mean.
-    a0 = ceiling(model_dir, small, args.image_size, args.seconds)
+    batches = tuple(int(b) for b in args.batches.split(","))
+    a0 = ceiling(model_dir, small, args.image_size, args.seconds, batches)
     if "cluster" not in skip:
         first, *later = on_cluster(str(model_dir), big, work, args.chunk_size)
         rows[cluster_key(args.n, "first")] = row(first)
         rows[cluster_key(args.n, "next")] = row(later[-1])
     local(args.n, big)
-    a1 = ceiling(model_dir, small, args.image_size, args.seconds)
+    a1 = ceiling(model_dir, small, args.image_size, args.seconds, batches)
     if "small" not in skip:
         local(args.small, small)
     if "tasks" not in skip:
@@ -529,12 +533,14 @@ def main() -> int:
             "before": a0["int8"],
             "after": a1["int8"],
             "layout": [a0["int8_layout"], a1["int8_layout"]],
+            "sweep": [a0["int8_sweep"], a1["int8_sweep"]],
         },
         "(a) model only, LiteRT fp32, preloaded tensors (fastest layout, mean of before/after)": {
             "img_s": a["litert"],
             "before": a0["litert"],
             "after": a1["litert"],
             "layout": [a0["litert_layout"], a1["litert_layout"]],
+            "sweep": [a0["litert_sweep"], a1["litert_sweep"]],
         },
         "(a') model only, tf.keras graph, preloaded": {"img_s": a["tf"]},
         **{
@@ -638,15 +644,17 @@ def main() -> int:
     derived = {}
     if local_key(args.small) in rows:
         big_s, small_s = rows[local_key(args.n)]["process_s"], rows[local_key(args.small)]["process_s"]
-        marginal = (args.n - args.small) / (big_s - small_s)
-        derived = {"marginal_img_s": marginal, "fixed_s": small_s - args.small / marginal}
-        ceiling_key = "int8" if args.runtime == "litert-int8" else "litert"
-        ratios["marginal_over_model_only"] = marginal / a[ceiling_key]
-        print(
-            f"\nwhole process, {args.runtime}: marginal {marginal:.0f} img/s between N={args.small} and N={args.n}, "
-            f"fixed {derived['fixed_s']:.1f} s; the small run's process {small_s:.1f} s for "
-            f"{rows[local_key(args.small)]['wall_s']:.1f} s of scoring run"
-        )
+        if big_s <= small_s:  # sizes too close for this host's noise
+            print(f"\nwhole process: not measurable, N={args.n} took no longer than N={args.small}")
+        else:
+            marginal = (args.n - args.small) / (big_s - small_s)
+            derived = {"marginal_img_s": marginal, "fixed_s": small_s - args.small / marginal}
+            ratios["marginal_over_model_only"] = marginal / a["int8" if args.runtime == "litert-int8" else "litert"]
+            print(
+                f"\nwhole process, {args.runtime}: marginal {marginal:.0f} img/s between N={args.small} and "
+                f"N={args.n}, fixed {derived['fixed_s']:.1f} s; the small run's process {small_s:.1f} s for "
+                f"{rows[local_key(args.small)]['wall_s']:.1f} s of scoring run"
+            )
     if c:
         ratios["process_over_c_process"] = private["process_img_s"] / c["process_img_s"]
         ratios.update(
