@@ -168,12 +168,16 @@ def test_float16_is_chosen_on_gpus_only_when_its_parity_holds(record, chosen, wh
 
 @pytest.mark.slow
 def test_float16_scoring_agrees_with_float32(trained_run):
-    """The artifact records float16's parity on validation images; a model actor told
-    ``mixed_precision: true`` scores in float16 (``tf-fp16``, CPU here) close to float32."""
+    """The artifact records float16's parity on validation images, and the gate reads that record; a
+    model actor told ``mixed_precision: true`` scores in float16 (``tf-fp16``, CPU here): the same
+    model (close to float32), but not float32 in disguise. Whether float16 is close enough for
+    ``auto`` depends on the model: this small one trained from scratch may well miss the gate."""
     art = str(trained_run["artifact"])
     meta = artifact.read_meta(art)
     rec = meta["mixed_precision"]["scoring_fp16"]
-    assert meta["mixed_precision"]["training"] is False and rec["images"] > 0 and rec["max_abs_diff"] < 0.05
+    assert meta["mixed_precision"]["training"] is False and rec["images"] > 0 and 0 <= rec["max_abs_diff"] < 0.2
+    ok, _ = artifact.fp16_qualifies(meta)
+    assert ok == (rec["max_abs_diff"] <= artifact.FP16_TOLERANCE and rec["agreement"] == 1.0)
     src = sorted(Path(trained_run["cfg"].data).rglob("*.jpg"))[::15]
     batch = {"uri": np.array([str(p) for p in src], dtype=object), "size": np.full(len(src), -1)}
     decode = {"image_size": meta["image_size"], "cfg": ScoreConfig(), "antialias": meta["resize_antialias"]}
@@ -183,4 +187,4 @@ def test_float16_scoring_agrees_with_float32(trained_run):
         out[mp] = pred(dict(batch))
     assert set(out["true"]["runtime"]) == {"tf-fp16"} and set(out["false"]["runtime"]) == {"tf"}
     diff = np.abs(out["true"]["crack_probability"] - out["false"]["crack_probability"])
-    assert not any(out["true"]["error"]) and diff.max() < 0.05, diff.max()
+    assert not any(out["true"]["error"]) and 0 < diff.max() < 0.2, diff.max()
