@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,42 +32,55 @@ class ReportProcess:
     """A scoring run's report, built in a process of its own that starts with the run: while the
     run scores, it imports TensorFlow and matplotlib and loads the model for the Grad-CAM heatmaps
     (on the CPU), so after the last commit only the report itself is left to do. Holds the model in
-    memory for the run's duration; ``close`` ends it whatever happened."""
+    memory for the run's duration; ``close`` ends it whatever happened. A plain subprocess (not
+    multiprocessing): it never re-runs the caller's main module."""
 
     def __init__(self, model_uri: str, cfg: StorageConfig | None = None) -> None:
-        import multiprocessing as mp
+        import os
+        import subprocess
+        import sys
 
-        ctx = mp.get_context("spawn")  # a fresh interpreter: nothing of Ray's or the driver's state
-        self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_serve, args=(child, model_uri, cfg), daemon=True, name="crackscale-report")
-        self._proc.start()
-        child.close()
+        import crackscale
+        from crackscale.config.loader import to_dict
+
+        # the same crackscale as this process (a job's working-dir copy, say), heatmaps on the CPU
+        here = str(Path(crackscale.__file__).resolve().parent.parent)
+        env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH", "")) if p)
+        env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        code = "import sys; from crackscale.reports.scoring import _serve; _serve(sys.argv[1], sys.argv[2])"
+        self._proc = subprocess.Popen(
+            [sys.executable, "-c", code, model_uri, json.dumps(to_dict(cfg or StorageConfig()))],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=env,
+            text=True,
+        )
 
     def build(self, output_uri: str, run_id: str, timeout_s: float = 600.0) -> str:
         """The report of ``run_id`` (its URI), or "" with a warning if it could not be written:
         a report never fails a finished run."""
+        import subprocess
+
         try:
-            self._conn.send((output_uri, run_id))
-            if not self._conn.poll(timeout_s):
-                raise TimeoutError(f"no report after {timeout_s:.0f} s")
-            kind, value = self._conn.recv()
-        except (OSError, EOFError, TimeoutError) as e:
-            kind, value = "error", f"the report process ended: {e}"
-        if kind != "ok":
-            log.warning("scoring report not written: %s", value)
+            out, _ = self._proc.communicate(json.dumps({"output": output_uri, "run_id": run_id}) + "\n", timeout_s)
+            lines = out.strip().splitlines()
+            ended = {"error": f"the report process exited ({self._proc.returncode})"}
+            answer = json.loads(lines[-1]) if lines else ended
+        except (OSError, ValueError, subprocess.TimeoutExpired) as e:
+            answer = {"error": f"the report process failed: {e}"}
+        if "report" not in answer:
+            log.warning("scoring report not written: %s", answer.get("error"))
             return ""
-        return value
+        return answer["report"]
 
     def close(self) -> None:
-        try:
-            self._conn.send(None)
-        except OSError:
-            pass
-        self._proc.join(5)
-        if self._proc.is_alive():
-            self._proc.terminate()
-            self._proc.join(5)
-        self._conn.close()
+        if self._proc.poll() is None:
+            self._proc.kill()  # no report asked for (the run failed): nothing of value is lost
+        self._proc.wait()
+        for f in (self._proc.stdin, self._proc.stdout):
+            if f and not f.closed:
+                f.close()
 
     def __enter__(self) -> ReportProcess:
         return self
@@ -75,28 +89,31 @@ class ReportProcess:
         self.close()
 
 
-def _serve(conn: Any, model_uri: str, cfg: StorageConfig | None) -> None:
-    """The report process: warm up, then build the one report asked for (None: none)."""
-    import os
+def _serve(model_uri: str, storage_json: str) -> None:
+    """The report process: warm up, then build the one report its stdin asks for (a JSON line with
+    ``output`` and ``run_id``; nothing: none) and answer on stdout (``report`` or ``error``)."""
+    import sys
 
-    os.environ["CUDA_VISIBLE_DEVICES"] = ""  # heatmaps on the CPU: the GPUs are the run's
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from crackscale.config.loader import from_dict
+
+    cfg = from_dict(StorageConfig, json.loads(storage_json))
     try:
         import matplotlib.pyplot  # noqa: F401 - the histogram's import, ahead of time
 
-        _WARM[model_uri] = artifact.load(model_uri, cfg)
+        loaded = _WARM[model_uri] = artifact.load(model_uri, cfg)
+        size = int(loaded.meta["image_size"])
+        gradcam.heatmaps(loaded.model, np.zeros((1, size, size, 3), np.float32))  # its first call traces
     except Exception as e:  # noqa: BLE001 - the report notes the missing heatmaps itself
         log.info("report process: model not loaded ahead (%s)", e)
-    try:
-        job = conn.recv()
-    except EOFError:  # the run's process is gone
+    line = sys.stdin.readline()
+    if not line.strip():
         return
-    if job is None:
-        return
+    job = json.loads(line)
     try:
-        conn.send(("ok", scoring_report(*job, cfg)))
+        answer = {"report": scoring_report(job["output"], job["run_id"], cfg)}
     except Exception as e:  # noqa: BLE001
-        conn.send(("error", str(e)))
+        answer = {"error": str(e)}
+    print(json.dumps(answer), flush=True)
 
 
 def ks_statistic(a: np.ndarray, b: np.ndarray) -> float:
