@@ -192,3 +192,14 @@ def test_float16_scoring_agrees_with_float32(trained_run):
     assert set(out["true"]["runtime"]) == {"tf-fp16"} and set(out["false"]["runtime"]) == {"tf"}
     diff = np.abs(out["true"]["crack_probability"] - out["false"]["crack_probability"])
     assert not any(out["true"]["error"]) and 0 < diff.max() < 0.2, diff.max()
+
+
+def test_int8_is_measured_on_at_most_2000_seeded_validation_images():
+    """A big validation split is sampled (its images are decoded at once); a small one is used whole."""
+    from crackscale.training.loop import MEASURED_MAX, measured
+
+    images, labels = list(range(5000)), [i % 2 for i in range(5000)]
+    x, y = measured(images, labels, seed=3)
+    assert len(x) == MEASURED_MAX and y == [labels[i] for i in x] and x == sorted(set(x))
+    assert measured(images, labels, seed=3) == (x, y) and measured(images, labels, seed=4)[0] != x
+    assert measured(images[:10], labels[:10], seed=3) == (images[:10], labels[:10])

@@ -14,7 +14,7 @@ from crackscale import artifact, storage
 from crackscale.config.loader import ConfigError, from_dict
 from crackscale.config.storage import StorageConfig
 from crackscale.config.train import TrainConfig
-from crackscale.training.loop import decoded, representative
+from crackscale.training.loop import decoded, measured, representative
 
 
 def _read(uri: str, cfg: StorageConfig | None) -> bytes:
@@ -43,10 +43,12 @@ def add_int8(uri: str, cfg: StorageConfig | None = None) -> dict[str, Any]:
     tr_uris = representative(
         [r["uri"] for r in split["train"]], [int(r["label"]) for r in split["train"]], train_cfg.seed
     )
+    val = split["val"]
+    val_uris, val_y = measured([r["uri"] for r in val], [int(r["label"]) for r in val], train_cfg.seed)
     data = artifact.Int8Data(
         decoded(train_cfg, [_read(u, cfg) for u in tr_uris]),
-        decoded(train_cfg, [_read(r["uri"], cfg) for r in split["val"]]),
-        np.array([int(r["label"]) for r in split["val"]]),
+        decoded(train_cfg, [_read(u, cfg) for u in val_uris]),
+        np.array(val_y),
     )
     record = artifact.add_int8(uri, data, cfg)
     if record.get("error"):

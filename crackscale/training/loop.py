@@ -310,9 +310,8 @@ def _save_artifact(
     int8 = None
     if cfg.int8:
         tr_x, tr_y = config["train"]
-        int8 = artifact.Int8Data(
-            decoded(cfg, representative(tr_x, tr_y, cfg.seed)), decoded(cfg, va_x), np.asarray(va_y)
-        )
+        vx, vy = measured(va_x, va_y, cfg.seed)
+        int8 = artifact.Int8Data(decoded(cfg, representative(tr_x, tr_y, cfg.seed)), decoded(cfg, vx), np.asarray(vy))
     artifact.save(plain, meta, config["output"], extra_dir=extra, cfg=cfg.storage, check_images=check, int8=int8)
 
 
@@ -322,6 +321,17 @@ def representative(images: list[bytes], labels: list[int], seed: int, n: int = 2
     y = np.asarray(labels)
     picks = [rng.permutation(np.flatnonzero(y == c))[: n // 2] for c in (0, 1)]
     return [images[i] for i in sorted(np.concatenate(picks).astype(int))]
+
+
+MEASURED_MAX = 2000  # validation images the int8 export is measured on (decoded at once, in memory)
+
+
+def measured(images: list, labels: list[int], seed: int, n: int = MEASURED_MAX) -> tuple[list, list[int]]:
+    """The validation images the int8 export is measured on: all of them, or ``n`` seeded ones."""
+    if len(images) <= n:
+        return images, labels
+    keep = sorted(np.random.default_rng(seed).permutation(len(images))[:n].tolist())
+    return [images[i] for i in keep], [labels[i] for i in keep]
 
 
 def decoded(cfg: TrainConfig, images: list[bytes]) -> np.ndarray:
