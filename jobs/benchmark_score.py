@@ -337,7 +337,7 @@ def on_cluster(model: str, images: Path, work: Path, chunk_size: int, jobs: int 
     coordinator, actor locations), which the later jobs find running."""
     import tempfile
 
-    from tests.conftest import free_port
+    from tests.conftest import free_port, private_agent_ports
 
     port = free_port()
     tmp = tempfile.mkdtemp(prefix="bc", dir="/tmp")  # short: Ray's socket paths live under it
@@ -348,18 +348,8 @@ def on_cluster(model: str, images: Path, work: Path, chunk_size: int, jobs: int 
         TEMP_DIR=tmp,
         RAY=str(Path(sys.executable).parent / "ray"),
     )
-    ports = [
-        f"--{k}={free_port()}"
-        for k in (
-            "dashboard-agent-listen-port",
-            "dashboard-agent-grpc-port",
-            "metrics-export-port",
-            "runtime-env-agent-port",
-            "ray-client-server-port",
-        )
-    ]
     up = subprocess.run(
-        ["bash", "cluster/local/cluster.sh", "up", "--", *ports],
+        ["bash", "cluster/local/cluster.sh", "up", "--", *private_agent_ports()],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -528,19 +518,15 @@ def main() -> int:
         local(args.n, big, decode="tasks")
     a = {k: (a0[k] + a1[k]) / 2 for k in ("litert", "int8", "tf")}
     rows = {
-        "(a) model only, LiteRT int8, preloaded tensors (fastest layout, mean of before/after)": {
-            "img_s": a["int8"],
-            "before": a0["int8"],
-            "after": a1["int8"],
-            "layout": [a0["int8_layout"], a1["int8_layout"]],
-            "sweep": [a0["int8_sweep"], a1["int8_sweep"]],
-        },
-        "(a) model only, LiteRT fp32, preloaded tensors (fastest layout, mean of before/after)": {
-            "img_s": a["litert"],
-            "before": a0["litert"],
-            "after": a1["litert"],
-            "layout": [a0["litert_layout"], a1["litert_layout"]],
-            "sweep": [a0["litert_sweep"], a1["litert_sweep"]],
+        **{
+            f"(a) model only, LiteRT {name}, preloaded tensors (fastest layout, mean of before/after)": {
+                "img_s": a[key],
+                "before": a0[key],
+                "after": a1[key],
+                "layout": [a0[f"{key}_layout"], a1[f"{key}_layout"]],
+                "sweep": [a0[f"{key}_sweep"], a1[f"{key}_sweep"]],
+            }
+            for name, key in (("int8", "int8"), ("fp32", "litert"))
         },
         "(a') model only, tf.keras graph, preloaded": {"img_s": a["tf"]},
         **{

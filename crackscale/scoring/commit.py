@@ -159,17 +159,14 @@ def committed_tiles(output: str, cfg: StorageConfig | None = None) -> list[str]:
 
 def rows_table(t: pa.Table, meta: dict[str, Any], run_id: str) -> pa.Table:
     """Result rows from the actors → the output schema (decision at the threshold of the runtime
-    that scored the row: the int8 model has its own; the artifact's otherwise)."""
+    that scored the row: the int8 model has its own, the others the artifact's)."""
     import pyarrow.compute as pc
 
     err = pc.if_else(pc.equal(t["error"], ""), pa.scalar(None, pa.string()), t["error"])
     ok = pc.is_null(err)
     p = pc.if_else(ok, t["crack_probability"].cast(pa.float32()), pa.scalar(None, pa.float32()))
     n = t.num_rows
-    if "threshold" in t.column_names:
-        thr = t["threshold"].cast(pa.float32())
-    else:
-        thr = pa.array([float(meta.get("threshold", 0.5))] * n, pa.float32())
+    thr = t["threshold"].cast(pa.float32())  # each actor sends its runtime's
 
     def null_if(col: str, bad: Any, typ: pa.DataType) -> pa.Array:
         return pc.if_else(pc.equal(t[col], bad), pa.scalar(None, typ), t[col]).cast(typ)

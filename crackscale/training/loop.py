@@ -52,17 +52,9 @@ def _distributed(strategy: Any, images: list[bytes], labels: list[int], cfg: Tra
     return strategy.distribute_datasets_from_function(fn)
 
 
-def _evaluate(
-    mdl: Any,
-    images: list[bytes],
-    labels: list[int],
-    cfg: TrainConfig,
-    threshold: float | None = None,
-    autotune: bool = True,
-) -> tuple[dict[str, Any], np.ndarray]:
-    if not images:
-        return {}, np.zeros(0)
-    ds = tfdata.tf_dataset(
+def _in_order(cfg: TrainConfig, images: list[bytes], labels: list[int], autotune: bool = True) -> Any:
+    """``images`` decoded and resized as for evaluation, in order, batches of 64."""
+    return tfdata.tf_dataset(
         images,
         labels,
         cfg.image_size,
@@ -73,7 +65,19 @@ def _evaluate(
         antialias=cfg.resize_antialias,
         autotune=autotune,
     )
-    p = M.predict(mdl, ds)
+
+
+def _evaluate(
+    mdl: Any,
+    images: list[bytes],
+    labels: list[int],
+    cfg: TrainConfig,
+    threshold: float | None = None,
+    autotune: bool = True,
+) -> tuple[dict[str, Any], np.ndarray]:
+    if not images:
+        return {}, np.zeros(0)
+    p = M.predict(mdl, _in_order(cfg, images, labels, autotune))
     y = np.asarray(labels)
     thr = threshold if threshold is not None else M.threshold_for_recall(y, p, cfg.target_recall)
     return M.metrics(y, p, thr), p
@@ -338,17 +342,7 @@ def decoded(cfg: TrainConfig, images: list[bytes]) -> np.ndarray:
     """Encoded images as the model sees them at evaluation (NHWC float32 0..255)."""
     if not images:
         return np.zeros((0, cfg.image_size, cfg.image_size, 3), np.float32)
-    ds = tfdata.tf_dataset(
-        images,
-        [0] * len(images),
-        cfg.image_size,
-        64,
-        shuffle=False,
-        seed=0,
-        repeat=False,
-        antialias=cfg.resize_antialias,
-    )
-    return np.concatenate([x.numpy() for x, _ in ds])
+    return np.concatenate([x.numpy() for x, _ in _in_order(cfg, images, [0] * len(images))])
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
