@@ -112,10 +112,16 @@ def _build(cfg: TrainConfig, load_weights: bool) -> tuple[Any, Any]:
 
     inputs = k.Input((cfg.image_size, cfg.image_size, 3), name="image")
     x = inputs
-    if cfg.flip:
-        x = k.layers.RandomFlip("horizontal", name="flip")(x)
+    if cfg.flip or cfg.flip_vertical:
+        both = cfg.flip and cfg.flip_vertical
+        mode = "horizontal_and_vertical" if both else "vertical" if cfg.flip_vertical else "horizontal"
+        x = k.layers.RandomFlip(mode, name="flip")(x)
     if cfg.rotation > 0:
         x = k.layers.RandomRotation(cfg.rotation, name="rotation")(x)
+    if cfg.brightness > 0:
+        x = k.layers.RandomBrightness(cfg.brightness, value_range=(0.0, 255.0), name="brightness")(x)
+    if cfg.contrast > 0:
+        x = k.layers.RandomContrast(cfg.contrast, name="contrast")(x)
     x = k.layers.Rescaling(1.0 / 127.5, offset=-1.0, name="preprocess")(x)
     # pretrained base: BatchNorm stays in inference mode even when unfrozen (Keras fine-tune guide)
     x = base(x, training=False if pretrained(cfg) else None)
@@ -139,7 +145,7 @@ def set_phase(cfg: TrainConfig, model: Any, base: Any, phase: str) -> None:
         opt = k.optimizers.RMSprop(cfg.fine_tune_lr)
     model.compile(
         optimizer=opt,
-        loss=k.losses.BinaryCrossentropy(),
+        loss=k.losses.BinaryCrossentropy(label_smoothing=cfg.label_smoothing),
         metrics=[k.metrics.BinaryAccuracy(name="accuracy"), k.metrics.Recall(name="recall"), k.metrics.AUC(name="auc")],
     )
 

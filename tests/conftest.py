@@ -339,7 +339,9 @@ def make_artifact(
     from crackscale.runtimes import litert
 
     tf.keras.utils.set_random_seed(seed)
-    m, _ = M.build(TrainConfig(weights="none", image_size=image_size, alpha=0.35))
+    # every augmentation layer on: exports (LiteRT fp32/int8) must pass them through at inference
+    augment = dict(flip_vertical=True, brightness=0.1, contrast=0.1)
+    m, _ = M.build(TrainConfig(weights="none", image_size=image_size, alpha=0.35, **augment))
     # Untrained MobileNetV2 in inference mode shrinks activations to ~1e-12 (BN moving stats at
     # their init), so every image scores exactly 0.5. One training-mode pass with BN momentum 0
     # sets each BN's moving statistics to those of a batch of concrete-like images: activations

@@ -50,6 +50,9 @@ def test_yaml_and_overrides(tmp_path):
         ("storage.endpoint=x", "unknown config key 'storage.endpoint'"),
         ("val_fraction=1.5", "'val_fraction'"),
         ("lr_schedule=linear", "'lr_schedule' must be constant or cosine"),
+        ("brightness=1.5", "'brightness' and 'contrast' must be in"),
+        ("label_smoothing=0.5", "'label_smoothing' must be in"),
+        ("warmup_epochs=10", "'warmup_epochs' must be >= 0 and below head_epochs"),
         ("noequals", "must look like key=value"),
     ],
 )

@@ -381,6 +381,7 @@ def test_train_worker_killed_mid_epoch_continues_from_checkpoint(ray_local, synt
         image_size=64,
         max_failures=2,
         lr_schedule="cosine",
+        warmup_epochs=2,
     )
     me = psutil.Process(os.getpid())
     killed: list[int] = []
@@ -407,9 +408,9 @@ def test_train_worker_killed_mid_epoch_continues_from_checkpoint(ray_local, synt
     meta = json.loads(Path(result["summary"]["artifact"], "model.json").read_text())
     assert meta["resumed_at_epochs"] and meta["resumed_at_epochs"][0] >= 1, meta["resumed_at_epochs"]
     assert [h["epoch"] for h in meta["history"]] == [1, 2, 3, 4, 5, 6]
-    # the cosine schedule continued across the restart (keyed on the absolute epoch)
+    # the warm-up + cosine schedule continued across the restart (keyed on the absolute epoch)
     assert [h["lr"] for h in meta["history"]] == pytest.approx(
-        [train_loop.cosine_lr(cfg.head_lr, i, 6) for i in range(6)], rel=1e-5
+        [train_loop.phase_lr(cfg.head_lr, i, 6, cosine=True, warmup=2) for i in range(6)], rel=1e-5
     )
 
 

@@ -100,3 +100,36 @@ def test_mixed_precision_computes_in_float16_with_float32_weights_and_output():
     # training in float16 wraps the optimizer in loss scaling
     M.set_phase(cfg, half, base, "head")
     assert isinstance(half.optimizer, k.mixed_precision.LossScaleOptimizer)
+
+
+def test_crack_augmentations_train_only_and_label_smoothing():
+    """Vertical flips, brightness and contrast change training inputs and leave inference alone;
+    label smoothing reaches the loss."""
+    k = M.keras()
+    cfg = TrainConfig(
+        weights="none",
+        image_size=32,
+        alpha=0.35,
+        flip=True,
+        flip_vertical=True,
+        rotation=0.0,
+        brightness=0.2,
+        contrast=0.3,
+        label_smoothing=0.1,
+    )
+    mdl, base = M.build(cfg)
+    names = {layer.name for layer in mdl.layers}
+    assert {"flip", "brightness", "contrast"} <= names and "rotation" not in names
+    assert mdl.get_layer("flip").mode == "horizontal_and_vertical"
+    front = k.Model(mdl.input, mdl.get_layer("contrast").output)
+    x = np.random.default_rng(0).uniform(0, 255, (16, 32, 32, 3)).astype(np.float32)
+    np.testing.assert_array_equal(front(x, training=False).numpy(), x)
+    assert np.abs(front(x, training=True).numpy() - x).max() > 1.0
+    M.set_phase(cfg, mdl, base, "head")
+    assert mdl.loss.get_config()["label_smoothing"] == pytest.approx(0.1)
+    assert (
+        M.build(TrainConfig(weights="none", image_size=32, alpha=0.35, flip=False, flip_vertical=True))[0]
+        .get_layer("flip")
+        .mode
+        == "vertical"
+    )

@@ -73,10 +73,15 @@ def test_one_worker_learns_and_writes_a_self_describing_artifact(trained_run):
         train_driver.run(cfg)
 
 
-def test_cosine_lr_decays_within_a_phase():
-    lrs = [train_loop.cosine_lr(1e-3, i, 4) for i in range(4)]
+def test_phase_lr_warms_up_then_decays():
+    lrs = [train_loop.phase_lr(1e-3, i, 4, cosine=True) for i in range(4)]
     assert lrs[0] == pytest.approx(1e-3) and all(a > b > 0 for a, b in zip(lrs, lrs[1:]))
     assert lrs[2] == pytest.approx(0.5e-3)
+    warm = [train_loop.phase_lr(1e-3, i, 6, cosine=True, warmup=2) for i in range(6)]
+    assert warm[:3] == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3]) and warm[4] == pytest.approx(0.5e-3)
+    assert [train_loop.phase_lr(1e-3, i, 3, cosine=False, warmup=1) for i in range(3)] == pytest.approx(
+        [0.5e-3, 1e-3, 1e-3]
+    )
 
 
 def test_training_and_evaluation_resize_as_configured(synth_data):

@@ -118,6 +118,26 @@ class TrainConfig:
     )
     dropout: float = setting(0.3, group="Model", help="Dropout rate before the classifier layer, in [0, 1)")
     flip: bool = setting(True, group="Model", help="Augmentation: random horizontal flips during training")
+    flip_vertical: bool = setting(
+        False,
+        group="Model",
+        help=(
+            "Augmentation: random vertical flips too (cracks have no up or down; with rotation 0.25 every turn is seen)"
+        ),
+    )
+    brightness: float = setting(
+        0.0,
+        group="Model",
+        help=(
+            "Augmentation: random brightness shift up to this fraction of the 0..255 range either way, "
+            "in [0, 1); 0 = off"
+        ),
+    )
+    contrast: float = setting(
+        0.0,
+        group="Model",
+        help="Augmentation: random contrast factor in [1 - contrast, 1 + contrast], contrast in [0, 1); 0 = off",
+    )
     rotation: float = setting(
         0.2,
         group="Model",
@@ -148,6 +168,19 @@ class TrainConfig:
         100,
         group="Schedule",
         help="Base layers from this index on are trained in phase 2; lower trains more of the network",
+    )
+    warmup_epochs: int = setting(
+        0,
+        group="Schedule",
+        help=(
+            "Phase 1 starts with this many epochs whose learning rate rises linearly to head_lr "
+            "(epoch i of w gets (i + 1) / (w + 1)); the schedule's decay follows them"
+        ),
+    )
+    label_smoothing: float = setting(
+        0.0,
+        group="Schedule",
+        help="Label smoothing of the training loss, in [0, 0.5): targets become 0 + s/2 and 1 - s/2",
     )
     lr_schedule: str = setting(
         "constant",
@@ -255,6 +288,15 @@ def _validate_train(self: TrainConfig) -> None:
     check(self.head_epochs >= 0 and self.fine_tune_epochs >= 0, "epochs must be >= 0")
     check(self.head_epochs + self.fine_tune_epochs > 0, "head_epochs + fine_tune_epochs must be > 0")
     check(0 <= self.dropout < 1, "config key 'dropout' must be in [0, 1)")
+    check(
+        0 <= self.brightness < 1 and 0 <= self.contrast < 1,
+        "config keys 'brightness' and 'contrast' must be in [0, 1)",
+    )
+    check(0 <= self.label_smoothing < 0.5, "config key 'label_smoothing' must be in [0, 0.5)")
+    check(
+        0 <= self.warmup_epochs < max(self.head_epochs, 1),
+        "config key 'warmup_epochs' must be >= 0 and below head_epochs",
+    )
     check(0 < self.target_recall <= 1, "config key 'target_recall' must be in (0, 1]")
     check(self.num_workers >= 0, "config key 'num_workers' must be >= 0 (0 = one per GPU node)")
     check(self.lr_schedule in ("constant", "cosine"), "config key 'lr_schedule' must be constant or cosine")

@@ -137,8 +137,14 @@ class _Reporter:
         return Impl()
 
 
-def cosine_lr(lr0: float, i: int, n: int) -> float:
-    """Learning rate of epoch ``i`` (0-based) of an ``n``-epoch phase under cosine decay."""
+def phase_lr(lr0: float, i: int, n: int, cosine: bool, warmup: int = 0) -> float:
+    """Learning rate of epoch ``i`` (0-based) of an ``n``-epoch phase: ``warmup`` epochs rising
+    linearly to ``lr0``, then constant or a half-cosine decay over the epochs left."""
+    if i < warmup:
+        return float(lr0 * (i + 1) / (warmup + 1))
+    if not cosine:
+        return float(lr0)
+    i, n = i - warmup, n - warmup
     return float(lr0 * 0.5 * (1 + np.cos(np.pi * min(max(i, 0), n) / n)))
 
 
@@ -187,9 +193,12 @@ def _fit_phase(
     # identical callbacks on every worker (Keras/MWMS practice): non-chief TensorBoard writes to
     # a throwaway local dir; diverging callback lists can desynchronise collectives
     callbacks = [es, k.callbacks.TensorBoard(log_dir=tb_dir), _Reporter(state, phase, es, rank)]
-    if cfg.lr_schedule == "cosine":  # keyed on the absolute epoch: a resumed run continues the curve
+    warmup = cfg.warmup_epochs if phase == "head" else 0
+    if cfg.lr_schedule == "cosine" or warmup:  # keyed on the absolute epoch: a resumed run continues the curve
         lr0, start = (cfg.head_lr if phase == "head" else cfg.fine_tune_lr), state["phase_start"]
-        callbacks.insert(0, k.callbacks.LearningRateScheduler(lambda epoch, _lr: cosine_lr(lr0, epoch - start, epochs)))
+        cosine = cfg.lr_schedule == "cosine"
+        schedule = lambda epoch, _lr: phase_lr(lr0, epoch - start, epochs, cosine, warmup)  # noqa: E731
+        callbacks.insert(0, k.callbacks.LearningRateScheduler(schedule))
     log.info("phase %s: epochs %d..%d", phase, state["epoch"] + 1, state["phase_end"])
     mdl.fit(
         train_ds,
