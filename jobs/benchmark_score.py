@@ -8,6 +8,11 @@ original one-process script, and peak memory at a small and a large N.
     processes), each at batch 1, 4, 16 and 64; measured right before and right after the large
     runs (a shared host's speed drifts), (b)/(a) uses the mean. A model without an int8 export gets
     one, calibrated on 200 of the data's images (labels from their class folders).
+(a'') decode only: the scoring decode (JPEG bytes in memory → resized model input), one process
+    per core. Decode and model share the cores, so no pipeline beats 1 / (1/(a) + 1/(a'')): the
+    bound printed with the ratios.
+(f) floor: a process that only starts and stops a private Ray; with the bound it gives the best
+    whole process these cores allow, floor + N / bound, against (c).
 (b) crackscale: ``jobs/score.py`` from storage to committed Parquet, timings from its summary:
     - the nightly way: two jobs in turn on a running ``ray start --head`` cluster (started here by
       ``cluster/local/cluster.sh up`` on free ports, and stopped); the second job is (b) in the
@@ -228,6 +233,65 @@ def per_core_rate(model: bytes, batch, batch_size: int, seconds: float) -> float
     return sum(rates)
 
 
+def decode_rate(files: list[Path], size: int, antialias: bool, seconds: float, start=None, out=None) -> float:
+    """img/s of the scoring decode (JPEG bytes in memory → resized uint8 tensor) in one process."""
+    from crackscale.config.score import ScoreConfig
+    from crackscale.scoring.decode import decode_image
+
+    cfg, blobs = ScoreConfig(), [(p.read_bytes(), p.name) for p in files]
+    for b, name in blobs[:8]:
+        decode_image(b, name, size, cfg, antialias)
+    if start is not None:
+        start.wait()
+    n, t = 0, time.time()
+    while time.time() - t < seconds:
+        b, name = blobs[n % len(blobs)]
+        decode_image(b, name, size, cfg, antialias)
+        n += 1
+    r = n / (time.time() - t)
+    if out is not None:
+        out.put(r)
+    return r
+
+
+def decode_ceiling(files: list[Path], size: int, antialias: bool, seconds: float) -> float:
+    """Total img/s of the scoring decode, one process per core (the cores the model shares)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    k = os.cpu_count() or 1
+    start, out = ctx.Barrier(k), ctx.Queue()
+    procs = [ctx.Process(target=decode_rate, args=(files, size, antialias, seconds, start, out)) for _ in range(k)]
+    for p in procs:
+        p.start()
+    rates = [out.get(timeout=seconds + 300) for _ in procs]
+    for p in procs:
+        p.join()
+    return sum(rates)
+
+
+RAY_FLOOR = """
+import time, ray
+t = time.time(); ray.init(num_cpus=2, include_dashboard=False); up = time.time() - t
+t = time.time(); ray.shutdown(); print(up, time.time() - t)
+"""
+
+
+def ray_floor() -> dict:
+    """Exec-to-exit of a process that only starts a private Ray and stops it: the part of a run's
+    fixed cost no scoring work can remove."""
+    t0 = time.time()
+    r = subprocess.run(
+        [sys.executable, "-c", RAY_FLOOR],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=dict(os.environ, RAY_ADDRESS="local"),
+    )
+    up, down = (float(x) for x in r.stdout.split()[-2:])
+    return {"process_s": time.time() - t0, "init_s": up, "shutdown_s": down}
+
+
 def ceiling(
     model_dir: Path, images: Path, size: int, seconds: float = 10.0, batches: tuple[int, ...] = (1, 4, 16, 64)
 ) -> dict:
@@ -260,6 +324,7 @@ def ceiling(
         best = max(sweep, key=sweep.get)
         out.update({key: sweep[best], f"{key}_layout": best, f"{key}_sweep": sweep})
     rt, _ = select(loaded.model, loaded.meta, "tf", 64)
+    out["decode"] = decode_ceiling(sorted(images.glob("*.jpg"))[:256], size, aa, seconds / 2)
     return dict(out, tf=rate(rt, batch, seconds))
 
 
@@ -516,7 +581,8 @@ def main() -> int:
         local(args.small, small)
     if "tasks" not in skip:
         local(args.n, big, decode="tasks")
-    a = {k: (a0[k] + a1[k]) / 2 for k in ("litert", "int8", "tf")}
+    a = {k: (a0[k] + a1[k]) / 2 for k in ("litert", "int8", "tf", "decode")}
+    floor = ray_floor()
     rows = {
         **{
             f"(a) model only, LiteRT {name}, preloaded tensors (fastest layout, mean of before/after)": {
@@ -529,6 +595,15 @@ def main() -> int:
             for name, key in (("int8", "int8"), ("fp32", "litert"))
         },
         "(a') model only, tf.keras graph, preloaded": {"img_s": a["tf"]},
+        "(a'') decode only, JPEG bytes in memory → model input, one process per core": {
+            "img_s": a["decode"],
+            "before": a0["decode"],
+            "after": a1["decode"],
+        },
+        "(f) a process that only starts and stops a private Ray": {
+            "process_s": floor["process_s"],
+            "startup_s": floor["init_s"],
+        },
         **{
             k: rows[k]
             for k in (
@@ -606,7 +681,7 @@ def main() -> int:
     for k, v in rows.items():
         f = lambda x, p=0: "" if x is None else f"{x:.{p}f}"  # noqa: E731
         print(
-            f"| {k} | {f(v['img_s'])} | {f(v.get('steady_img_s'))} | {f(v.get('wall_s'), 1)} "
+            f"| {k} | {f(v.get('img_s'))} | {f(v.get('steady_img_s'))} | {f(v.get('wall_s'), 1)} "
             f"| {f(v.get('startup_s'), 1)} | {f(v.get('process_s'), 1)} | {f(v.get('process_img_s'))} "
             f"| {f(v.get('peak_rss_mib'))} |"
         )
@@ -627,14 +702,27 @@ def main() -> int:
         "b_private_ray_over_a_wall": private["img_s"] / ceil(private),
         "b_private_ray_over_a_steady": (private.get("steady_img_s") or 0) / ceil(private),
     }
-    derived = {}
+    # decode and model share the cores: no pipeline on them beats one decode + one inference per image
+    model_only = a["int8" if args.runtime == "litert-int8" else "litert"]
+    bound = 1 / (1 / model_only + 1 / a["decode"])
+    ratios["decode_and_model_bound_over_model_only"] = bound / model_only
+    derived: dict = {"bound_img_s": bound, "floor_s": floor["process_s"]}
+    if c:
+        # the best whole process these cores allow: the Ray floor + N at the bound
+        best = floor["process_s"] + args.n / bound
+        ratios["best_possible_process_over_c_process"] = c["process_s"] / best
+    print(
+        f"\nbound: decode {a['decode']:.0f} img/s and model {model_only:.0f} img/s on the same cores → at most "
+        f"{bound:.0f} img/s ({bound / model_only:.2f} of model only); a private Ray's start + stop alone: "
+        f"{floor['process_s']:.1f} s (init {floor['init_s']:.1f} s, shutdown {floor['shutdown_s']:.1f} s)"
+    )
     if local_key(args.small) in rows:
         big_s, small_s = rows[local_key(args.n)]["process_s"], rows[local_key(args.small)]["process_s"]
         if big_s <= small_s:  # sizes too close for this host's noise
             print(f"\nwhole process: not measurable, N={args.n} took no longer than N={args.small}")
         else:
             marginal = (args.n - args.small) / (big_s - small_s)
-            derived = {"marginal_img_s": marginal, "fixed_s": small_s - args.small / marginal}
+            derived.update(marginal_img_s=marginal, fixed_s=small_s - args.small / marginal)
             ratios["marginal_over_model_only"] = marginal / a["int8" if args.runtime == "litert-int8" else "litert"]
             print(
                 f"\nwhole process, {args.runtime}: marginal {marginal:.0f} img/s between N={args.small} and "

@@ -598,13 +598,23 @@ def test_benchmark_score_job_prints_rows_and_ratios(synth_data, tmp_path):
     # whole processes: the marginal rate and fixed cost come from the two private-Ray runs' walls
     # (at this tiny N the two walls may be too close to tell apart: then it says so)
     w = out["whole_process"]
+    # the bound of decode + model on the same cores, and the floor of a private Ray's start + stop
+    dec = rows["(a'') decode only, JPEG bytes in memory → model input, one process per core"]
+    floor = rows["(f) a process that only starts and stops a private Ray"]
+    assert dec["img_s"] == pytest.approx((dec["before"] + dec["after"]) / 2) and dec["before"] > 0
+    assert w["bound_img_s"] == pytest.approx(1 / (1 / a8["img_s"] + 1 / dec["img_s"]))
+    assert ratios["decode_and_model_bound_over_model_only"] == pytest.approx(w["bound_img_s"] / a8["img_s"])
+    assert floor["process_s"] > floor["startup_s"] > 0 and w["floor_s"] == floor["process_s"]
+    assert ratios["best_possible_process_over_c_process"] == pytest.approx(
+        c["process_s"] / (floor["process_s"] + 600 / w["bound_img_s"])
+    )
     if private["process_s"] > small["process_s"]:
         marginal = 400 / (private["process_s"] - small["process_s"])
         assert w["marginal_img_s"] == pytest.approx(marginal)
         assert w["fixed_s"] == pytest.approx(small["process_s"] - 200 / marginal)
         assert "whole process, litert-int8: marginal" in r.stdout
     else:
-        assert w == {} and "whole process: not measurable" in r.stdout
+        assert "marginal_img_s" not in w and "whole process: not measurable" in r.stdout
     assert private["process_s"] > private["wall_s"] and c["process_s"] > c["wall_s"]
     assert ratios["process_over_c_process"] == pytest.approx(private["process_img_s"] / c["process_img_s"])
     assert "| (b) crackscale local → Parquet, N=600 |" in r.stdout
