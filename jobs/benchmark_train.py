@@ -1,14 +1,23 @@
-"""Benchmark: one Ray Train worker vs plain single-process ``model.fit``, same data and model.
+"""Benchmark: one Ray Train worker vs plain single-process ``model.fit``, same data and model, and
+the two ingest modes side by side; the driver's memory for listing + split at several N.
 
-Prints images/s of each (median epoch after the first, validation included in both) and the
-overhead ratio, side by side in one run. Numbers, not asserts.
+Prints images/s of each (median epoch after the first, validation included in all) and the
+ratios, side by side in one run. Numbers, not asserts.
 
     python jobs/benchmark_train.py [--epochs 4] [--per-class 300] [--image-size 96] [--alpha 0.35]
+    python jobs/benchmark_train.py --listing 10000,200000 --skip-training
+
+``--listing``: for each N, N tiny distinct JPEGs (half per class) and a fresh process that starts a
+private Ray and runs the ``ingest: ray_data`` listing, hashing (in Ray Data tasks), de-duplication
+and grouped split; its peak RSS (the driver's) and the ratio of the largest N's to the smallest's.
 """
 
 import argparse
+import io
 import json
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -18,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from crackscale import cli  # noqa: E402
 from crackscale import model as M  # noqa: E402
+from crackscale.config.loader import replace  # noqa: E402
 from crackscale.config.train import TrainConfig  # noqa: E402
 from crackscale.data import labelled, synth  # noqa: E402
 from crackscale.training import driver, tfdata  # noqa: E402
@@ -71,6 +81,59 @@ def plain_fit(cfg: TrainConfig, prepared: labelled.Prepared) -> list[float]:
     return times
 
 
+LISTING = """
+import json, resource, sys, time, ray
+from crackscale.config.train import TrainConfig
+from crackscale.data import ingest
+ray.init(num_cpus=2, include_dashboard=False)
+floor = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+cfg = TrainConfig(data=sys.argv[1], weights="none", group_size=50)
+t = time.time()
+index = ingest.scan(cfg, sys.argv[1])
+scan_s = time.time() - t
+print(json.dumps({"images": index.stats["images"], "scan_s": scan_s, "floor_rss_mib": floor,
+                  "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+ray.shutdown()
+"""
+
+
+def tiny_tree(dest: Path, n: int) -> Path:
+    """``n`` distinct 16×16 JPEGs, half under each class folder (idempotent): a few encoded images
+    cycled, each made unique by bytes after its end marker (decoders ignore them)."""
+    import numpy as np
+    from PIL import Image
+
+    if (dest / "done").exists():
+        return dest
+    rng = np.random.default_rng(0)
+    blobs = []
+    for _ in range(16):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(buf, "JPEG")
+        blobs.append(buf.getvalue())
+    for c, cls in enumerate(("Negative", "Positive")):
+        (dest / cls).mkdir(parents=True, exist_ok=True)
+        for i in range(c, n, 2):
+            (dest / cls / f"{i:07d}.jpg").write_bytes(blobs[i % 16] + str(i).encode())
+    (dest / "done").touch()
+    return dest
+
+
+def listing_memory(sizes: list[int], work: Path) -> dict:
+    """Peak RSS of a driver that lists, hashes (Ray Data) and splits N files, per N."""
+    out = {}
+    root = Path(__file__).resolve().parent.parent
+    for n in sizes:
+        tree = tiny_tree(work / f"listing-{n}", n)
+        env = dict(os.environ, RAY_ADDRESS="local", PYTHONPATH=str(root))
+        r = subprocess.run([sys.executable, "-c", LISTING, str(tree)], capture_output=True, text=True, env=env)
+        if r.returncode:
+            raise RuntimeError(r.stderr[-3000:])
+        out[n] = json.loads(r.stdout.strip().splitlines()[-1])
+        print(f"listing + split of {n} files: {json.dumps(out[n])}", flush=True)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--epochs", type=int, default=4)
@@ -78,8 +141,20 @@ def main() -> int:
     ap.add_argument("--image-size", type=int, default=96)
     ap.add_argument("--alpha", type=float, default=0.35)
     ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--listing", default="", help="comma list of N for the driver-memory rows (e.g. 10000,200000)")
+    ap.add_argument("--skip-training", action="store_true", help="only the --listing rows")
+    ap.add_argument("--workdir", default="/tmp/crackscale-bench-train")
     args = ap.parse_args()
     cli.setup_logging()
+    result: dict = {}
+    if args.listing:
+        sizes = [int(n) for n in args.listing.split(",")]
+        mem = listing_memory(sizes, Path(args.workdir))
+        result["listing"] = mem
+        result["listing_peak_rss_ratio"] = round(mem[max(sizes)]["peak_rss_mib"] / mem[min(sizes)]["peak_rss_mib"], 3)
+    if args.skip_training:
+        print(json.dumps(result))
+        return 0
     tmp = Path(tempfile.mkdtemp(prefix="crackscale-bench-"))
     src = REAL if REAL.is_dir() else synth.generate(tmp / "data", per_class=args.per_class)
     cfg = TrainConfig(
@@ -102,14 +177,20 @@ def main() -> int:
     n_train = tfdata.steps(len(prepared.images["train"]), cfg.batch_size) * cfg.batch_size
 
     plain = plain_fit(cfg, prepared)
-    summary = driver.run(cfg)
-    meta = json.loads(Path(summary["artifact"], "model.json").read_text())
-    ray_times = [h["epoch_s"] for h in meta["history"]]
+
+    def epoch_times(c: TrainConfig) -> list[float]:
+        summary = driver.run(c)
+        return [h["epoch_s"] for h in json.loads(Path(summary["artifact"], "model.json").read_text())["history"]]
+
+    ray_times = epoch_times(cfg)
+    # the same run with Ray Data ingest: decoded in Ray Data tasks (once, cached: the data is small)
+    rd_times = epoch_times(replace(cfg, name="bench-ray-data", ingest="ray_data"))
 
     def ips(times: list[float]) -> float:
         return n_train / statistics.median(times[1:] if len(times) > 1 else times)
 
     result = {
+        **result,
         "data": str(src),
         "train_images_per_epoch": n_train,
         "epochs": args.epochs,
@@ -118,10 +199,15 @@ def main() -> int:
         "batch_size": cfg.batch_size,
         "plain_fit_img_s": round(ips(plain), 1),
         "ray_train_1_worker_img_s": round(ips(ray_times), 1),
+        "ray_data_1_worker_img_s": round(ips(rd_times), 1),
         "plain_epoch_s": [round(t, 2) for t in plain],
         "ray_epoch_s": ray_times,
+        "ray_data_epoch_s": rd_times,
     }
     result["ray_overhead_ratio"] = round(result["plain_fit_img_s"] / result["ray_train_1_worker_img_s"], 3)
+    result["ray_data_over_driver_ingest"] = round(
+        result["ray_data_1_worker_img_s"] / result["ray_train_1_worker_img_s"], 3
+    )
     print(json.dumps(result))
     return 0
 

@@ -94,3 +94,29 @@ def test_unreachable_endpoint_and_missing_bucket(s3_server):
         labelled.scan(cfg, "s3://b/x")
     with pytest.raises(labelled.DataError, match="data path not found: s3://no-such-bucket/x"):
         labelled.scan(TrainConfig(data="s3://no-such-bucket/x"), "s3://no-such-bucket/x")
+
+
+def test_ray_data_scan_gives_the_driver_scans_split(ray_local, s3_server, s3_bucket, synth_data, tmp_path):
+    """ingest: ray_data hashes and checks in Ray Data tasks and keeps small rows in the driver: the
+    same files give the same manifest (rows, CSV, hash) and drop counts as labelled.scan, locally
+    and from S3."""
+    from crackscale.data import ingest
+
+    tree = tmp_path / "d"
+    shutil.copytree(synth_data, tree)
+    shutil.copy(tree / "Positive" / "00003.jpg", tree / "Positive" / "00977.jpg")
+    shutil.copy(tree / "Negative" / "00020.jpg", tree / "Positive" / "00990.jpg")
+    (tree / "Positive" / "00998.jpg").write_bytes(b"<html>not an image</html>")
+    (tree / "Negative" / "00999.jpg").write_bytes(b"<html>not an image</html>")  # the same bad bytes twice
+    for seed in (42, 7):
+        cfg = _cfg(tree, seed=seed)
+        want, got = labelled.scan(cfg, str(tree)), ingest.scan(cfg, str(tree))
+        assert got.manifest_hash == want.manifest_hash and got.stats == want.stats
+        assert ingest.manifest_csv(got.table) == labelled.manifest_csv(want.manifest)
+        assert "image" not in got.table.column_names and got.table.num_rows == want.stats["images"]
+    assert got.stats["undecodable_dropped"] == 2 and got.stats["conflicting_labels_dropped"] == 1
+    upload_tree(s3_server, tree, s3_bucket, "ingest")
+    uri = f"s3://{s3_bucket}/ingest"
+    remote = ingest.scan(_cfg(uri), uri)
+    assert remote.manifest_hash == labelled.scan(_cfg(uri), uri).manifest_hash
+    assert remote.table["uri"][0].as_py().startswith(f"s3://{s3_bucket}/ingest/")

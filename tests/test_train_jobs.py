@@ -169,6 +169,46 @@ def test_two_workers_on_two_nodes_learn(ray_two_nodes, synth_data, tmp_path):
     assert len([n for n in ray.nodes() if n["Alive"]]) == 2
 
 
+def test_two_workers_on_two_nodes_learn_from_ray_data_shards(ray_two_nodes, s3_server, s3_bucket, synth_data, tmp_path):
+    """ingest: ray_data from S3: the driver holds no image bytes, Ray Data tasks decode anew each
+    epoch (ingest_cache: false) on the CPUs the workers leave free, and each of 2 MWMS workers (one
+    per node) trains on its shard of train and val. The manifest is the one ingest: driver makes."""
+    import csv
+    import io
+
+    from conftest import check_learned, small_train_config, upload_tree
+
+    from crackscale import artifact, storage
+    from crackscale.data import labelled
+    from crackscale.training import driver as train_driver
+
+    upload_tree(s3_server, synth_data, s3_bucket, "shards")
+    uri = f"s3://{s3_bucket}/shards"
+    cfg = small_train_config(
+        uri,
+        tmp_path,
+        name="shards",
+        num_workers=2,
+        cpus_per_worker=1,
+        ingest="ray_data",
+        ingest_cache="false",
+        int8=True,
+    )
+    summary = train_driver.run(cfg)
+    meta = artifact.read_meta(summary["artifact"])
+    assert meta["num_workers"] == 2 and meta["strategy"] == "MultiWorkerMirroredStrategy"
+    assert meta["data_stats"]["ingest_cached"] is False
+    check_learned(summary, meta)
+    want = labelled.scan(cfg, uri)
+    assert meta["manifest_hash"] == want.manifest_hash
+    # every test image scored once, with its label, in the artifact's per-image predictions
+    rows = list(csv.DictReader(io.StringIO(storage.read_text(summary["artifact"] + "/test_predictions.csv"))))
+    test = {r["uri"]: r["label"] for r in want.manifest if r["split"] == "test"}
+    assert sorted(r["uri"] for r in rows) == sorted(test) and all(int(r["label"]) == test[r["uri"]] for r in rows)
+    # the int8 export was calibrated and measured on validation images read by URI
+    assert meta["litert_int8"]["val"]["n"] == sum(want.stats["per_split"]["val"].values())
+
+
 @pytest.mark.parametrize(
     "args, needle",
     [
@@ -198,10 +238,19 @@ def test_empty_class_folder_error(tmp_path, synth_data):
     assert out.returncode == 2 and f"class folder is empty: {d}/Positive" in out.stderr
 
 
-def test_benchmark_train_prints_both_rates():
-    out = run_job(["jobs/benchmark_train.py", "--epochs", "2", "--per-class", "40", "--image-size", "64"])
+def test_benchmark_train_prints_both_rates(tmp_path):
+    """Plain fit, Ray Train with each ingest mode, and the driver's peak memory for listing + split."""
+    args = ["--epochs", "2", "--per-class", "40", "--image-size", "64", "--listing", "400,2000"]
+    out = run_job(["jobs/benchmark_train.py", *args, "--workdir", str(tmp_path)])
     assert out.returncode == 0, out.stderr[-3000:]
     r = last_json(out.stdout)
-    assert r["plain_fit_img_s"] > 0 and r["ray_train_1_worker_img_s"] > 0
+    assert r["plain_fit_img_s"] > 0 and r["ray_train_1_worker_img_s"] > 0 and r["ray_data_1_worker_img_s"] > 0
     assert r["ray_overhead_ratio"] == pytest.approx(r["plain_fit_img_s"] / r["ray_train_1_worker_img_s"], rel=0.01)
-    assert len(r["plain_epoch_s"]) == 2 and len(r["ray_epoch_s"]) == 2
+    assert r["ray_data_over_driver_ingest"] == pytest.approx(
+        r["ray_data_1_worker_img_s"] / r["ray_train_1_worker_img_s"], rel=0.01
+    )
+    assert len(r["plain_epoch_s"]) == 2 and len(r["ray_epoch_s"]) == 2 and len(r["ray_data_epoch_s"]) == 2
+    small, large = r["listing"]["400"], r["listing"]["2000"]
+    assert (small["images"], large["images"]) == (400, 2000)  # distinct files: none dropped
+    assert large["peak_rss_mib"] >= large["floor_rss_mib"] > 50
+    assert r["listing_peak_rss_ratio"] == pytest.approx(large["peak_rss_mib"] / small["peak_rss_mib"], rel=0.01)

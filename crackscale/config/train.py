@@ -211,6 +211,25 @@ class TrainConfig:
             "raise it where a missed crack costs more than a false alarm"
         ),
     )
+    ingest: str = setting(
+        "driver",
+        group="Cluster",
+        help=(
+            "How images reach the workers. driver: the driver reads every image once and puts the bytes in "
+            "Ray's object store, each worker decodes all it needs (data that fits in memory). ray_data: the "
+            "driver holds one small row per image; Ray Data tasks on any CPU of the cluster hash, check, read "
+            "and decode, and each worker trains on its shard (millions of images; local paths must be "
+            "readable from every node)"
+        ),
+    )
+    ingest_cache: str = setting(
+        "auto",
+        group="Cluster",
+        help=(
+            "ingest: ray_data: decode once and keep the decoded images in Ray's object store (true), decode "
+            "anew each epoch (false), or auto = keep them when they fit a quarter of the object store"
+        ),
+    )
     num_workers: int = setting(
         1, group="Cluster", help="Ray Train workers, one per node; 0 = one per GPU node (1 without GPUs)"
     )
@@ -301,6 +320,8 @@ def _validate_train(self: TrainConfig) -> None:
     check(self.num_workers >= 0, "config key 'num_workers' must be >= 0 (0 = one per GPU node)")
     check(self.lr_schedule in ("constant", "cosine"), "config key 'lr_schedule' must be constant or cosine")
     check(self.min_epochs >= 0 and self.patience >= 0, "config keys 'min_epochs' and 'patience' must be >= 0")
+    check(self.ingest in ("driver", "ray_data"), "config key 'ingest' must be driver or ray_data")
+    check(self.ingest_cache in ("auto", "true", "false"), "config key 'ingest_cache' must be auto, true or false")
     check(self.freeze_base in ("auto", "true", "false"), "config key 'freeze_base' must be auto, true or false")
     check(self.mixed_precision in ("auto", "true", "false"), "config key 'mixed_precision' must be auto, true or false")
     check(self.source_size >= 0, "config key 'source_size' must be >= 0 (0 = learned from the data)")

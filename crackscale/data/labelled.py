@@ -81,7 +81,7 @@ def assign_splits(groups: dict[str, int], seed: int, val_fraction: float, test_f
     return out
 
 
-def _check_image(data: bytes) -> tuple[str | None, tuple[int, int]]:
+def check_image(data: bytes) -> tuple[str | None, tuple[int, int]]:
     """(None, (width, height)) if ``data`` looks like a decodable image, else (the reason, (0, 0))."""
     if not data:
         return "empty file", (0, 0)
@@ -139,7 +139,7 @@ def _dedupe(rows: list[dict[str, Any]], blobs: list[bytes]) -> tuple[list[int], 
             if rows[first_by_hash[digest]]["label"] != row["label"]:
                 conflicts.add(digest)
             continue
-        reason, (row["width"], row["height"]) = _check_image(blob)
+        reason, (row["width"], row["height"]) = check_image(blob)
         if reason:
             bad += 1
             log.warning("skipping %s: %s", row["uri"], reason)
@@ -172,14 +172,19 @@ def _counts(cfg: TrainConfig, manifest: list[dict[str, Any]], data_uri: str) -> 
     counts = {s: {c: 0 for c in cfg.class_names} for s in SPLITS}
     for row in manifest:
         counts[row["split"]][row["class"]] += 1
+    check_counts(cfg, counts, len(manifest), data_uri)
+    return counts
+
+
+def check_counts(cfg: TrainConfig, counts: dict[str, dict[str, int]], n: int, data_uri: str) -> None:
+    """Refuses a train or val split without both classes (``n`` usable images in all)."""
     for s in ("train", "val"):
         for c in cfg.class_names:
             if counts[s][c] == 0:
                 raise DataError(
-                    f"split '{s}' has no '{c}' images ({len(manifest)} usable images in {data_uri}); "
+                    f"split '{s}' has no '{c}' images ({n} usable images in {data_uri}); "
                     "add data or change val_fraction/test_fraction/group_size"
                 )
-    return counts
 
 
 def scan(cfg: TrainConfig, data_uri: str) -> Prepared:

@@ -90,7 +90,9 @@ def absolute_paths(cfg: TrainConfig) -> TrainConfig:
     )
 
 
-def make_trainer(cfg: TrainConfig, loop_config: dict[str, Any], run_config: Any = None) -> Any:
+def make_trainer(
+    cfg: TrainConfig, loop_config: dict[str, Any], run_config: Any = None, datasets: dict[str, Any] | None = None
+) -> Any:
     """The Ray Train trainer for ``cfg`` (shared by ``run`` and the Tune driver function): a
     ``DataParallelTrainer`` with the MWMS backend of ``training.backend`` (what
     ``TensorflowTrainer`` does, without importing TensorFlow in the driver and the controller)."""
@@ -101,12 +103,18 @@ def make_trainer(cfg: TrainConfig, loop_config: dict[str, Any], run_config: Any 
     resources = {"CPU": cfg.cpus_per_worker}
     if cfg.use_gpu:
         resources["GPU"] = gpus
+    data: dict[str, Any] = {}
+    if datasets:
+        from crackscale.training import raydata
+
+        data = {"datasets": datasets, "dataset_config": raydata.dataset_config()}
     return DataParallelTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
         run_config=run_config,
         backend_config=MWMSConfig(),
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
+        **data,
     )
 
 
@@ -129,6 +137,40 @@ def prepare(cfg: TrainConfig, prepared: labelled.Prepared | None = None) -> dict
         "data_uri": data_uri,
         "test_uris": [r["uri"] for r in prepared.manifest if r["split"] == "test"],
     }
+
+
+def prepare_ray_data(cfg: TrainConfig, manifest_uri: str) -> tuple[dict[str, Any], dict[str, Any], str]:
+    """(worker config, Ray Data datasets, manifest CSV) for ``ingest: ray_data``: the driver lists
+    and splits with small rows only (``data.ingest``); the datasets decode in Ray Data tasks. The
+    workers read the manifest from ``manifest_uri``, where ``run`` writes it."""
+    from crackscale.data import ingest
+    from crackscale.training import loop, raydata
+
+    data_uri = resolve_data(cfg)
+    index = ingest.scan(cfg, data_uri)
+    datasets, cached = raydata.datasets(cfg, index)
+    tr, va = index.split("train"), index.split("val")
+    va_uris, va_y = va["uri"].to_pylist(), va["label"].to_pylist()
+    m_uris, m_y = loop.measured(va_uris, va_y, cfg.seed)
+    loop_config = {
+        "cfg": to_dict(cfg),
+        "ingest": "ray_data",
+        "rows": {s: len(index.split(s)) for s in labelled.SPLITS},
+        "name": cfg.name,
+        "output": cfg.output or storage.join(run_dir(cfg), "model"),
+        "manifest_hash": index.manifest_hash,
+        "manifest_uri": manifest_uri,
+        "data_stats": {**index.stats, "ingest_cached": cached},
+        "data_uri": data_uri,
+        # the few images the artifact's exports are checked and calibrated on, picked as ingest: driver picks them
+        "export_uris": {
+            "check": va_uris[:64],
+            "representative": loop.representative(tr["uri"].to_pylist(), tr["label"].to_pylist(), cfg.seed),
+            "measured": m_uris,
+            "measured_labels": m_y,
+        },
+    }
+    return loop_config, datasets, ingest.manifest_csv(index.table)
 
 
 def run(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
@@ -154,9 +196,15 @@ def run(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         )
     if resume and not exists:
         raise ConfigError(f"--resume: no run named '{cfg.name}' in {cfg.storage_path}")
-    prepared = labelled.scan(cfg, resolve_data(cfg))  # before Ray starts: bad data fails fast
-    raysession.connect()
-    loop_config = prepare(cfg, prepared)
+    datasets = None
+    if cfg.ingest == "ray_data":  # the data is read in Ray Data tasks: Ray first
+        raysession.connect()
+        loop_config, datasets, manifest = prepare_ray_data(cfg, storage.join(meta_dir, "manifest.csv"))
+    else:
+        prepared = labelled.scan(cfg, resolve_data(cfg))  # before Ray starts: bad data fails fast
+        raysession.connect()
+        loop_config = prepare(cfg, prepared)
+        manifest = loop_config["manifest_csv"]
     hash_uri = storage.join(meta_dir, "manifest_hash.txt")
     if resume and storage.read_text(hash_uri, cfg.storage).strip() != loop_config["manifest_hash"]:
         raise ConfigError(
@@ -165,7 +213,7 @@ def run(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         )
     storage.write_text(storage.join(meta_dir, "config.yaml"), dump(cfg), cfg.storage)
     storage.write_text(hash_uri, loop_config["manifest_hash"], cfg.storage)
-    storage.write_text(storage.join(meta_dir, "manifest.csv"), loop_config["manifest_csv"], cfg.storage)
+    storage.write_text(storage.join(meta_dir, "manifest.csv"), manifest, cfg.storage)
 
     run_config = RunConfig(
         name=cfg.name,
@@ -173,7 +221,7 @@ def run(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         failure_config=FailureConfig(max_failures=cfg.max_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=2),
     )
-    result = make_trainer(cfg, loop_config, run_config).fit()
+    result = make_trainer(cfg, loop_config, run_config, datasets).fit()
     if result.error:
         raise result.error
     meta = artifact.read_meta(loop_config["output"], cfg.storage)

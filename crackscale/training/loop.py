@@ -67,20 +67,91 @@ def _in_order(cfg: TrainConfig, images: list[bytes], labels: list[int], autotune
     )
 
 
-def _evaluate(
-    mdl: Any,
-    images: list[bytes],
-    labels: list[int],
-    cfg: TrainConfig,
-    threshold: float | None = None,
-    autotune: bool = True,
-) -> tuple[dict[str, Any], np.ndarray]:
-    if not images:
-        return {}, np.zeros(0)
-    p = M.predict(mdl, _in_order(cfg, images, labels, autotune))
-    y = np.asarray(labels)
+def _scores(y: np.ndarray, p: np.ndarray, cfg: TrainConfig, threshold: float | None) -> dict[str, Any]:
+    """Metrics at ``threshold``, or at the threshold for ``target_recall`` on (y, p) when None."""
+    if not len(y):
+        return {}
     thr = threshold if threshold is not None else M.threshold_for_recall(y, p, cfg.target_recall)
-    return M.metrics(y, p, thr), p
+    return M.metrics(y, p, thr)
+
+
+class _DriverSplits:
+    """``ingest: driver``: every split's image bytes, from the object store, in manifest order."""
+
+    def __init__(self, config: dict[str, Any], cfg: TrainConfig, autotune: bool) -> None:
+        import ray
+
+        self.cfg, self.config, self.autotune = cfg, config, autotune
+        self.splits = ray.get(config["data"])
+
+    def fit_data(self, strategy: Any, split: str, training: bool) -> tuple[Any, int]:
+        images, labels = self.splits[split]
+        return _distributed(strategy, images, labels, self.cfg, training), tfdata.steps(
+            len(images), self.cfg.batch_size
+        )
+
+    def predict(self, mdl: Any, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """(probabilities, labels, uris) of every image of ``split``."""
+        images, labels = self.splits[split]
+        p = M.predict(mdl, _in_order(self.cfg, images, labels, self.autotune)) if images else np.zeros(0)
+        uris = self.config["test_uris"] if split == "test" else [""] * len(images)
+        return p, np.asarray(labels), uris
+
+    def export_images(self) -> tuple[list[bytes], list[bytes], list[bytes], list[int]]:
+        """(64 validation images for the parity checks, the int8 calibration images, the images and
+        labels the int8 export is measured on), as encoded bytes."""
+        (tr_x, tr_y), (va_x, va_y) = self.splits["train"], self.splits["val"]
+        vx, vy = measured(va_x, va_y, self.cfg.seed)
+        return va_x[:64], representative(tr_x, tr_y, self.cfg.seed), vx, vy
+
+
+class _RayDataSplits:
+    """``ingest: ray_data``: this worker's shards of train and val, the whole of val and test, and
+    the few images the exports need, read from storage by URI."""
+
+    def __init__(self, config: dict[str, Any], cfg: TrainConfig, world_size: int, autotune: bool) -> None:
+        self.cfg, self.config, self.world, self.autotune = cfg, config, world_size, autotune
+
+    def fit_data(self, strategy: Any, split: str, training: bool) -> tuple[Any, int]:
+        from crackscale.training import raydata
+
+        per_replica = max(1, self.cfg.batch_size // strategy.num_replicas_in_sync)
+        replicas = strategy.num_replicas_in_sync // self.world
+        rows = self.config["rows"][split] // self.world  # streaming_split(equal=True) drops the rest
+        steps: list[int] = []
+
+        def fn(ctx: Any) -> Any:
+            ds, n = raydata.worker_dataset(
+                split, rows, self.cfg, per_replica, replicas, training, self.cfg.seed + ctx.input_pipeline_id
+            )
+            steps.append(n)
+            return ds if self.autotune else ds.with_options(tfdata.no_autotune_options())
+
+        ds = strategy.distribute_datasets_from_function(fn)
+        return ds, steps[0]
+
+    def predict(self, mdl: Any, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        import tensorflow as tf
+
+        from crackscale.training import raydata
+
+        fn = tf.function(lambda x: mdl(x, training=False))
+        p, y, uris = [], [], []
+        for x, labels, names in raydata.evaluation_batches("val_all" if split == "val" else split):
+            p.append(fn(x).numpy().reshape(-1))
+            y.append(labels)
+            uris.extend(names)
+        return (np.concatenate(p) if p else np.zeros(0)), (np.concatenate(y) if y else np.zeros(0)), uris
+
+    def export_images(self) -> tuple[list[bytes], list[bytes], list[bytes], list[int]]:
+        from crackscale import storage
+
+        picks = self.config["export_uris"]
+
+        def read(uris: list[str]) -> list[bytes]:
+            return storage.read_many(uris, self.cfg.storage)
+
+        return read(picks["check"]), read(picks["representative"]), read(picks["measured"]), picks["measured_labels"]
 
 
 class _ResumableEarlyStopping:
@@ -164,13 +235,12 @@ def _fit_phase(
     cfg: TrainConfig,
     phase: str,
     state: dict[str, Any],
-    train_ds: Any,
-    val_ds: Any,
-    n_train: int,
-    n_val: int,
+    train: tuple[Any, int],
+    val: tuple[Any, int],
     rank: int,
     tb_dir: str,
 ) -> None:
+    """One phase's ``fit``; ``train`` and ``val`` are (distributed dataset, steps per epoch)."""
     k = M.keras()
     epochs = cfg.head_epochs if phase == "head" else cfg.fine_tune_epochs
     if epochs == 0:
@@ -201,12 +271,12 @@ def _fit_phase(
         callbacks.insert(0, k.callbacks.LearningRateScheduler(schedule))
     log.info("phase %s: epochs %d..%d", phase, state["epoch"] + 1, state["phase_end"])
     mdl.fit(
-        train_ds,
+        train[0],
         epochs=state["phase_end"],
         initial_epoch=state["epoch"],
-        steps_per_epoch=tfdata.steps(n_train, cfg.batch_size),
-        validation_data=val_ds,
-        validation_steps=tfdata.steps(n_val, cfg.batch_size),
+        steps_per_epoch=train[1],
+        validation_data=val[0],
+        validation_steps=val[1],
         callbacks=callbacks,
         verbose=2,
     )
@@ -300,7 +370,8 @@ def _save_artifact(
     config: dict[str, Any],
     weights: list[np.ndarray],
     meta: dict[str, Any],
-    test_p: np.ndarray,
+    test: tuple[list[str], np.ndarray, np.ndarray],
+    exports: tuple[list[bytes], list[bytes], list[bytes], list[int]],
     tb_dir: str,
 ) -> None:
     """Rank 0: the trained weights in a plain model (no strategy), with config.yaml, manifest.csv,
@@ -311,20 +382,23 @@ def _save_artifact(
     plain.set_weights(weights)
     extra = tempfile.mkdtemp(prefix="crackscale-extra-")
     Path(extra, "config.yaml").write_text(dump(cfg))
-    Path(extra, "manifest.csv").write_text(config["manifest_csv"])
+    manifest = config.get("manifest_csv")
+    if manifest is None:  # ingest: ray_data: the driver wrote it beside the run, too large to pass here
+        from crackscale import storage
+
+        manifest = storage.read_text(config["manifest_uri"], cfg.storage)
+    Path(extra, "manifest.csv").write_text(manifest)
     # per-image test scores: reports (ROC/PR curves, misclassified grid) need nothing else
-    te_y = config["test_labels"]
-    Path(extra, "test_predictions.csv").write_text(predictions_csv(config["test_uris"], te_y, test_p))
+    te_uris, te_y, te_p = test
+    Path(extra, "test_predictions.csv").write_text(predictions_csv(te_uris, te_y, te_p))
     if Path(tb_dir).is_dir():
         shutil.copytree(tb_dir, Path(extra, "tensorboard"))
     # the LiteRT exports are checked on real validation images, decoded as for training
-    va_x, va_y = config["val"]
-    check = decoded(cfg, va_x[:64])
+    check_x, rep_x, vx, vy = exports
+    check = decoded(cfg, check_x)
     int8 = None
     if cfg.int8:
-        tr_x, tr_y = config["train"]
-        vx, vy = measured(va_x, va_y, cfg.seed)
-        int8 = artifact.Int8Data(decoded(cfg, representative(tr_x, tr_y, cfg.seed)), decoded(cfg, vx), np.asarray(vy))
+        int8 = artifact.Int8Data(decoded(cfg, rep_x), decoded(cfg, vx), np.asarray(vy))
     artifact.save(plain, meta, config["output"], extra_dir=extra, cfg=cfg.storage, check_images=check, int8=int8)
 
 
@@ -367,35 +441,40 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         tf.config.experimental.set_memory_growth(gpu, True)
     strategy, strategy_name = make_strategy(ctx.get_world_size())
     autotune = not multi_device(strategy)
-    splits = ray.get(config["data"])
-    (tr_x, tr_y), (va_x, va_y), (te_x, te_y) = splits["train"], splits["val"], splits["test"]
+    world = ctx.get_world_size()
+    splits: Any = (
+        _RayDataSplits(config, cfg, world, autotune)
+        if config.get("ingest") == "ray_data"
+        else _DriverSplits(config, cfg, autotune)
+    )
     mdl, base, state = _restore(cfg, config, strategy)
 
     tb_dir = tempfile.mkdtemp(prefix="crackscale-tb-")
     # Every worker runs the same evaluations: MWMS needs identical op/variable-creation order on
     # all workers (a chief-only predict desynchronises collectives). Only rank 0 keeps results.
     if not state.get("before"):
-        state["before"] = {
-            "val": _evaluate(mdl, va_x, va_y, cfg, 0.5, autotune)[0],
-            "test": _evaluate(mdl, te_x, te_y, cfg, 0.5, autotune)[0],
-        }
+        state["before"] = {}
+        for split in ("val", "test"):
+            p, y, _ = splits.predict(mdl, split)
+            state["before"][split] = _scores(y, p, cfg, 0.5)
 
-    train_ds = _distributed(strategy, tr_x, tr_y, cfg, training=True)
-    val_ds = _distributed(strategy, va_x, va_y, cfg, training=False)
+    train = splits.fit_data(strategy, "train", training=True)
+    val = splits.fit_data(strategy, "val", training=False)
     with strategy.scope():
         for phase in ("head", "fine_tune"):
             if state["phase"] == phase:
-                _fit_phase(mdl, base, cfg, phase, state, train_ds, val_ds, len(tr_x), len(va_x), rank, tb_dir)
+                _fit_phase(mdl, base, cfg, phase, state, train, val, rank, tb_dir)
 
     final: dict[str, Any] = {"epochs_run": state["epoch"]}
-    val_m, _ = _evaluate(mdl, va_x, va_y, cfg, autotune=autotune)
-    test_m, test_p = _evaluate(mdl, te_x, te_y, cfg, val_m["threshold"], autotune)
+    va_p, va_y, _ = splits.predict(mdl, "val")
+    val_m = _scores(va_y, va_p, cfg, None)
+    te_p, te_y, te_uris = splits.predict(mdl, "test")
+    test_m = _scores(te_y, te_p, cfg, val_m["threshold"])
     weights = mdl.get_weights()  # on every rank (a collective under MWMS)
     if rank == 0:
         after = {"val": val_m, "test": test_m}
-        meta = _model_meta(cfg, config, state, after, ctx.get_world_size(), strategy, strategy_name)
-        extra = dict(config, test_labels=te_y, val=(va_x, va_y), train=(tr_x, tr_y))
-        _save_artifact(cfg, extra, weights, meta, test_p, tb_dir)
+        meta = _model_meta(cfg, config, state, after, world, strategy, strategy_name)
+        _save_artifact(cfg, config, weights, meta, (te_uris, te_y, te_p), splits.export_images(), tb_dir)
         final.update({f"test_{k_}": v for k_, v in test_m.items() if isinstance(v, (int, float))})
         final.update({f"val_{k_}": v for k_, v in val_m.items() if isinstance(v, (int, float))})
         final["artifact"] = config["output"]

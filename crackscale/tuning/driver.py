@@ -219,6 +219,10 @@ def run(cfg: TuneConfig, resume: bool = False) -> dict[str, Any]:
     experiment = storage.join(cfg.storage_path, cfg.name)
     meta_dir = storage.join(experiment, "crackscale")
     base = replace(cfg.train, name=cfg.name)
+    if base.ingest != "driver":
+        raise ConfigError(
+            "tuning trains with ingest: driver (its trials share one copy of the images); set ingest: driver"
+        )
     prepared = labelled.scan(base, resolve_data(base))  # before Ray: bad data fails fast
     raysession.connect()
     concurrent = concurrency(cfg)
