@@ -151,6 +151,44 @@ def list_files(
         yield fi
 
 
+def iter_uris(uri: str, extensions: tuple[str, ...] | None = None, cfg: StorageConfig | None = None) -> Iterator[str]:
+    """The URIs :func:`list_files` names, in the same order (sorted by path), streamed: a local
+    tree is walked one directory at a time and S3 one ListObjectsV2 page at a time, so listing
+    millions of files never holds them all as objects."""
+    exts = tuple(e.lower() for e in extensions) if extensions else None
+    if is_s3(uri):
+        import botocore.exceptions
+
+        bucket, _, prefix = resolve(uri, cfg)[1].partition("/")
+        pages = s3_client(cfg).get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix and prefix + "/")
+        try:
+            for page in pages:  # keys come in UTF-8 byte order, which is the order of sorted paths
+                for o in page.get("Contents", []):
+                    key = o["Key"]
+                    if not key.endswith("/") and (not exts or key.lower().endswith(exts)):
+                        yield f"s3://{bucket}/{key}"
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
+            raise wrap_error(uri, cfg, e) from None
+        return
+    root = resolve(uri, cfg)[1]
+    if not os.path.isdir(root):
+        raise StorageError(f"data path not found: {uri}")
+
+    def walk(d: str) -> Iterator[str]:
+        # a folder's entries ordered as their full paths sort: everything under folder "a" is
+        # "a/...", so it sorts as "a/"
+        with os.scandir(d) as it:
+            entries = sorted(((e.name + "/" if e.is_dir() else e.name), e.is_dir()) for e in it)
+        for name, is_dir in entries:
+            path = os.path.join(d, name.rstrip("/"))
+            if is_dir:
+                yield from walk(path)
+            elif not exts or name.lower().endswith(exts):
+                yield path
+
+    yield from walk(root)
+
+
 def uri_of(base_uri: str, fs_path: str) -> str:
     """The user-facing URI of ``fs_path`` as returned by the filesystem of ``base_uri``."""
     return "s3://" + fs_path.lstrip("/") if is_s3(base_uri) else fs_path

@@ -120,3 +120,18 @@ def test_ray_data_scan_gives_the_driver_scans_split(ray_local, s3_server, s3_buc
     remote = ingest.scan(_cfg(uri), uri)
     assert remote.manifest_hash == labelled.scan(_cfg(uri), uri).manifest_hash
     assert remote.table["uri"][0].as_py().startswith(f"s3://{s3_bucket}/ingest/")
+
+
+def test_streamed_listing_keeps_the_sorted_order(s3_server, s3_bucket, tmp_path):
+    """storage.iter_uris walks a folder (or S3 pages) at a time in exactly list_files' sorted-path
+    order, which decides which of two identical files is kept."""
+    tree = tmp_path / "t"
+    for rel in ("b.jpg", "a/z.jpg", "a-b.jpg", "a/b/c.JPG", "ab.jpg", "a.jpg", "é.jpg", "a b.jpg", "x.txt", "A.jpg"):
+        (tree / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tree / rel).write_bytes(b"x")
+    exts = (".jpg",)
+    want = [storage.uri_of(str(tree), f.path) for f in storage.list_files(str(tree), exts)]
+    assert list(storage.iter_uris(str(tree), exts)) == want and len(want) == 9
+    upload_tree(s3_server, tree, s3_bucket, "walk")
+    uri = f"s3://{s3_bucket}/walk"
+    assert list(storage.iter_uris(uri, exts)) == [storage.uri_of(uri, f.path) for f in storage.list_files(uri, exts)]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import itertools
 import logging
 from collections import Counter
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ from crackscale.data.labelled import (
 
 log = logging.getLogger(__name__)
 
-FACTS_BLOCK = 500  # files per Ray Data task when hashing: enough blocks to use every CPU
+FACTS_BLOCK = (500, 4000)  # files per hashing task: at least 4 tasks per CPU, within these bounds
 
 
 @dataclass
@@ -63,17 +64,22 @@ def listing(cfg: TrainConfig, data_uri: str) -> pa.Table:
         cls_uri = storage.join(data_uri, cls)
         if not storage.exists(cls_uri, cfg.storage):
             raise DataError(f"class folder missing: {cls_uri} (class_names = {list(cfg.class_names)})")
-        uris = [storage.uri_of(data_uri, f.path) for f in storage.list_files(cls_uri, cfg.extensions, cfg.storage)]
+        listed = storage.iter_uris(cls_uri, cfg.extensions, cfg.storage)
         if cfg.limit_per_class:
-            uris = uris[: cfg.limit_per_class]
-        if not uris:
+            listed = itertools.islice(listed, cfg.limit_per_class)
+        # arrow chunks as the listing streams: no list of a million Python strings
+        uris = pa.chunked_array(
+            [pa.array(chunk, pa.string()) for chunk in iter(lambda: list(itertools.islice(listed, 65536)), [])],
+            pa.string(),
+        )
+        if not len(uris):
             raise DataError(f"class folder is empty: {cls_uri} (no files ending in {', '.join(cfg.extensions)})")
         n = len(uris)
         parts.append(
             pa.table(
                 {
-                    "uri": pa.array(uris, pa.string()),
-                    "class": pa.array([cls] * n, pa.string()),
+                    "uri": uris,
+                    "class": pa.repeat(pa.scalar(cls, pa.string()), n),
                     # label 1 = the crack class, so the model's sigmoid is P(crack) whatever the order
                     "label": pa.array(np.full(n, int(cls == cfg.crack_class), np.int8)),
                 }
@@ -92,7 +98,7 @@ def file_facts(batch: pa.Table, storage_cfg: dict[str, Any]) -> pa.Table:
     uris = batch["uri"].to_pylist()
     sha, width, height, reason = [], [], [], []
     for blob in storage.read_many(uris, cfg):
-        sha.append(hashlib.sha256(blob).hexdigest())
+        sha.append(hashlib.sha256(blob).digest())  # 32 bytes, not 64 hex characters, per row
         why, (w, h) = check_image(blob)
         width.append(w)
         height.append(h)
@@ -100,7 +106,7 @@ def file_facts(batch: pa.Table, storage_cfg: dict[str, Any]) -> pa.Table:
     return pa.table(
         {
             "idx": batch["idx"],
-            "sha256": pa.array(sha, pa.string()),
+            "sha256": pa.array(sha, pa.binary()),
             "width": pa.array(width, pa.int32()),
             "height": pa.array(height, pa.int32()),
             "reason": pa.array(reason, pa.string()),
@@ -116,12 +122,17 @@ def facts(cfg: TrainConfig, files: pa.Table) -> pa.Table:
     from crackscale.config.loader import to_dict
 
     n = len(files)
-    blocks = [ray.put(files.select(["idx", "uri"]).slice(i, FACTS_BLOCK)) for i in range(0, n, FACTS_BLOCK)]
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    size = min(FACTS_BLOCK[1], max(FACTS_BLOCK[0], -(-n // (4 * cpus))))
+    blocks = [ray.put(files.select(["idx", "uri"]).slice(i, size)) for i in range(0, n, size)]
     ds = from_arrow_refs(blocks).map_batches(
         file_facts, batch_format="pyarrow", batch_size=None, fn_kwargs={"storage_cfg": to_dict(cfg.storage)}
     )
-    got = pa.concat_tables(ray.get(ds.to_arrow_refs()))
-    got = got.take(pc.sort_indices(got["idx"]))
+    refs = ds.to_arrow_refs()
+    del blocks, ds  # the inputs' object-store copies go as soon as the facts exist
+    got = pa.concat_tables(ray.get(refs))
+    got = got.take(pc.sort_indices(got["idx"]))  # a copy out of the object store
+    del refs
     if len(got) != n or not pc.all(pc.equal(got["idx"], files["idx"])).as_py():
         raise RuntimeError(f"hashing returned {len(got)} rows for {n} files")
     return (
@@ -137,10 +148,12 @@ def dedupe(t: pa.Table) -> tuple[pa.Table, dict[str, int]]:
     each content hash wins; undecodable files are dropped (every copy: the check is on the bytes);
     a hash seen under both classes is dropped entirely."""
     bad = pc.is_valid(t["reason"])
-    for uri, why in zip(t.filter(bad)["uri"].to_pylist(), t.filter(bad)["reason"].to_pylist()):
+    skipped = t.filter(bad)
+    for uri, why in zip(skipped["uri"].to_pylist(), skipped["reason"].to_pylist()):
         log.warning("skipping %s: %s", uri, why)
-    good = t.filter(pc.invert(bad))
-    g = good.group_by("sha256").aggregate([("idx", "min"), ("label", "count_distinct")])
+    good = t.select(["idx", "sha256", "label"]).filter(pc.invert(bad))
+    # one thread: arrow's per-thread allocator arenas would outweigh these few columns
+    g = good.group_by("sha256", use_threads=False).aggregate([("idx", "min"), ("label", "count_distinct")])
     conflicting = pc.greater(g["label_count_distinct"], 1)
     first = g.filter(pc.invert(conflicting))["idx_min"]
     kept = t.filter(pc.is_in(t["idx"], value_set=first))
@@ -153,31 +166,39 @@ def dedupe(t: pa.Table) -> tuple[pa.Table, dict[str, int]]:
 
 
 def split(cfg: TrainConfig, t: pa.Table) -> pa.Table:
-    """``t`` with ``group`` and ``split`` columns (whole groups per split, per class)."""
-    classes = t["class"].to_pylist()
-    groups = [
-        f"{cls}/{group_key(storage.basename(u), cfg.group_pattern, cfg.group_size)}"
-        for cls, u in zip(classes, t["uri"].to_pylist())
-    ]
+    """``t`` with ``group`` and ``split`` columns (whole groups per split, per class). Group keys
+    are computed a batch at a time into arrow arrays: no list of every URI as Python strings."""
+    groups = []
+    sizes: dict[str, Counter] = {c: Counter() for c in cfg.class_names}
+    for batch in t.select(["class", "uri"]).to_batches(65536):
+        keys = [
+            f"{c}/{group_key(storage.basename(u), cfg.group_pattern, cfg.group_size)}"
+            for c, u in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist())
+        ]
+        for c, k in zip(batch.column(0).to_pylist(), keys):
+            sizes[c][k] += 1
+        groups.append(pa.array(keys, pa.string()))
+    group = pa.chunked_array(groups, pa.string())
     split_of: dict[str, str] = {}
     for cls in cfg.class_names:
-        sizes = Counter(g for g, c in zip(groups, classes) if c == cls)
-        split_of.update(assign_splits(dict(sizes), cfg.seed, cfg.val_fraction, cfg.test_fraction))
-    splits = pa.array([split_of[g] for g in groups], pa.string())
-    return t.append_column("group", pa.array(groups, pa.string())).append_column("split", splits)
+        split_of.update(assign_splits(dict(sizes[cls]), cfg.seed, cfg.val_fraction, cfg.test_fraction))
+    names = pa.array(list(split_of), pa.string())
+    splits = pc.take(pa.array(list(split_of.values()), pa.string()), pc.index_in(group, value_set=names))
+    return t.append_column("group", group).append_column("split", splits)
 
 
 def manifest_hash(t: pa.Table) -> str:
     """``labelled.manifest_hash`` over a table: SHA-256 of (split, label, sha256) lines sorted by
     (split, sha256)."""
     s = t.select(["split", "label", "sha256"]).cast(
-        pa.schema([("split", pa.string()), ("label", pa.int8()), ("sha256", pa.string())])
+        pa.schema([("split", pa.string()), ("label", pa.int8()), ("sha256", pa.binary())])
     )
+    # raw digests sort as their hex spellings do
     s = s.sort_by([("split", "ascending"), ("sha256", "ascending")])
     h = hashlib.sha256()
     for batch in s.to_batches(65536):
         for sp, y, d in zip(*(batch.column(i).to_pylist() for i in range(3))):
-            h.update(f"{sp},{y},{d}\n".encode())
+            h.update(f"{sp},{y},{d.hex()}\n".encode())
     return h.hexdigest()
 
 
@@ -187,8 +208,11 @@ def manifest_csv(t: pa.Table) -> str:
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(MANIFEST_COLUMNS)
     cols = t.select(list(MANIFEST_COLUMNS))
+    sha = MANIFEST_COLUMNS.index("sha256")
     for batch in cols.to_batches(65536):
-        w.writerows(zip(*(batch.column(i).to_pylist() for i in range(len(MANIFEST_COLUMNS)))))
+        columns = [batch.column(i).to_pylist() for i in range(len(MANIFEST_COLUMNS))]
+        columns[sha] = [d.hex() for d in columns[sha]]
+        w.writerows(zip(*columns))
     return buf.getvalue()
 
 
