@@ -15,7 +15,7 @@ from crackscale.data import labelled
 from crackscale.imaging import tfdecode
 from crackscale.training import driver as train_driver
 from crackscale.training import loop as train_loop
-from crackscale.training import tfdata
+from crackscale.training import raydata, tfdata
 
 pytestmark = pytest.mark.slow
 
@@ -85,7 +85,8 @@ def test_phase_lr_warms_up_then_decays():
 
 
 def test_training_and_evaluation_resize_as_configured(synth_data):
-    """`resize_antialias` reaches the training input pipeline and the evaluation that sets the threshold."""
+    """`resize_antialias` reaches the training input pipeline and the evaluation that sets the
+    threshold, and Ray Data ingest's decode gives the same pixels."""
     import tensorflow as tf
 
     from crackscale.config.loader import replace
@@ -101,8 +102,12 @@ def test_training_and_evaluation_resize_as_configured(synth_data):
         cfg = replace(TrainConfig(), image_size=96, batch_size=4, resize_antialias=aa)
         x = next(iter(train_loop._distributed(tf.distribute.get_strategy(), images, labels, cfg, training=False)))[0]
         np.testing.assert_array_equal(x.numpy(), decoded[aa])
-        _, p = train_loop._evaluate(mean_pixel, images, labels, cfg)
+        p = M.predict(mean_pixel, train_loop._in_order(cfg, images, labels))
         np.testing.assert_allclose(p, decoded[aa].mean(axis=(1, 2, 3)) / 255.0, rtol=1e-5)
+        rows = {"uri": np.array([str(f) for f in pos + neg]), "label": np.array(labels)}
+        got = raydata.decode_rows(rows, 96, aa, {})
+        np.testing.assert_array_equal(got["image"], decoded[aa].astype(np.uint8))
+        assert got["label"].tolist() == labels and got["uri"].tolist() == rows["uri"].tolist()
 
 
 def test_s3_data_in_artifact_out(ray_local, s3_server, s3_bucket, synth_data, tmp_path):
@@ -154,6 +159,7 @@ import tensorflow as tf
 from tensorflow.python.data.ops import multi_device_iterator_ops as mdi
 from crackscale.training import tfdata
 from crackscale.training import loop as train_loop
+from crackscale.training import raydata
 from crackscale.training import strategy as train_strategy
 from crackscale.config.loader import replace
 from crackscale.config.train import TrainConfig
@@ -206,6 +212,7 @@ import json, os, sys
 import ray
 from ray import cloudpickle
 from crackscale.training import loop as train_loop
+from crackscale.training import raydata
 from crackscale.training import strategy as train_strategy
 from crackscale.training import driver as train_driver
 from crackscale.training import backend as train_backend
