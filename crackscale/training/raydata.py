@@ -63,9 +63,13 @@ def datasets(cfg: TrainConfig, index: Any) -> tuple[dict[str, Any], bool]:
     """({train, val, val_all, test}: Ray Data datasets of decoded images, labels and uris;
     whether they were decoded once and cached in the object store)."""
     import ray
-    from ray.data import from_arrow_refs
+    from ray.data import DataContext, from_arrow_refs
 
     from crackscale.config.loader import to_dict
+
+    # one progress bar per dataset and epoch on every worker would bury the training log; the
+    # datasets carry this context to the workers
+    DataContext.get_current().enable_progress_bars = False
 
     def build(split: str) -> Any:
         t = index.split(split).select(["uri", "label"])
