@@ -1,6 +1,9 @@
-"""The training driver: scan, de-duplicate and split the data once (before Ray starts, so bad data
-fails fast), put the image bytes in Ray's object store (workers on any node get them without shared
-storage), and run a ``DataParallelTrainer`` whose backend gives each worker its ``TF_CONFIG``."""
+"""The training driver: scan, de-duplicate and split the data once, hand it to the workers, and run
+a ``DataParallelTrainer`` whose backend gives each worker its ``TF_CONFIG``.
+
+``ingest: driver`` scans before Ray starts (bad data fails fast) and puts the image bytes in Ray's
+object store (workers on any node get them without shared storage). ``ingest: ray_data`` starts Ray
+first: the scan hashes in Ray Data tasks, and the trainer gets Ray Data datasets (``raydata``)."""
 
 from __future__ import annotations
 
