@@ -217,20 +217,26 @@ def litert_rate(model: bytes, batch, batch_size: int, threads: int, seconds: flo
     return r
 
 
-def per_core_rate(model: bytes, batch, batch_size: int, seconds: float) -> float:
-    """Total img/s of one single-threaded interpreter per core, each in its own process."""
+def on_every_core(target, args: tuple, seconds: float) -> float:
+    """Sum of ``target(*args, start, out)``'s rates run in one process per core, all measuring over
+    the same seconds (``start``: a barrier; ``out``: a queue for each rate)."""
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     k = os.cpu_count() or 1
     start, out = ctx.Barrier(k), ctx.Queue()
-    procs = [ctx.Process(target=litert_rate, args=(model, batch, batch_size, 1, seconds, start, out)) for _ in range(k)]
+    procs = [ctx.Process(target=target, args=(*args, start, out)) for _ in range(k)]
     for p in procs:
         p.start()
     rates = [out.get(timeout=seconds + 300) for _ in procs]
     for p in procs:
         p.join()
     return sum(rates)
+
+
+def per_core_rate(model: bytes, batch, batch_size: int, seconds: float) -> float:
+    """Total img/s of one single-threaded interpreter per core, each in its own process."""
+    return on_every_core(litert_rate, (model, batch, batch_size, 1, seconds), seconds)
 
 
 def decode_rate(files: list[Path], size: int, antialias: bool, seconds: float, start=None, out=None) -> float:
@@ -256,18 +262,7 @@ def decode_rate(files: list[Path], size: int, antialias: bool, seconds: float, s
 
 def decode_ceiling(files: list[Path], size: int, antialias: bool, seconds: float) -> float:
     """Total img/s of the scoring decode, one process per core (the cores the model shares)."""
-    import multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    k = os.cpu_count() or 1
-    start, out = ctx.Barrier(k), ctx.Queue()
-    procs = [ctx.Process(target=decode_rate, args=(files, size, antialias, seconds, start, out)) for _ in range(k)]
-    for p in procs:
-        p.start()
-    rates = [out.get(timeout=seconds + 300) for _ in procs]
-    for p in procs:
-        p.join()
-    return sum(rates)
+    return on_every_core(decode_rate, (files, size, antialias, seconds), seconds)
 
 
 RAY_FLOOR = """
