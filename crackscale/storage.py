@@ -16,17 +16,21 @@ import posixpath
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from crackscale.config.storage import StorageConfig
 
 log = logging.getLogger(__name__)
+
+LIST_CHUNK = 65536  # names per arrow array while a folder is read
 
 
 class StorageError(RuntimeError):
@@ -151,11 +155,23 @@ def list_files(
         yield fi
 
 
-def iter_uris(uri: str, extensions: tuple[str, ...] | None = None, cfg: StorageConfig | None = None) -> Iterator[str]:
-    """The URIs :func:`list_files` names, in the same order (sorted by path), streamed: a local
-    tree is walked one directory at a time and S3 one ListObjectsV2 page at a time, so listing
-    millions of files never holds them all as objects."""
+def iter_uri_batches(
+    uri: str, extensions: tuple[str, ...] | None = None, cfg: StorageConfig | None = None
+) -> Iterator[pa.Array]:
+    """The URIs :func:`list_files` names, in the same order (sorted by path), as arrow string
+    arrays: a local tree is walked and sorted one directory at a time in arrow, S3 is read one
+    ListObjectsV2 page at a time, so listing millions of files never holds them as Python objects."""
     exts = tuple(e.lower() for e in extensions) if extensions else None
+
+    def wanted(names: pa.Array) -> pa.Array:
+        if not exts:
+            return names
+        lower = pc.utf8_lower(names)
+        keep = pc.ends_with(lower, exts[0])
+        for e in exts[1:]:
+            keep = pc.or_(keep, pc.ends_with(lower, e))
+        return names.filter(keep)
+
     if is_s3(uri):
         import botocore.exceptions
 
@@ -163,10 +179,10 @@ def iter_uris(uri: str, extensions: tuple[str, ...] | None = None, cfg: StorageC
         pages = s3_client(cfg).get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix and prefix + "/")
         try:
             for page in pages:  # keys come in UTF-8 byte order, which is the order of sorted paths
-                for o in page.get("Contents", []):
-                    key = o["Key"]
-                    if not key.endswith("/") and (not exts or key.lower().endswith(exts)):
-                        yield f"s3://{bucket}/{key}"
+                keys = pa.array([o["Key"] for o in page.get("Contents", [])], pa.string())
+                keys = wanted(keys.filter(pc.invert(pc.ends_with(keys, "/"))))
+                if len(keys):
+                    yield pc.binary_join_element_wise(f"s3://{bucket}/", keys, "")
         except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
             raise wrap_error(uri, cfg, e) from None
         return
@@ -174,17 +190,30 @@ def iter_uris(uri: str, extensions: tuple[str, ...] | None = None, cfg: StorageC
     if not os.path.isdir(root):
         raise StorageError(f"data path not found: {uri}")
 
-    def walk(d: str) -> Iterator[str]:
+    def walk(d: str) -> Iterator[pa.Array]:
         # a folder's entries ordered as their full paths sort: everything under folder "a" is
-        # "a/...", so it sorts as "a/"
+        # "a/...", so it sorts as "a/"; arrow compares UTF-8 bytes, which is code-point order
+        chunks, chunk = [], []
         with os.scandir(d) as it:
-            entries = sorted(((e.name + "/" if e.is_dir() else e.name), e.is_dir()) for e in it)
-        for name, is_dir in entries:
-            path = os.path.join(d, name.rstrip("/"))
-            if is_dir:
-                yield from walk(path)
-            elif not exts or name.lower().endswith(exts):
-                yield path
+            for e in it:
+                chunk.append(e.name + "/" if e.is_dir() else e.name)
+                if len(chunk) == LIST_CHUNK:
+                    chunks.append(pa.array(chunk, pa.string()))
+                    chunk = []
+        chunks.append(pa.array(chunk, pa.string()))
+        names = pa.concat_arrays(chunks)
+        del chunks, chunk
+        names = names.take(pc.array_sort_indices(names))
+        # runs of files between sub-folders go out as arrays, each folder's files at the point
+        # its name sorts
+        start = 0
+        for i in [*pc.indices_nonzero(pc.ends_with(names, "/")).to_pylist(), len(names)]:
+            files = wanted(names.slice(start, i - start))
+            if len(files):
+                yield pc.binary_join_element_wise(d.rstrip("/") + "/", files, "")
+            if i < len(names):
+                yield from walk(os.path.join(d, names[i].as_py().rstrip("/")))
+            start = i + 1
 
     yield from walk(root)
 
@@ -225,16 +254,24 @@ def read_many(uris: list[str], cfg: StorageConfig | None = None, threads: int = 
 
 def write_bytes(uri: str, data: bytes, cfg: StorageConfig | None = None) -> None:
     """Write a whole object. Local writes are atomic (temp file + rename); S3 PUTs are atomic."""
+    write_chunks(uri, [data], cfg)
+
+
+def write_chunks(uri: str, chunks: Iterable[bytes], cfg: StorageConfig | None = None) -> None:
+    """Write an object from ``chunks`` as they come (never all in memory), as atomically as
+    :func:`write_bytes`."""
     fs, path = resolve(uri, cfg)
     try:
         if is_s3(uri):
             with fs.open_output_stream(path) as f:
-                f.write(data)
+                for chunk in chunks:
+                    f.write(chunk)
             return
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         tmp = f"{path}.tmp-{uuid.uuid4().hex}"
         with open(tmp, "wb") as f:
-            f.write(data)
+            for chunk in chunks:
+                f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -2,6 +2,8 @@
 
 import shutil
 
+import numpy as np
+import pyarrow as pa
 import pytest
 from conftest import upload_tree
 
@@ -96,11 +98,15 @@ def test_unreachable_endpoint_and_missing_bucket(s3_server):
         labelled.scan(TrainConfig(data="s3://no-such-bucket/x"), "s3://no-such-bucket/x")
 
 
-def test_ray_data_scan_gives_the_driver_scans_split(ray_local, s3_server, s3_bucket, synth_data, tmp_path):
+def test_ray_data_scan_gives_the_driver_scans_split(ray_local, s3_server, s3_bucket, synth_data, tmp_path, monkeypatch):
     """ingest: ray_data hashes and checks in Ray Data tasks and keeps small rows in the driver: the
     same files give the same manifest (rows, CSV, hash) and drop counts as labelled.scan, locally
     and from S3."""
     from crackscale.data import ingest
+
+    # many hashing blocks and row batches, as with millions of files
+    monkeypatch.setattr(ingest, "FACTS_BLOCK", (16, 16))
+    monkeypatch.setattr(ingest, "ROW_BATCH", 7)
 
     tree = tmp_path / "d"
     shutil.copytree(synth_data, tree)
@@ -122,16 +128,41 @@ def test_ray_data_scan_gives_the_driver_scans_split(ray_local, s3_server, s3_buc
     assert remote.table["uri"][0].as_py().startswith(f"s3://{s3_bucket}/ingest/")
 
 
-def test_streamed_listing_keeps_the_sorted_order(s3_server, s3_bucket, tmp_path):
-    """storage.iter_uris walks a folder (or S3 pages) at a time in exactly list_files' sorted-path
+def listed(uri: str, exts: tuple[str, ...]) -> list[str]:
+    return [u for batch in storage.iter_uri_batches(uri, exts) for u in batch.to_pylist()]
+
+
+def test_streamed_listing_keeps_the_sorted_order(s3_server, s3_bucket, tmp_path, monkeypatch):
+    """storage.iter_uri_batches walks a folder (or S3 pages) at a time in exactly list_files' sorted-path
     order, which decides which of two identical files is kept."""
     tree = tmp_path / "t"
     for rel in ("b.jpg", "a/z.jpg", "a-b.jpg", "a/b/c.JPG", "ab.jpg", "a.jpg", "é.jpg", "a b.jpg", "x.txt", "A.jpg"):
         (tree / rel).parent.mkdir(parents=True, exist_ok=True)
         (tree / rel).write_bytes(b"x")
     exts = (".jpg",)
+    monkeypatch.setattr(storage, "LIST_CHUNK", 3)  # a folder read in several arrow chunks
     want = [storage.uri_of(str(tree), f.path) for f in storage.list_files(str(tree), exts)]
-    assert list(storage.iter_uris(str(tree), exts)) == want and len(want) == 9
+    assert listed(str(tree), exts) == want and len(want) == 9
     upload_tree(s3_server, tree, s3_bucket, "walk")
     uri = f"s3://{s3_bucket}/walk"
-    assert list(storage.iter_uris(uri, exts)) == [storage.uri_of(uri, f.path) for f in storage.list_files(uri, exts)]
+    assert listed(uri, exts) == [storage.uri_of(uri, f.path) for f in storage.list_files(uri, exts)]
+
+
+def test_digest_groups_are_exact_when_first_words_collide():
+    """Dedupe sorts on each digest's first 8 bytes: digests that share those bytes but differ
+    later, interleaved across chunks, still group exactly, each group in listing order."""
+    from crackscale.data.ingest import digest_groups
+
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        base = [rng.bytes(32) for _ in range(5)]
+        base += [base[0][:8] + rng.bytes(24), base[1][:8] + rng.bytes(24), base[0][:8] + rng.bytes(24)]
+        values = [base[i] for i in rng.integers(0, len(base), rng.integers(0, 40))]
+        cuts = sorted(set(rng.integers(0, len(values) + 1, 4).tolist()) | {0, len(values)})
+        chunks = [pa.array(values[a:b], pa.binary()) for a, b in zip(cuts, cuts[1:])]
+        order, starts = digest_groups(pa.chunked_array(chunks, pa.binary()))
+        want: dict[bytes, list[int]] = {}
+        for i, v in enumerate(values):
+            want.setdefault(v, []).append(i)
+        got = [g.tolist() for g in np.split(order, starts[1:])] if values else []
+        assert sorted(got) == sorted(want.values())

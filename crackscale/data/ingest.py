@@ -10,12 +10,13 @@ decode + resize to the model input also runs in Ray Data tasks.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
-import itertools
 import logging
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +39,7 @@ from crackscale.data.labelled import (
 
 log = logging.getLogger(__name__)
 
+ROW_BATCH = 8192  # rows turned into Python objects at a time (group keys, manifest lines)
 FACTS_BLOCK = (500, 4000)  # files per hashing task: at least 4 tasks per CPU, within these bounds
 
 
@@ -64,14 +66,9 @@ def listing(cfg: TrainConfig, data_uri: str) -> pa.Table:
         cls_uri = storage.join(data_uri, cls)
         if not storage.exists(cls_uri, cfg.storage):
             raise DataError(f"class folder missing: {cls_uri} (class_names = {list(cfg.class_names)})")
-        listed = storage.iter_uris(cls_uri, cfg.extensions, cfg.storage)
+        uris = pa.chunked_array(list(storage.iter_uri_batches(cls_uri, cfg.extensions, cfg.storage)), pa.string())
         if cfg.limit_per_class:
-            listed = itertools.islice(listed, cfg.limit_per_class)
-        # arrow chunks as the listing streams: no list of a million Python strings
-        uris = pa.chunked_array(
-            [pa.array(chunk, pa.string()) for chunk in iter(lambda: list(itertools.islice(listed, 65536)), [])],
-            pa.string(),
-        )
+            uris = uris.slice(0, cfg.limit_per_class)
         if not len(uris):
             raise DataError(f"class folder is empty: {cls_uri} (no files ending in {', '.join(cfg.extensions)})")
         n = len(uris)
@@ -86,7 +83,7 @@ def listing(cfg: TrainConfig, data_uri: str) -> pa.Table:
             )
         )
         log.info("class %s: %d files under %s", cls, n, cls_uri)
-    t = pa.concat_tables(parts).combine_chunks()
+    t = pa.concat_tables(parts)
     return t.add_column(0, "idx", pa.array(np.arange(len(t), dtype=np.int64)))
 
 
@@ -130,11 +127,14 @@ def facts(cfg: TrainConfig, files: pa.Table) -> pa.Table:
     )
     refs = ds.to_arrow_refs()
     del blocks, ds  # the inputs' object-store copies go as soon as the facts exist
-    got = pa.concat_tables(ray.get(refs))
-    got = got.take(pc.sort_indices(got["idx"]))  # a copy out of the object store
+    # each task keeps its block's row order: ordering the blocks orders the rows, and the
+    # concatenation reads them where they are instead of copying
+    got = pa.concat_tables(sorted(ray.get(refs), key=lambda b: b["idx"][0].as_py() if len(b) else -1))
     del refs
-    if len(got) != n or not pc.all(pc.equal(got["idx"], files["idx"])).as_py():
+    if len(got) != n:
         raise RuntimeError(f"hashing returned {len(got)} rows for {n} files")
+    if not pc.all(pc.equal(got["idx"], files["idx"])).as_py():
+        got = got.take(pc.sort_indices(got["idx"]))
     return (
         files.append_column("sha256", got["sha256"])
         .append_column("width", got["width"])
@@ -143,24 +143,63 @@ def facts(cfg: TrainConfig, files: pa.Table) -> pa.Table:
     )
 
 
+def digest_words(digests: pa.Array) -> np.ndarray:
+    """32-byte digests as an (n, 4) array of 64-bit words."""
+    fixed = digests.cast(pa.binary(32))
+    return np.frombuffer(fixed.buffers()[1], np.uint64, len(fixed) * 4, fixed.offset * 32).reshape(-1, 4)
+
+
+def digest_groups(digests: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """(order, starts): ``order`` lists the positions so that equal digests are adjacent, each
+    group in ascending position; ``starts`` are the indices into ``order`` where a group begins.
+
+    Sorted on the first 64-bit word (8 bytes a row, where sorting whole digests would need 32);
+    only runs whose first words tie, almost always true duplicates, are sorted on all four."""
+    w0 = np.concatenate([np.empty(0, np.uint64)] + [digest_words(c)[:, 0] for c in digests.chunks])
+    order = np.argsort(w0, kind="stable")
+    w0 = w0[order]
+    tie = np.zeros(len(order), bool)  # sorted row i has the first word of row i - 1
+    tie[1:] = w0[1:] == w0[:-1]
+    del w0
+    first = ~tie
+    members = np.flatnonzero(tie | np.r_[tie[1:], False])  # the rows of runs of tied first words
+    if len(members):
+        words = digest_words(digests.take(pa.array(order[members])).combine_chunks())
+        run = np.cumsum(~tie[members])
+        local = np.lexsort((*words.T[::-1], run))  # stable: equal digests keep ascending positions
+        order[members] = order[members][local]
+        words, run = words[local], run[local]
+        first[members[1:]] = (run[1:] != run[:-1]) | (words[1:] != words[:-1]).any(axis=1)
+    return order, np.flatnonzero(first)
+
+
 def dedupe(t: pa.Table) -> tuple[pa.Table, dict[str, int]]:
     """Rows kept and the drop counts, by ``labelled``'s rules: the first file (listing order) of
     each content hash wins; undecodable files are dropped (every copy: the check is on the bytes);
     a hash seen under both classes is dropped entirely."""
-    bad = pc.is_valid(t["reason"])
-    skipped = t.filter(bad)
-    for uri, why in zip(skipped["uri"].to_pylist(), skipped["reason"].to_pylist()):
-        log.warning("skipping %s: %s", uri, why)
-    good = t.select(["idx", "sha256", "label"]).filter(pc.invert(bad))
-    # one thread: arrow's per-thread allocator arenas would outweigh these few columns
-    g = good.group_by("sha256", use_threads=False).aggregate([("idx", "min"), ("label", "count_distinct")])
-    conflicting = pc.greater(g["label_count_distinct"], 1)
-    first = g.filter(pc.invert(conflicting))["idx_min"]
-    kept = t.filter(pc.is_in(t["idx"], value_set=first))
+    bad = pc.is_valid(t["reason"]).to_numpy(zero_copy_only=False)
+    n_bad = int(bad.sum())
+    digests = t["sha256"]
+    if n_bad:
+        skipped = t.filter(pa.array(bad))
+        for uri, why in zip(skipped["uri"].to_pylist(), skipped["reason"].to_pylist()):
+            log.warning("skipping %s: %s", uri, why)
+        digests = digests.filter(pa.array(~bad))
+    rows = np.flatnonzero(~bad)  # positions of the decodable files, in listing order
+    order, starts = digest_groups(digests)
+    labels = t["label"].to_numpy()[rows][order]
+    if len(starts):
+        conflicting = np.minimum.reduceat(labels, starts) != np.maximum.reduceat(labels, starts)
+    else:
+        conflicting = np.zeros(0, bool)
+    keep = np.zeros(len(t), bool)
+    keep[rows[order[starts[~conflicting]]]] = True
+    # nothing to drop: the table itself, not a filtered copy of it
+    kept = t if keep.all() else t.filter(pa.array(keep))
     dropped = {
-        "duplicates_dropped": len(good) - len(g),
-        "undecodable_dropped": int(pc.sum(bad).as_py() or 0),
-        "conflicting_labels_dropped": int(pc.sum(conflicting).as_py() or 0),
+        "duplicates_dropped": len(rows) - len(starts),
+        "undecodable_dropped": n_bad,
+        "conflicting_labels_dropped": int(conflicting.sum()),
     }
     return kept, dropped
 
@@ -170,7 +209,7 @@ def split(cfg: TrainConfig, t: pa.Table) -> pa.Table:
     are computed a batch at a time into arrow arrays: no list of every URI as Python strings."""
     groups = []
     sizes: dict[str, Counter] = {c: Counter() for c in cfg.class_names}
-    for batch in t.select(["class", "uri"]).to_batches(65536):
+    for batch in t.select(["class", "uri"]).to_batches(ROW_BATCH):
         keys = [
             f"{c}/{group_key(storage.basename(u), cfg.group_pattern, cfg.group_size)}"
             for c, u in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist())
@@ -196,28 +235,58 @@ def manifest_hash(t: pa.Table) -> str:
     # raw digests sort as their hex spellings do
     s = s.sort_by([("split", "ascending"), ("sha256", "ascending")])
     h = hashlib.sha256()
-    for batch in s.to_batches(65536):
+    for batch in s.to_batches(ROW_BATCH):
         for sp, y, d in zip(*(batch.column(i).to_pylist() for i in range(3))):
             h.update(f"{sp},{y},{d.hex()}\n".encode())
     return h.hexdigest()
 
 
-def manifest_csv(t: pa.Table) -> str:
-    """``labelled.manifest_csv`` of the table (the same columns, the same ``csv`` quoting)."""
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(MANIFEST_COLUMNS)
+def manifest_chunks(t: pa.Table) -> Iterator[bytes]:
+    """``labelled.manifest_csv`` of the table (the same columns, the same ``csv`` quoting) as
+    UTF-8 pieces of a few thousand rows, for :func:`storage.write_chunks`: a million-row manifest
+    is never one string in the driver."""
     cols = t.select(list(MANIFEST_COLUMNS))
     sha = MANIFEST_COLUMNS.index("sha256")
-    for batch in cols.to_batches(65536):
+    header = True
+    for batch in cols.to_batches(ROW_BATCH):
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        if header:
+            w.writerow(MANIFEST_COLUMNS)
+            header = False
         columns = [batch.column(i).to_pylist() for i in range(len(MANIFEST_COLUMNS))]
         columns[sha] = [d.hex() for d in columns[sha]]
         w.writerows(zip(*columns))
-    return buf.getvalue()
+        yield buf.getvalue().encode()
+    if header:
+        yield (",".join(MANIFEST_COLUMNS) + "\n").encode()
+
+
+def manifest_csv(t: pa.Table) -> str:
+    """The whole manifest as one string (small tables; tests compare it with ``labelled``'s)."""
+    return b"".join(manifest_chunks(t)).decode()
+
+
+@contextlib.contextmanager
+def system_allocator() -> Iterator[None]:
+    """Arrow buffers made inside come from the C allocator: it hands large freed blocks back to
+    the OS, where arrow's default pool keeps them, and a scan makes several transient copies of
+    columns as long as the listing."""
+    previous = pa.default_memory_pool()
+    pa.set_memory_pool(pa.system_memory_pool())
+    try:
+        yield
+    finally:
+        pa.set_memory_pool(previous)
 
 
 def scan(cfg: TrainConfig, data_uri: str) -> Index:
     """List in the driver, hash and check in Ray Data, de-duplicate and split: the ``Index``."""
+    with system_allocator():
+        return _scan(cfg, data_uri)
+
+
+def _scan(cfg: TrainConfig, data_uri: str) -> Index:
     files = facts(cfg, listing(cfg, data_uri))
     kept, dropped = dedupe(files)
     t = split(cfg, kept.drop_columns(["reason"]))

@@ -11,6 +11,7 @@ import datetime as dt
 import json
 import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -142,8 +143,8 @@ def prepare(cfg: TrainConfig, prepared: labelled.Prepared | None = None) -> dict
     }
 
 
-def prepare_ray_data(cfg: TrainConfig, manifest_uri: str) -> tuple[dict[str, Any], dict[str, Any], str]:
-    """(worker config, Ray Data datasets, manifest CSV) for ``ingest: ray_data``: the driver lists
+def prepare_ray_data(cfg: TrainConfig, manifest_uri: str) -> tuple[dict[str, Any], dict[str, Any], Iterator[bytes]]:
+    """(worker config, Ray Data datasets, manifest CSV in pieces) for ``ingest: ray_data``: the driver lists
     and splits with small rows only (``data.ingest``); the datasets decode in Ray Data tasks. The
     workers read the manifest from ``manifest_uri``, where ``run`` writes it."""
     from crackscale.data import ingest
@@ -173,7 +174,7 @@ def prepare_ray_data(cfg: TrainConfig, manifest_uri: str) -> tuple[dict[str, Any
             "measured_labels": m_y,
         },
     }
-    return loop_config, datasets, ingest.manifest_csv(index.table)
+    return loop_config, datasets, ingest.manifest_chunks(index.table)
 
 
 def run(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
@@ -207,7 +208,7 @@ def run(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         prepared = labelled.scan(cfg, resolve_data(cfg))  # before Ray starts: bad data fails fast
         raysession.connect()
         loop_config = prepare(cfg, prepared)
-        manifest = loop_config["manifest_csv"]
+        manifest = iter([loop_config["manifest_csv"].encode()])
     hash_uri = storage.join(meta_dir, "manifest_hash.txt")
     if resume and storage.read_text(hash_uri, cfg.storage).strip() != loop_config["manifest_hash"]:
         raise ConfigError(
@@ -216,7 +217,7 @@ def run(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         )
     storage.write_text(storage.join(meta_dir, "config.yaml"), dump(cfg), cfg.storage)
     storage.write_text(hash_uri, loop_config["manifest_hash"], cfg.storage)
-    storage.write_text(storage.join(meta_dir, "manifest.csv"), manifest, cfg.storage)
+    storage.write_chunks(storage.join(meta_dir, "manifest.csv"), manifest, cfg.storage)
 
     run_config = RunConfig(
         name=cfg.name,
