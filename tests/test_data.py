@@ -150,7 +150,8 @@ def test_streamed_listing_keeps_the_sorted_order(s3_server, s3_bucket, tmp_path,
 
 def test_digest_groups_are_exact_when_first_words_collide():
     """Dedupe sorts on each digest's first 8 bytes: digests that share those bytes but differ
-    later, interleaved across chunks, still group exactly, each group in listing order."""
+    later, interleaved across chunks, still group exactly, each group in listing order; a value
+    that is not a 32-byte digest is refused."""
     from crackscale.data.ingest import digest_groups
 
     rng = np.random.default_rng(0)
@@ -159,10 +160,14 @@ def test_digest_groups_are_exact_when_first_words_collide():
         base += [base[0][:8] + rng.bytes(24), base[1][:8] + rng.bytes(24), base[0][:8] + rng.bytes(24)]
         values = [base[i] for i in rng.integers(0, len(base), rng.integers(0, 40))]
         cuts = sorted(set(rng.integers(0, len(values) + 1, 4).tolist()) | {0, len(values)})
-        chunks = [pa.array(values[a:b], pa.binary()) for a, b in zip(cuts, cuts[1:])]
+        # each chunk a slice of a larger array, as filters and concatenations leave them
+        pad = [rng.bytes(32)]
+        chunks = [pa.array(pad + values[a:b] + pad, pa.binary()).slice(1, b - a) for a, b in zip(cuts, cuts[1:])]
         order, starts = digest_groups(pa.chunked_array(chunks, pa.binary()))
         want: dict[bytes, list[int]] = {}
         for i, v in enumerate(values):
             want.setdefault(v, []).append(i)
         got = [g.tolist() for g in np.split(order, starts[1:])] if values else []
         assert sorted(got) == sorted(want.values())
+    with pytest.raises(ValueError, match="32-byte digest"):
+        digest_groups(pa.chunked_array([pa.array([b"x" * 32, b"short"])]))

@@ -15,6 +15,7 @@ import csv
 import hashlib
 import io
 import logging
+import os
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -87,12 +88,13 @@ def listing(cfg: TrainConfig, data_uri: str) -> pa.Table:
     return t.add_column(0, "idx", pa.array(np.arange(len(t), dtype=np.int64)))
 
 
-def file_facts(batch: pa.Table, storage_cfg: dict[str, Any]) -> pa.Table:
-    """Ray Data task: read a batch of files; (idx, sha256, width, height, reason) per file, no bytes."""
+def file_facts(batch: pa.Table, prefix: str, storage_cfg: dict[str, Any]) -> pa.Table:
+    """Ray Data task: read a batch of files, each ``prefix + name``; (idx, sha256, width, height,
+    reason) per file, no bytes."""
     from crackscale.config.loader import from_dict
 
     cfg = from_dict(StorageConfig, storage_cfg)
-    uris = batch["uri"].to_pylist()
+    uris = [prefix + name for name in batch["name"].to_pylist()]
     sha, width, height, reason = [], [], [], []
     for blob in storage.read_many(uris, cfg):
         sha.append(hashlib.sha256(blob).digest())  # 32 bytes, not 64 hex characters, per row
@@ -121,9 +123,18 @@ def facts(cfg: TrainConfig, files: pa.Table) -> pa.Table:
     n = len(files)
     cpus = int(ray.cluster_resources().get("CPU", 1))
     size = min(FACTS_BLOCK[1], max(FACTS_BLOCK[0], -(-n // (4 * cpus))))
-    blocks = [ray.put(files.select(["idx", "uri"]).slice(i, size)) for i in range(0, n, size)]
+    # the tasks get each URI less the prefix all share: the driver writes a fifth of the bytes
+    # into the object store
+    bounds = pc.min_max(files["uri"]).as_py() if n else {"min": "", "max": ""}
+    prefix = os.path.commonprefix([bounds["min"], bounds["max"]])
+    names = pa.table({"idx": files["idx"], "name": pc.utf8_slice_codeunits(files["uri"], len(prefix))})
+    blocks = [ray.put(names.slice(i, size)) for i in range(0, n, size)]
+    del names
     ds = from_arrow_refs(blocks).map_batches(
-        file_facts, batch_format="pyarrow", batch_size=None, fn_kwargs={"storage_cfg": to_dict(cfg.storage)}
+        file_facts,
+        batch_format="pyarrow",
+        batch_size=None,
+        fn_kwargs={"prefix": prefix, "storage_cfg": to_dict(cfg.storage)},
     )
     refs = ds.to_arrow_refs()
     del blocks, ds  # the inputs' object-store copies go as soon as the facts exist
@@ -144,18 +155,24 @@ def facts(cfg: TrainConfig, files: pa.Table) -> pa.Table:
 
 
 def digest_words(digests: pa.Array) -> np.ndarray:
-    """32-byte digests as an (n, 4) array of 64-bit words."""
-    fixed = digests.cast(pa.binary(32))
-    return np.frombuffer(fixed.buffers()[1], np.uint64, len(fixed) * 4, fixed.offset * 32).reshape(-1, 4)
+    """32-byte digests as an (n, 4) array of 64-bit words: a view of the array's own bytes (in
+    the object store, for hashing results), not a copy."""
+    n = len(digests)
+    offsets = np.frombuffer(digests.buffers()[1], np.int32, n + 1, 4 * digests.offset)
+    if digests.null_count or (n and (offsets[n] - offsets[0] != 32 * n or np.any(np.diff(offsets) != 32))):
+        raise ValueError("sha256 column: every value must be a 32-byte digest")
+    return np.frombuffer(digests.buffers()[2] or b"", np.uint64, 4 * n, int(offsets[0])).reshape(n, 4)
 
 
 def digest_groups(digests: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
-    """(order, starts): ``order`` lists the positions so that equal digests are adjacent, each
-    group in ascending position; ``starts`` are the indices into ``order`` where a group begins.
+    """(order, starts): ``order`` lists the positions sorted by digest (byte order, which is hex
+    order), equal digests in ascending position; ``starts`` are the indices into ``order`` where
+    a group of equal digests begins.
 
-    Sorted on the first 64-bit word (8 bytes a row, where sorting whole digests would need 32);
-    only runs whose first words tie, almost always true duplicates, are sorted on all four."""
-    w0 = np.concatenate([np.empty(0, np.uint64)] + [digest_words(c)[:, 0] for c in digests.chunks])
+    Sorted on the first 8 bytes as a big-endian number (8 bytes a row, where sorting whole digests
+    would copy 32); only runs whose first words tie, almost always true duplicates, are sorted on
+    all four words."""
+    w0 = np.concatenate([np.empty(0, np.uint64)] + [digest_words(c)[:, 0].byteswap() for c in digests.chunks])
     order = np.argsort(w0, kind="stable")
     w0 = w0[order]
     tie = np.zeros(len(order), bool)  # sorted row i has the first word of row i - 1
@@ -164,7 +181,7 @@ def digest_groups(digests: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
     first = ~tie
     members = np.flatnonzero(tie | np.r_[tie[1:], False])  # the rows of runs of tied first words
     if len(members):
-        words = digest_words(digests.take(pa.array(order[members])).combine_chunks())
+        words = digest_words(digests.take(pa.array(order[members])).combine_chunks()).byteswap()
         run = np.cumsum(~tie[members])
         local = np.lexsort((*words.T[::-1], run))  # stable: equal digests keep ascending positions
         order[members] = order[members][local]
@@ -228,16 +245,25 @@ def split(cfg: TrainConfig, t: pa.Table) -> pa.Table:
 
 def manifest_hash(t: pa.Table) -> str:
     """``labelled.manifest_hash`` over a table: SHA-256 of (split, label, sha256) lines sorted by
-    (split, sha256)."""
-    s = t.select(["split", "label", "sha256"]).cast(
-        pa.schema([("split", pa.string()), ("label", pa.int8()), ("sha256", pa.binary())])
-    )
-    # raw digests sort as their hex spellings do
-    s = s.sort_by([("split", "ascending"), ("sha256", "ascending")])
+    (split, sha256). The order is computed on the digests where they lie; the lines are made a
+    batch at a time, never a sorted copy of the table."""
+    order, _ = digest_groups(t["sha256"])
+    names = sorted(pc.unique(t["split"]).to_pylist())
+    code = pc.index_in(t["split"], value_set=pa.array(names, pa.string())).to_numpy(zero_copy_only=False)
+    order = order[np.argsort(code[order], kind="stable")]
+    labels = t["label"].to_numpy()
+    views = [digest_words(c) for c in t["sha256"].chunks]
+    starts = np.cumsum([0] + [len(v) for v in views])
     h = hashlib.sha256()
-    for batch in s.to_batches(ROW_BATCH):
-        for sp, y, d in zip(*(batch.column(i).to_pylist() for i in range(3))):
-            h.update(f"{sp},{y},{d.hex()}\n".encode())
+    for i in range(0, len(order), ROW_BATCH):
+        rows = order[i : i + ROW_BATCH]
+        chunks = np.searchsorted(starts, rows, "right") - 1
+        h.update(
+            "".join(
+                f"{names[code[r]]},{labels[r]},{views[c][r - starts[c]].tobytes().hex()}\n"
+                for r, c in zip(rows.tolist(), chunks.tolist())
+            ).encode()
+        )
     return h.hexdigest()
 
 
