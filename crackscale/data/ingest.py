@@ -77,7 +77,8 @@ def listing(cfg: TrainConfig, data_uri: str) -> pa.Table:
             pa.table(
                 {
                     "uri": uris,
-                    "class": pa.repeat(pa.scalar(cls, pa.string()), n),
+                    # a byte per row, not the name: arrow compares and prints it as the name
+                    "class": pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int8)), pa.array([cls])),
                     # label 1 = the crack class, so the model's sigmoid is P(crack) whatever the order
                     "label": pa.array(np.full(n, int(cls == cfg.crack_class), np.int8)),
                 }
@@ -85,7 +86,7 @@ def listing(cfg: TrainConfig, data_uri: str) -> pa.Table:
         )
         log.info("class %s: %d files under %s", cls, n, cls_uri)
     t = pa.concat_tables(parts)
-    return t.add_column(0, "idx", pa.array(np.arange(len(t), dtype=np.int64)))
+    return t.add_column(0, "idx", pa.array(np.arange(len(t), dtype=np.int32)))
 
 
 def file_facts(batch: pa.Table, prefix: str, storage_cfg: dict[str, Any]) -> pa.Table:
@@ -239,8 +240,27 @@ def split(cfg: TrainConfig, t: pa.Table) -> pa.Table:
     for cls in cfg.class_names:
         split_of.update(assign_splits(dict(sizes[cls]), cfg.seed, cfg.val_fraction, cfg.test_fraction))
     names = pa.array(list(split_of), pa.string())
-    splits = pc.take(pa.array(list(split_of.values()), pa.string()), pc.index_in(group, value_set=names))
+    codes = pc.take(
+        pa.array([SPLITS.index(v) for v in split_of.values()], pa.int8()), pc.index_in(group, value_set=names)
+    )
+    split_names = pa.array(SPLITS, pa.string())
+    splits = pa.chunked_array([pa.DictionaryArray.from_arrays(c, split_names) for c in codes.chunks])
     return t.append_column("group", group).append_column("split", splits)
+
+
+def sorted_codes(values: pa.ChunkedArray) -> tuple[list[str], np.ndarray]:
+    """(the distinct strings sorted, each row's index into them), for plain or dictionary chunks."""
+    names = sorted(
+        {v for c in values.chunks for v in (c.dictionary if pa.types.is_dictionary(c.type) else c).to_pylist()}
+    )
+    parts = [np.empty(0, np.int32)]
+    for c in values.chunks:
+        if pa.types.is_dictionary(c.type):
+            rank = np.array([names.index(v) for v in c.dictionary.to_pylist()], np.int32)
+            parts.append(rank[c.indices.to_numpy(zero_copy_only=False)])
+        else:
+            parts.append(pc.index_in(c, value_set=pa.array(names, pa.string())).to_numpy(zero_copy_only=False))
+    return names, np.concatenate(parts)
 
 
 def manifest_hash(t: pa.Table) -> str:
@@ -248,8 +268,7 @@ def manifest_hash(t: pa.Table) -> str:
     (split, sha256). The order is computed on the digests where they lie; the lines are made a
     batch at a time, never a sorted copy of the table."""
     order, _ = digest_groups(t["sha256"])
-    names = sorted(pc.unique(t["split"]).to_pylist())
-    code = pc.index_in(t["split"], value_set=pa.array(names, pa.string())).to_numpy(zero_copy_only=False)
+    names, code = sorted_codes(t["split"])
     order = order[np.argsort(code[order], kind="stable")]
     labels = t["label"].to_numpy()
     views = [digest_words(c) for c in t["sha256"].chunks]
@@ -324,14 +343,17 @@ def _scan(cfg: TrainConfig, data_uri: str) -> Index:
         for s in SPLITS
     }
     check_counts(cfg, counts, len(t), data_uri)
-    sides = Counter(np.maximum(t["width"].to_numpy(), t["height"].to_numpy()).tolist())
+    # the commonest longer side; a tie goes to the side listed first, as labelled's Counter does
+    sides, first_at, n_side = np.unique(
+        np.maximum(t["width"].to_numpy(), t["height"].to_numpy()), return_index=True, return_counts=True
+    )
     stats = {
         "files": len(files),
         **dropped,
         "images": len(t),
         "per_split": counts,
         "groups": len(pc.unique(t["group"])),
-        "source_size": sides.most_common(1)[0][0] if sides else 0,
+        "source_size": int(sides[np.lexsort((first_at, -n_side))[0]]) if len(sides) else 0,
     }
     log.info("data: %s", stats)
     return Index(table=t, manifest_hash=manifest_hash(t), stats=stats)
