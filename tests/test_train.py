@@ -207,6 +207,70 @@ def test_distributed_input_pipelines_run_without_tf_data_autotuning(mode, synth_
         assert out["per_device_autotune"] == [None, None] and not out["wrapped_once"]
 
 
+MIRRORED_RAY_DATA = """
+import json, sys
+import numpy as np
+import ray, ray.data, ray.train
+import tensorflow as tf
+from crackscale import model as M
+from crackscale.config.loader import replace
+from crackscale.config.train import TrainConfig
+from crackscale.training import loop as train_loop
+from crackscale.training import raydata
+
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+ray.init(num_cpus=2, include_dashboard=False)
+cfg = replace(TrainConfig(), image_size=32, alpha=0.35, weights="none", batch_size=8, head_epochs=2, seed=3)
+uris = sys.argv[1:]
+labels = [int("/Positive/" in u) for u in uris]
+ds = ray.data.from_items([{"uri": u, "label": y} for u, y in zip(uris, labels)]).map_batches(
+    raydata.decode_rows,
+    batch_format="numpy",
+    fn_kwargs={"image_size": cfg.image_size, "antialias": False, "storage_cfg": {}},
+).materialize()
+pulled = []
+class Counting:
+    # the shard iterator a Train worker gets, counting the rows it hands out
+    def __init__(self, it):
+        self.it = it
+    def iter_batches(self, **kw):
+        for b in self.it.iter_batches(**kw):
+            pulled.append(len(b["label"]))
+            yield b
+ray.train.get_dataset_shard = lambda name: Counting(ds.iterator())
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+source = train_loop._RayDataSplits({"rows": {"train": len(uris)}}, cfg, 1, autotune=False)
+data, steps = source.fit_data(strategy, "train", training=True)
+with strategy.scope():
+    mdl, base = M.build(cfg)
+    M.set_phase(cfg, mdl, base, "head")
+seen = []
+class Steps(tf.keras.callbacks.Callback):
+    def on_train_batch_end(self, batch, logs=None):
+        seen.append(batch)
+hist = mdl.fit(data, epochs=2, steps_per_epoch=steps, callbacks=[Steps()], verbose=0)
+print(json.dumps({"replicas": strategy.num_replicas_in_sync, "steps": steps, "steps_run": len(seen),
+                  "batch_sizes": sorted(set(pulled)), "rows_pulled": sum(pulled), "loss": hist.history["loss"]}))
+ray.shutdown()
+"""
+
+
+def test_mirrored_strategy_in_one_worker_trains_from_a_ray_data_shard(synth_data):
+    """ingest: ray_data inside one worker with several devices (MirroredStrategy over 2 logical
+    CPUs here, as over a node's GPUs): each step takes a per-replica batch for every replica from
+    the shard, an epoch is the shard once, and the model trains."""
+    uris = [str(p) for c in ("Negative", "Positive") for p in sorted((synth_data / c).glob("*.jpg"))[:24]]
+    r = subprocess.run([PY, "-c", MIRRORED_RAY_DATA, *uris], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = last_json(r.stdout)
+    # 48 rows, global batch 8 = 4 per replica x 2 replicas: 6 steps an epoch
+    assert out["replicas"] == 2 and out["steps"] == 6 and out["steps_run"] == 12
+    # per-replica batches from the shard, at least two passes of it (prefetching reads ahead)
+    assert out["batch_sizes"] == [4] and out["rows_pulled"] >= 2 * 48
+    assert all(np.isfinite(out["loss"]))
+
+
 TRAINER_WITHOUT_TF = """
 import json, os, sys
 import ray
