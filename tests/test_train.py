@@ -7,7 +7,7 @@ import subprocess
 
 import numpy as np
 import pytest
-from conftest import ODD_SUFFIXES, PY, ROOT, check_learned, last_json, small_train_config, upload_tree
+from conftest import ODD_SUFFIXES, PY, ROOT, check_learned, last_json, run_job, small_train_config, upload_tree
 
 from crackscale import artifact
 from crackscale import model as M
@@ -340,3 +340,21 @@ def test_odd_file_names_through_train_report_and_score(trained_run, odd_named_da
     assert (s["scored"], s["failed"]) == (len(files), 0), s
     rows = query.open_scores(str(out)).to_table(columns=["uri", "error"]).to_pylist()
     assert sorted(r["uri"] for r in rows) == sorted(files) and not any(r["error"] for r in rows)
+
+
+def test_benchmark_flips_prints_each_view_count_against_one_threshold_rule(trained_run):
+    """jobs/benchmark_flips.py: 1, 2 and 4 averaged views of the artifact's own validation and test
+    images, each with the threshold for its target recall picked on validation; the 1-view row
+    is the artifact's recorded test result."""
+    out = run_job(["jobs/benchmark_flips.py", str(trained_run["artifact"])], timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = last_json(out.stdout)
+    meta = artifact.read_meta(str(trained_run["artifact"]))
+    assert [row["views"] for row in r["rows"]] == [1, 2, 4]
+    one = r["rows"][0]
+    recorded = meta["metrics"]["after"]["test"]
+    assert one["threshold"] == pytest.approx(meta["threshold"], abs=1e-3)
+    assert one["test_accuracy"] == pytest.approx(recorded["accuracy"], abs=1e-9)
+    for row in r["rows"]:
+        n_wrong = round((1 - row["test_accuracy"]) * r["test_images"])
+        assert len(row["wrong"]) == n_wrong and all(w["label"] in (0, 1) for w in row["wrong"])
