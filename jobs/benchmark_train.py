@@ -16,10 +16,10 @@ import argparse
 import io
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -143,7 +143,11 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--listing", default="", help="comma list of N for the driver-memory rows (e.g. 10000,200000)")
     ap.add_argument("--skip-training", action="store_true", help="only the --listing rows")
-    ap.add_argument("--workdir", default="/tmp/crackscale-bench-train")
+    ap.add_argument(
+        "--workdir",
+        default="/tmp/crackscale-bench-train",
+        help="scratch folder: the --listing trees (kept for the next run) and the training runs (removed after)",
+    )
     args = ap.parse_args()
     cli.setup_logging()
     result: dict = {}
@@ -155,7 +159,17 @@ def main() -> int:
     if args.skip_training:
         print(json.dumps(result))
         return 0
-    tmp = Path(tempfile.mkdtemp(prefix="crackscale-bench-"))
+    # the runs go under --workdir, made anew and removed after: nothing left in the system's temp dir
+    tmp = Path(args.workdir) / "training"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        return training(args, tmp, result)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def training(args: argparse.Namespace, tmp: Path, result: dict) -> int:
+    """The three epoch-rate runs (plain fit, Ray Train with each ingest mode) in ``tmp``."""
     src = REAL if REAL.is_dir() else synth.generate(tmp / "data", per_class=args.per_class)
     cfg = TrainConfig(
         data=str(src),

@@ -254,3 +254,4 @@ def test_benchmark_train_prints_both_rates(tmp_path):
     assert (small["images"], large["images"]) == (400, 2000)  # distinct files: none dropped
     assert large["peak_rss_mib"] >= large["floor_rss_mib"] > 50
     assert r["listing_peak_rss_ratio"] == pytest.approx(large["peak_rss_mib"] / small["peak_rss_mib"], rel=0.01)
+    assert not (tmp_path / "training").exists()  # the training runs are removed after
