@@ -35,7 +35,7 @@ def view_probabilities(model: Any, meta: dict, uris: list[str], storage_cfg: Any
     import tensorflow as tf
 
     from crackscale import storage
-    from crackscale.imaging.tfdecode import decode
+    from crackscale.imaging.tfdecode import decode_uint8
 
     fn = tf.function(lambda x: model(x, training=False))
     flips = {"as is": lambda x: x, "mirrored": lambda x: x[:, :, ::-1], "upside down": lambda x: x[:, ::-1]}
@@ -45,7 +45,7 @@ def view_probabilities(model: Any, meta: dict, uris: list[str], storage_cfg: Any
         blobs = storage.read_many(uris[i : i + 64], storage_cfg)
         size, antialias = meta["image_size"], bool(meta.get("resize_antialias"))
         # the training pipeline's pixels: decoded, resized, rounded to uint8
-        x = tf.cast(tf.stack([tf.cast(tf.round(decode(b, size, antialias)), tf.uint8) for b in blobs]), tf.float32)
+        x = tf.cast(tf.stack([decode_uint8(b, size, antialias) for b in blobs]), tf.float32)
         for v, flip in flips.items():
             out[v].append(fn(flip(x)).numpy().reshape(-1))
     return {v: np.concatenate(p) if p else np.zeros(0) for v, p in out.items()}

@@ -37,6 +37,13 @@ def decode(data: Any, image_size: int, antialias: bool = RESIZE_ANTIALIAS) -> An
     return img
 
 
+def decode_uint8(data: Any, image_size: int, antialias: bool) -> Any:
+    """:func:`decode` rounded to uint8: the pixels training feeds the model."""
+    import tensorflow as tf
+
+    return tf.cast(tf.round(decode(data, image_size, antialias)), tf.uint8)
+
+
 TF_IMPORT_CUT_SHORT_EXIT = 75  # exit status of a worker process whose TensorFlow import was cut short
 
 

@@ -208,7 +208,7 @@ def run(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         prepared = labelled.scan(cfg, resolve_data(cfg))  # before Ray starts: bad data fails fast
         raysession.connect()
         loop_config = prepare(cfg, prepared)
-        manifest = iter([loop_config["manifest_csv"].encode()])
+        manifest = [loop_config["manifest_csv"].encode()]
     hash_uri = storage.join(meta_dir, "manifest_hash.txt")
     if resume and storage.read_text(hash_uri, cfg.storage).strip() != loop_config["manifest_hash"]:
         raise ConfigError(

@@ -39,13 +39,13 @@ def decode_rows(
     from crackscale import storage
     from crackscale.config.loader import from_dict
     from crackscale.config.storage import StorageConfig
-    from crackscale.imaging.tfdecode import decode, import_tf_or_exit
+    from crackscale.imaging.tfdecode import decode_uint8, import_tf_or_exit
 
-    tf = import_tf_or_exit()
+    import_tf_or_exit()  # a worker whose TensorFlow import was cut short exits cleanly
     uris = [str(u) for u in batch["uri"]]
     blobs = storage.read_many(uris, from_dict(StorageConfig, storage_cfg))
     images = (
-        np.stack([tf.cast(tf.round(decode(b, image_size, antialias)), tf.uint8).numpy() for b in blobs])
+        np.stack([decode_uint8(b, image_size, antialias).numpy() for b in blobs])
         if blobs
         else np.zeros((0, image_size, image_size, 3), np.uint8)
     )

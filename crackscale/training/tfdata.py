@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from crackscale.imaging.tfdecode import decode
+from crackscale.imaging.tfdecode import decode_uint8
 
 
 def tf_dataset(
@@ -37,7 +37,7 @@ def tf_dataset(
     if num > 1:
         ds = ds.shard(num, index)
     ds = ds.map(
-        lambda b, y: (tf.cast(tf.round(decode(b, image_size, antialias)), tf.uint8), y),
+        lambda b, y: (decode_uint8(b, image_size, antialias), y),
         num_parallel_calls=tf.data.AUTOTUNE,
     ).cache()
     if shuffle:
