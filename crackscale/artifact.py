@@ -8,6 +8,9 @@ model exported for LiteRT at save time; ``litert`` in model.json holds its SHA-2
 parity with tf.keras, so CPU scorers start from it directly. ``model_int8.tflite`` is an optional
 full-integer export; ``litert_int8`` records its quality on the validation split next to tf.keras's
 on the same images, and its own decision threshold (``int8_qualifies`` says whether it may be chosen).
+``heatmap.tflite`` is the model's class activation map (Grad-CAM for this head) exported for
+LiteRT; ``heatmap`` records its SHA-256 and its parity with the same map in TensorFlow, so a scoring
+report draws heatmaps without TensorFlow.
 """
 
 from __future__ import annotations
@@ -28,13 +31,22 @@ from crackscale import model as M
 from crackscale.config.storage import StorageConfig
 from crackscale.model import keras
 from crackscale.runtimes.keras import TFRuntime
-from crackscale.runtimes.litert import LiteRTRuntime, export_litert, export_litert_int8, parity, sample_images
+from crackscale.runtimes.litert import (
+    LiteRTHeatmaps,
+    LiteRTRuntime,
+    export_heatmap,
+    export_litert,
+    export_litert_int8,
+    parity,
+    sample_images,
+)
 
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.keras"
 LITERT_FILE = "model.tflite"
 INT8_FILE = "model_int8.tflite"
+HEATMAP_FILE = "heatmap.tflite"
 # int8 is chosen automatically only if on validation it misses no more cracks than tf.keras and its
 # accuracy is at most this much lower
 INT8_ACCURACY_MARGIN = 0.002
@@ -90,6 +102,48 @@ def _export_litert(model: Any, local: Path, check_images: Any = None) -> dict[st
         "parity_images": len(check_images),
         "parity_on": on,
     }
+
+
+def _export_heatmap(model: Any, local: Path, check_images: Any = None) -> dict[str, Any]:
+    """Write ``heatmap.tflite`` beside the model and measure its maps (ReLU'd, scaled to 0..1)
+    against the same map computed by TensorFlow. Recorded, not raised, when it fails: reports
+    then compute Grad-CAM with TensorFlow."""
+    path = local / HEATMAP_FILE
+    try:
+        cam = M.class_activation(model)
+        export_heatmap(model, cam, path)
+        if check_images is None or not len(check_images):
+            check_images = sample_images(int(model.inputs[0].shape[1]), 8)
+        check_images = np.asarray(check_images[:16], np.float32)
+        want = np.maximum(cam(check_images).numpy(), 0.0)
+        want /= want.max(axis=(1, 2), keepdims=True) + 1e-12
+        diff = float(np.max(np.abs(LiteRTHeatmaps(path).maps(check_images) - want)))
+    except Exception as e:  # a head other than GAP → Dropout → Dense, an op LiteRT lacks
+        path.unlink(missing_ok=True)
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        log.warning("no heatmap export stored in the artifact: %s", msg)
+        return {"error": msg[:500]}
+    log.info("heatmap export stored: max |Δ| vs TensorFlow = %.2e on %d images", diff, len(check_images))
+    return {
+        "file": HEATMAP_FILE,
+        "sha256": sha256_file(path),
+        "layer": M.LAST_CONV,
+        "parity_max_abs_diff": diff,
+        "parity_images": len(check_images),
+    }
+
+
+def add_heatmap(uri: str, cfg: StorageConfig | None = None) -> dict[str, Any]:
+    """Add (or replace) the heatmap export of the artifact at ``uri``; returns its record. The
+    model and its SHA-256 (the artifact's ``model_id``) stay as they are."""
+    loaded = load(uri, cfg)
+    with tempfile.TemporaryDirectory(prefix="crackscale-heatmap-") as tmp:
+        record = _export_heatmap(loaded.model, Path(tmp))
+        if record.get("sha256"):
+            storage.write_bytes(storage.join(uri, HEATMAP_FILE), (Path(tmp) / HEATMAP_FILE).read_bytes(), cfg)
+    meta = dict(loaded.meta, heatmap=record)
+    storage.write_text(storage.join(uri, META_FILE), json.dumps(meta, indent=2, sort_keys=False, default=str), cfg)
+    return record
 
 
 @dataclass
@@ -250,6 +304,7 @@ def save(
             model_sha256=sha256_file(local / MODEL_FILE),
             litert=_export_litert(model, local, check_images),
         )
+        meta["heatmap"] = _export_heatmap(model, local, check_images)
         if int8 is not None:
             meta["litert_int8"] = _export_int8(model, local, meta, int8)
         if check_images is not None and len(check_images) and meta.get("config"):
@@ -273,17 +328,24 @@ def read_meta(uri: str, cfg: StorageConfig | None = None) -> dict[str, Any]:
         raise ArtifactError(f"{meta_uri} is not valid JSON: {e}") from None
 
 
-def read_litert(uri: str, meta: dict[str, Any], cfg: StorageConfig | None = None, int8: bool = False) -> bytes:
-    """The artifact's LiteRT export (``meta["litert"]``, or ``meta["litert_int8"]`` with ``int8``),
-    checked against its SHA-256."""
-    key, name = ("litert_int8", INT8_FILE) if int8 else ("litert", LITERT_FILE)
+_EXPORTS = {"litert": LITERT_FILE, "litert_int8": INT8_FILE, "heatmap": HEATMAP_FILE}
+_EXPORT_NAMES = {"litert": "LiteRT", "litert_int8": "int8 LiteRT", "heatmap": "heatmap"}
+
+
+def read_litert(
+    uri: str, meta: dict[str, Any], cfg: StorageConfig | None = None, int8: bool = False, key: str = ""
+) -> bytes:
+    """The artifact's LiteRT export named by ``key`` in model.json (default ``litert``, or
+    ``litert_int8`` with ``int8``; ``heatmap``), checked against its SHA-256."""
+    key = key or ("litert_int8" if int8 else "litert")
+    name, what = _EXPORTS[key], _EXPORT_NAMES[key]
     lit = meta.get(key) or {}
     if lit.get("file") != name or not lit.get("sha256"):
-        raise ArtifactError(f"artifact {uri} holds no {'int8 ' if int8 else ''}LiteRT export")
+        raise ArtifactError(f"artifact {uri} holds no {what} export")
     try:
         data = storage.read_bytes(storage.join(uri, name), cfg)
     except (FileNotFoundError, storage.StorageError) as e:
-        raise ArtifactError(f"LiteRT file missing from artifact {uri}: {e}") from None
+        raise ArtifactError(f"{what} file missing from artifact {uri}: {e}") from None
     digest = hashlib.sha256(data).hexdigest()
     if digest != lit["sha256"]:
         raise ArtifactError(

@@ -63,7 +63,7 @@ HELP = {
     "report": "(re)build the HTML report of a scoring run or a model artifact",
     "doctor": "check Python/TF/Ray versions, the Ray cluster, S3 and GPUs",
     "repair": "move unreadable output files aside so that the next run scores their images again",
-    "export": "add an int8 LiteRT export to an existing model artifact, measured on its validation split",
+    "export": "add an int8 LiteRT export (measured on its validation split) or the heatmap export to a model artifact",
 }
 USER_ERRORS: tuple[type[BaseException], ...] = (
     ConfigError,
@@ -162,14 +162,34 @@ def cmd_score(args: argparse.Namespace) -> dict[str, Any]:
     from crackscale.scoring import run
 
     cfg = score_config(args)
-    if not cfg.report_ahead or not cfg.model:
+    if not cfg.report_ahead or not cfg.model or scoring.has_heatmap_export(cfg.model, cfg.storage):
+        if cfg.report_ahead:
+            scoring.import_ahead()
         summary = run.run(cfg)
-        summary["report"] = page.safely(scoring.scoring_report, summary["output"], summary["run_id"], cfg.storage)
+        build = lambda: page.safely(scoring.scoring_report, summary["output"], summary["run_id"], cfg.storage)  # noqa: E731
+        summary["report"] = _while_ray_stops(build)
         return summary
     with scoring.ReportProcess(cfg.model, cfg.storage) as report:
         summary = run.run(cfg)
-        summary["report"] = report.build(summary["output"], summary["run_id"])
+        summary["report"] = _while_ray_stops(lambda: report.build(summary["output"], summary["run_id"]))
     return summary
+
+
+def _while_ray_stops(build: Callable[[], str]) -> str:
+    """``build()`` (the report: Parquet, images and the model file, no Ray) on a thread while the
+    job's private Ray, if it started one, stops."""
+    import threading
+
+    from crackscale import raysession
+
+    out: list[str] = [""]
+    worker = threading.Thread(target=lambda: out.__setitem__(0, build()), name="report")
+    worker.start()
+    try:
+        raysession.stop_private()
+    finally:
+        worker.join()
+    return out[0]
 
 
 def query_arguments(p: argparse.ArgumentParser) -> None:
@@ -325,16 +345,29 @@ def export_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="a full-integer LiteRT model, calibrated on 200 of the artifact's training images",
     )
+    p.add_argument(
+        "--heatmap",
+        action="store_true",
+        help="the Grad-CAM heatmap model for LiteRT: scoring reports then draw heatmaps without TensorFlow",
+    )
     add_config_args(p, " (a scoring config: its storage is read)")
     add_storage_flag(p)
 
 
 def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
+    from crackscale import artifact
     from crackscale.training.export import add_int8
 
-    if not args.int8:
-        raise ConfigError("say which export: --int8")
-    return add_int8(args.artifact, scoring_config(args, {}).storage)
+    if not args.int8 and not args.heatmap:
+        raise ConfigError("say which export: --int8, --heatmap or both")
+    storage_cfg = scoring_config(args, {}).storage
+    out: dict[str, Any] = add_int8(args.artifact, storage_cfg) if args.int8 else {"artifact": args.artifact}
+    if args.heatmap:
+        record = artifact.add_heatmap(args.artifact, storage_cfg)
+        if record.get("error"):
+            raise artifact.ArtifactError(f"heatmap export of {args.artifact} failed: {record['error']}")
+        out["heatmap"] = record
+    return out
 
 
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], Any]]] = {

@@ -131,6 +131,50 @@ def _build(cfg: TrainConfig, load_weights: bool) -> tuple[Any, Any]:
     return k.Model(inputs, outputs, name="crackscale_mobilenetv2"), base
 
 
+LAST_CONV = "out_relu"  # MobileNetV2's last convolutional block: where the heatmaps look
+HEAD = ("GlobalAveragePooling2D", "Dropout", "Dense")  # what `build` puts after the base
+
+
+def find_base(model: Any, layer_name: str = LAST_CONV) -> Any:
+    """The nested MobileNetV2 of an artifact model (the sub-model that holds ``layer_name``)."""
+    for layer in model.layers:
+        if hasattr(layer, "layers") and any(sub.name == layer_name for sub in layer.layers):
+            return layer
+    raise ValueError(f"model {model.name!r} has no nested base model with a layer named {layer_name!r}")
+
+
+def class_activation(model: Any) -> Any:
+    """x (N, H, W, 3 RGB 0..255) → the crack logit's map over the last conv block, (N, h, w) float32:
+    Σ_k w_k A_k, with A the base's ``out_relu`` output and w the Dense kernel.
+
+    After ``out_relu`` the head is GAP → Dropout → Dense(1): the logit is the spatial mean of this
+    map plus the bias, so Grad-CAM's channel weights (the spatial mean of ∂logit/∂A_k) are w_k / hw
+    at every position, and Grad-CAM is ReLU(map) up to that positive factor, which its 0..1
+    normalisation removes (Selvaraju et al., 2017, section 3.1: Grad-CAM generalises CAM). The
+    map needs no gradient, so a LiteRT export of it draws Grad-CAM's heatmaps without TensorFlow.
+    Refuses a model whose head is anything else, where the two would differ."""
+    import tensorflow as tf
+
+    base = find_base(model)
+    if base.get_layer(LAST_CONV).output is not base.output:
+        raise ValueError(f"model {model.name!r}: {LAST_CONV!r} is not the output of its base model")
+    at = model.layers.index(base)
+    head = model.layers[at + 1 :]
+    names = tuple(type(layer).__name__ for layer in head)
+    if names != HEAD or head[-1].units != 1:
+        raise ValueError(f"model {model.name!r}: head {' → '.join(names)} is not GAP → Dropout → Dense(1)")
+    before, dense = model.layers[1:at], head[-1]
+
+    def fn(x: Any) -> Any:
+        for layer in before:  # augmentation (inactive at inference), rescaling
+            x = layer(x, training=False)
+        conv = base(x, training=False)
+        w = tf.cast(dense.kernel[:, 0], conv.dtype)
+        return tf.cast(tf.tensordot(conv, w, axes=[[3], [0]]), tf.float32)
+
+    return fn
+
+
 def set_phase(cfg: TrainConfig, model: Any, base: Any, phase: str) -> None:
     """Freeze/unfreeze the base for ``phase`` ('head' or 'fine_tune') and compile."""
     k = keras()

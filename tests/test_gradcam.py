@@ -94,3 +94,31 @@ def test_overlay_png_and_errors(trained_model):
     assert red_minus_blue[hot].mean() > red_minus_blue[cold].mean() + 30
     with pytest.raises(ValueError, match="no nested base model with a layer named 'nope'"):
         gradcam.heatmaps(trained_model, img[None], layer_name="nope")
+
+
+def test_litert_heatmaps_are_grad_cam(trained_model, tmp_path):
+    """For this head (GAP → Dropout → Dense) Grad-CAM is the class activation map: the LiteRT export
+    of that map, ReLU'd and scaled as Grad-CAM's are, gives Grad-CAM's maps (upsampled alike)."""
+    import tensorflow as tf
+
+    from crackscale.runtimes import litert
+
+    rng = np.random.default_rng(7)
+    images = np.stack([model_input(synth.make_image(rng, crack=bool(i % 2), size=227)[0]) for i in range(12)])
+    want, _ = gradcam.heatmaps(trained_model, images)
+    path = litert.export_heatmap(trained_model, M.class_activation(trained_model), tmp_path / "heatmap.tflite")
+    assert litert.verified(path)
+    small = litert.LiteRTHeatmaps(path, threads=1).maps(images)
+    peak = small.max((1, 2))  # 1, or 0 where nothing in the image raises the logit
+    assert small.shape == (12, SIZE // 32, SIZE // 32) and small.min() >= 0
+    assert np.all(np.isclose(peak, 1) | (peak == 0)) and np.isclose(peak, 1).sum() >= 6  # most draw something
+    up = tf.image.resize(small[..., None], (SIZE, SIZE), method="bilinear")[..., 0].numpy()
+    assert np.abs(up - want).max() < 1e-3, np.abs(up - want).max()
+
+    # another head (a max pool: Grad-CAM is no longer the map) is refused, not approximated
+    k = M.keras()
+    x = k.Input((SIZE, SIZE, 3))
+    base = gradcam.find_base(trained_model)
+    other = k.Model(x, k.layers.Dense(1)(k.layers.GlobalMaxPooling2D()(base(x))))
+    with pytest.raises(ValueError, match="is not GAP → Dropout → Dense"):
+        M.class_activation(other)

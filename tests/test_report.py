@@ -297,6 +297,46 @@ def test_scoring_report(ray_local, trained, synth_data, chromium, tmp_path, s3_s
     with report_scoring.ReportProcess(trained) as ahead:  # a failed report is a warning, never a failure
         assert ahead.build(out, "no-such-run") == ""
 
+    # heatmaps without TensorFlow: from the heatmap export saved with the artifact; an artifact
+    # without one falls back to TensorFlow, and `crackscale export --heatmap` adds it
+    no_tf = (
+        "import sys; sys.modules['tensorflow'] = None  # any import of it fails\n"
+        "from crackscale.reports import scoring\n"
+        "print(scoring.scoring_report(sys.argv[1], sys.argv[2], model_uri=sys.argv[3]))"
+    )
+
+    def tops(model: str, tensorflow: bool = False) -> tuple[str, list[np.ndarray]]:
+        """The report's page and its top images (pixels), built in this process or without TF."""
+        if tensorflow:
+            index = Path(report_scoring.scoring_report(out, s["run_id"], model_uri=model))
+        else:
+            r = subprocess.run([PY, "-c", no_tf, out, s["run_id"], model], cwd=ROOT, capture_output=True, text=True)
+            assert r.returncode == 0, r.stderr[-3000:]
+            index = Path(r.stdout.strip().splitlines()[-1])
+        pngs = sorted((index.parent / "top").glob("*.png"))
+        return index.read_text(), [np.asarray(Image.open(f).convert("RGB"), np.float32) for f in pngs]
+
+    record = json.loads(Path(trained, "model.json").read_text())["heatmap"]
+    assert record["file"] == "heatmap.tflite" and record["parity_max_abs_diff"] < 1e-4
+    text, lite = tops(trained)
+    assert "No heatmaps" not in text and len(lite) == 12
+    old = tmp_path / "old-model"
+    shutil.copytree(trained, old)
+    (old / "heatmap.tflite").unlink()
+    meta = json.loads((old / "model.json").read_text())
+    del meta["heatmap"]
+    (old / "model.json").write_text(json.dumps(meta))
+    assert "No heatmaps" in tops(str(old))[0]  # Grad-CAM needs TensorFlow, which that process lacks
+    _, grad_cam = tops(str(old), tensorflow=True)
+    r = subprocess.run([PY, "-m", "crackscale.cli", "export", "--heatmap", str(old)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert last_json(r.stdout)["heatmap"]["sha256"] == json.loads((old / "model.json").read_text())["heatmap"]["sha256"]
+    text, exported = tops(str(old))
+    assert "No heatmaps" not in text
+    # the same overlays as TensorFlow's Grad-CAM, but for how each upsamples the 1/32 map
+    assert max(np.abs(a - b).mean() for a, b in zip(exported, grad_cam)) < 2.0
+    assert max(np.abs(a - b).mean() for a, b in zip(exported, lite)) < 0.01
+
     # a re-run finds everything scored: its report says so from the summary (no rows of its own)
     again = scoring_run.run(
         ScoreConfig(model=trained, input=str(tmp_path / "n2"), output=out, runtime="tf", run_date="2026-11-24")

@@ -6,6 +6,10 @@ the base's ``out_relu`` activation (the last conv block, 1/32 of the input resol
 weight its channels by the spatially averaged gradient of the crack logit (P(crack) before
 the sigmoid, which saturates). The map is ReLU'd,
 normalised to 0..1 and bilinearly upsampled to the image size.
+
+For the head ``crackscale.model.build`` makes, that is the class activation map
+(``crackscale.model.class_activation``): an artifact's ``heatmap.tflite`` gives the same maps on
+LiteRT without TensorFlow, and a scoring report uses it when the artifact has one.
 """
 
 from __future__ import annotations
@@ -16,17 +20,12 @@ from typing import Any
 
 import numpy as np
 
+from crackscale import model as M
+
 log = logging.getLogger(__name__)
 
-LAST_CONV = "out_relu"
-
-
-def find_base(model: Any, layer_name: str = LAST_CONV) -> Any:
-    """The nested MobileNetV2 of an artifact model (the sub-model that holds ``layer_name``)."""
-    for layer in model.layers:
-        if hasattr(layer, "layers") and any(sub.name == layer_name for sub in layer.layers):
-            return layer
-    raise ValueError(f"model {model.name!r} has no nested base model with a layer named {layer_name!r}")
+LAST_CONV = M.LAST_CONV
+find_base = M.find_base
 
 
 def heatmaps(model: Any, images: np.ndarray, layer_name: str = LAST_CONV) -> tuple[np.ndarray, np.ndarray]:

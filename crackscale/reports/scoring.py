@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from crackscale.config.storage import StorageConfig
 from crackscale.imaging.tfdecode import resize_antialias
 from crackscale.reports import gradcam, photos
 from crackscale.reports.page import Page, esc, figure, td, thumb
+from crackscale.runtimes.litert import LiteRTHeatmaps
 from crackscale.scoring.decode import decode_image
 
 log = logging.getLogger(__name__)
@@ -31,7 +33,9 @@ _WARM: dict[str, artifact.Loaded] = {}
 class ReportProcess:
     """A scoring run's report, built in a process of its own that starts with the run: while the
     run scores, it imports TensorFlow and matplotlib and loads the model for the Grad-CAM heatmaps
-    (on the CPU), so after the last commit only the report itself is left to do. Holds the model in
+    (on the CPU), so after the last commit only the report itself is left to do. For artifacts
+    without a heatmap export (``crackscale export --heatmap`` adds one; with it the report needs no
+    TensorFlow and ``crackscale score`` builds it in its own process). Holds the model in
     memory for the run's duration; ``close`` ends it whatever happened. A plain subprocess (not
     multiprocessing): it never re-runs the caller's main module."""
 
@@ -89,6 +93,19 @@ class ReportProcess:
         self.close()
 
 
+def import_ahead() -> None:
+    """Import the report's libraries (plotting, SQL over Parquet) on a daemon thread while the
+    run scores: the report then starts at once after the last commit."""
+    import threading
+
+    def imports() -> None:
+        import duckdb  # noqa: F401
+        import matplotlib.backends.backend_agg  # noqa: F401 - what a figure's savefig draws with
+        import matplotlib.figure  # noqa: F401
+
+    threading.Thread(target=imports, name="report-imports", daemon=True).start()
+
+
 def _serve(model_uri: str, storage_json: str) -> None:
     """The report process: warm up, then build the one report its stdin asks for (a JSON line with
     ``output`` and ``run_id``; nothing: none) and answer on stdout (``report`` or ``error``)."""
@@ -100,6 +117,8 @@ def _serve(model_uri: str, storage_json: str) -> None:
     try:
         import matplotlib.pyplot  # noqa: F401 - the histogram's import, ahead of time
 
+        if has_heatmap_export(model_uri, cfg):
+            raise RuntimeError("its heatmaps come from its LiteRT export")
         loaded = _WARM[model_uri] = artifact.load(model_uri, cfg)
         size = int(loaded.meta["image_size"])
         gradcam.heatmaps(loaded.model, np.zeros((1, size, size, 3), np.float32))  # its first call traces
@@ -138,16 +157,33 @@ def latest_run(con: Any) -> str:
     return rows[0][0]
 
 
+def has_heatmap_export(model_uri: str, cfg: StorageConfig | None = None) -> bool:
+    """Whether the artifact's heatmaps come from its LiteRT export: its report needs no TensorFlow."""
+    try:
+        return bool((artifact.read_meta(model_uri, cfg).get("heatmap") or {}).get("sha256"))
+    except (OSError, artifact.ArtifactError, storage.StorageError):
+        return False
+
+
+def _heatmaps(model_uri: str, cfg: StorageConfig | None) -> tuple[Callable[[np.ndarray], np.ndarray], dict[str, Any]]:
+    """Grad-CAM maps (0..1) for a batch of images of the artifact's input size, and its model.json:
+    from its heatmap export on LiteRT when it has one, else from the Keras model with TensorFlow."""
+    meta = artifact.read_meta(model_uri, cfg)
+    if (meta.get("heatmap") or {}).get("sha256"):
+        return LiteRTHeatmaps(artifact.read_litert(model_uri, meta, cfg, key="heatmap")).maps, meta
+    loaded = _WARM.get(model_uri) or artifact.load(model_uri, cfg)
+    return lambda x: gradcam.heatmaps(loaded.model, x)[0], loaded.meta
+
+
 def _gallery(page: Page, top: list[dict[str, Any]], model_uri: str, cfg: StorageConfig | None) -> str:
     """Top images with a Grad-CAM overlay (plain thumbnails when the model cannot be loaded)."""
     from PIL import Image, ImageOps
 
     if not top:
         return "<p>No images scored in this run.</p>"
-    model, note = None, ""
+    maps_of, meta, note = None, {}, ""
     try:
-        loaded = _WARM.get(model_uri) or artifact.load(model_uri, cfg)
-        model, size = loaded.model, int(loaded.meta["image_size"])
+        maps_of, meta = _heatmaps(model_uri, cfg)
     except Exception as e:  # noqa: BLE001 - the gallery still shows the images
         note = f"<p class='muted'>No heatmaps: model {esc(model_uri or '(unknown)')} not loadable: {esc(e)}</p>"
     blobs: list[bytes | None] = []
@@ -157,14 +193,13 @@ def _gallery(page: Page, top: list[dict[str, Any]], model_uri: str, cfg: Storage
         except storage.StorageError:
             blobs.append(None)
     cams: dict[int, np.ndarray] = {}
-    if model is not None:
+    if maps_of is not None:
         sc = ScoreConfig(storage=cfg or StorageConfig())
-        aa = resize_antialias(loaded.meta)
+        size, aa = int(meta["image_size"]), resize_antialias(meta)
         inputs = {i: decode_image(b, top[i]["uri"], size, sc, aa)[0] for i, b in enumerate(blobs) if b}
         inputs = {i: x for i, x in inputs.items() if x is not None}
         if inputs:
-            maps, _ = gradcam.heatmaps(model, np.stack(list(inputs.values())))
-            cams = dict(zip(inputs, maps))
+            cams = dict(zip(inputs, maps_of(np.stack(list(inputs.values())))))
     cells = []
     for i, (r, blob) in enumerate(zip(top, blobs)):
         if blob is None:

@@ -44,7 +44,12 @@ class LiteRTRuntime:
 
 
 def _converter(model: Any) -> Any:
-    """A TFLite converter for ``model`` in inference mode, any batch size.
+    """A TFLite converter for ``model`` in inference mode, any batch size."""
+    return _function_converter(lambda x: model(x, training=False), model)
+
+
+def _function_converter(fn: Any, model: Any) -> Any:
+    """A TFLite converter for ``fn`` (a function of ``model``'s input batch), any batch size.
 
     Built from one concrete function whose only tracked state is the model's variables:
     ``TFLiteConverter.from_keras_model`` first writes a Keras SavedModel, tracing every layer's
@@ -55,7 +60,7 @@ def _converter(model: Any) -> Any:
     spec = tf.TensorSpec([None, *model.inputs[0].shape[1:]], tf.float32)
     holder = tf.Module()
     holder.variables_ = list(model.variables)
-    holder.serve = tf.function(lambda x: model(x, training=False), input_signature=[spec])
+    holder.serve = tf.function(fn, input_signature=[spec])
     return tf.lite.TFLiteConverter.from_concrete_functions([holder.serve.get_concrete_function()], holder)
 
 
@@ -77,6 +82,37 @@ def export_litert_int8(model: Any, path: str | Path, representative: np.ndarray)
     conv.representative_dataset = lambda: ([img[None].astype(np.float32)] for img in representative)
     conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
     return _write(conv.convert(), Path(path))
+
+
+def export_heatmap(model: Any, cam: Any, path: str | Path) -> Path:
+    """Convert ``cam``, ``model``'s class activation map (``crackscale.model.class_activation``),
+    to an fp32 ``.tflite`` file: images in, (N, h, w) maps out."""
+    return _write(_function_converter(cam, model).convert(), Path(path))
+
+
+class LiteRTHeatmaps:
+    """Grad-CAM heatmaps from an exported class activation map (``export_heatmap``), on the LiteRT
+    interpreter: no TensorFlow in the process."""
+
+    def __init__(self, model: str | Path | bytes, threads: int = 0) -> None:
+        from ai_edge_litert.interpreter import Interpreter
+
+        source = {"model_content": model} if isinstance(model, bytes) else {"model_path": str(model)}
+        self._it = Interpreter(**source, num_threads=threads or os.cpu_count() or 1)
+        self._in = self._it.get_input_details()[0]["index"]
+        self._out = self._it.get_output_details()[0]["index"]
+
+    def maps(self, images: np.ndarray) -> np.ndarray:
+        """Heatmaps in 0..1, (N, h, w) at the last conv block's resolution, for RGB 0..255 ``images``
+        (N, H, W, 3) of the model's input size: the map ReLU'd and scaled to its maximum, as
+        Grad-CAM's are. A map with no positive value stays all zero."""
+        x = np.asarray(images, dtype=np.float32)
+        self._it.resize_tensor_input(self._in, list(x.shape))
+        self._it.allocate_tensors()
+        self._it.set_tensor(self._in, x)
+        self._it.invoke()
+        cam = np.maximum(self._it.get_tensor(self._out), 0.0)
+        return (cam / (cam.max(axis=(1, 2), keepdims=True) + 1e-12)).astype(np.float32)
 
 
 def _write(data: bytes, path: Path) -> Path:
