@@ -541,6 +541,10 @@ def main() -> int:
     args.image_size = int(meta["image_size"])
     if not (meta.get("litert_int8") or {}).get("sha256"):
         with_int8(model_dir, Path(args.data), args.image_size)
+    if not args.model and "heatmap" not in meta:  # a cached bench model from before heatmap exports
+        from crackscale import artifact
+
+        artifact.add_heatmap(str(model_dir))
     rows: dict[str, dict] = {}
 
     def local_key(n: int, decode: str = "auto") -> str:

@@ -220,9 +220,10 @@ class ScoreConfig:
         True,
         group="Run",
         help=(
-            "Build the run's report in a process started with the run, which imports TensorFlow and loads the "
-            "model for the Grad-CAM heatmaps while the run scores (the job ends seconds sooner; the driver's node "
-            "holds that process's memory meanwhile); false = everything after the last commit"
+            "Prepare the run's report while the run scores: its libraries imported on a thread, or, for an "
+            "artifact without a heatmap export (crackscale export --heatmap), a process that imports TensorFlow "
+            "and loads the model for Grad-CAM (the driver's node holds its memory meanwhile); false = everything "
+            "after the last commit"
         ),
     )
     dashboard: bool = setting(
