@@ -166,30 +166,12 @@ def cmd_score(args: argparse.Namespace) -> dict[str, Any]:
         if cfg.report_ahead:
             scoring.import_ahead()
         summary = run.run(cfg)
-        build = lambda: page.safely(scoring.scoring_report, summary["output"], summary["run_id"], cfg.storage)  # noqa: E731
-        summary["report"] = _while_ray_stops(build)
+        summary["report"] = page.safely(scoring.scoring_report, summary["output"], summary["run_id"], cfg.storage)
         return summary
     with scoring.ReportProcess(cfg.model, cfg.storage) as report:
         summary = run.run(cfg)
-        summary["report"] = _while_ray_stops(lambda: report.build(summary["output"], summary["run_id"]))
+        summary["report"] = report.build(summary["output"], summary["run_id"])
     return summary
-
-
-def _while_ray_stops(build: Callable[[], str]) -> str:
-    """``build()`` (the report: Parquet, images and the model file, no Ray) on a thread while the
-    job's private Ray, if it started one, stops."""
-    import threading
-
-    from crackscale import raysession
-
-    out: list[str] = [""]
-    worker = threading.Thread(target=lambda: out.__setitem__(0, build()), name="report")
-    worker.start()
-    try:
-        raysession.stop_private()
-    finally:
-        worker.join()
-    return out[0]
 
 
 def query_arguments(p: argparse.ArgumentParser) -> None:

@@ -11,34 +11,17 @@ import os
 
 from crackscale.config.loader import ConfigError
 
-_private = False  # whether this process started the Ray it is connected to
-
 
 def connect(dashboard: bool | None = None) -> None:
     """Attach to the cluster, or start a private Ray (``RAY_ADDRESS=local``); no-op if connected."""
-    global _private
     import ray
 
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS", "").strip() == "local":
         ray.init(include_dashboard=dashboard)
-        _private = True
     else:
         ray.init()
-
-
-def stop_private() -> None:
-    """Stop the private Ray that ``connect`` started, if any (a cluster, or a Ray the caller
-    started, is left as it is). Ray's exit hook would stop it too, after the job's last line: called
-    once the work is committed, its second or so of waiting for Ray's processes overlaps whatever
-    the job still does without Ray."""
-    global _private
-    import ray
-
-    if _private and ray.is_initialized():
-        ray.shutdown()
-    _private = False
 
 
 HOME_ENV = "CRACKSCALE_HOME"  # the base of relative output paths, where the working directory is not the user's

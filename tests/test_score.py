@@ -172,6 +172,11 @@ def test_s3_incremental_and_new_model(s3_server, s3_bucket, synth_data, model_ar
     head = s3.head_object(Bucket=s3_bucket, Key="images/site-a/" + good[0]["uri"].rsplit("/", 1)[1])
     assert good[0]["etag"] == head["ETag"].strip('"') and good[0]["size"] == head["ContentLength"]
     assert storage.exists(s["summary_uri"])
+    # its report, built in the job's own process from the artifact's heatmap export
+    assert s["report"] == f"{out}/_reports/{s['run_id']}/index.html"
+    assert "No heatmaps" not in storage.read_text(s["report"]) and storage.exists(
+        f"{out}/_reports/{s['run_id']}/top/000.png"
+    )
     # DuckDB over the same S3 outputs
     con = query.connect(out)
     assert query.sql(con, "SELECT count(*) AS n, count(error) AS f FROM scores").to_pylist() == [{"n": 25, "f": 5}]
