@@ -7,6 +7,7 @@ only; ``dashboard`` then says whether it runs a dashboard (None: Ray's default).
 
 from __future__ import annotations
 
+import atexit
 import os
 
 from crackscale.config.loader import ConfigError
@@ -20,8 +21,29 @@ def connect(dashboard: bool | None = None) -> None:
         return
     if os.environ.get("RAY_ADDRESS", "").strip() == "local":
         ray.init(include_dashboard=dashboard)
+        atexit.register(stop_autoscaler_monitor)  # runs before Ray's own exit hook (registered at import)
     else:
         ray.init()
+
+
+def stop_autoscaler_monitor() -> bool:
+    """SIGKILL the autoscaler monitor of the private Ray this process started; whether it did.
+
+    Ray's exit hook stops a private Ray's processes in turn, the GCS before the monitor, and
+    gives each a second to exit after SIGTERM. The monitor's SIGTERM handler first reports its
+    end to the GCS, which is gone by then, so it never exits by itself and every job waited that
+    second at exit. On a single-node private Ray the monitor has nothing to scale and no state.
+    This is the one place that uses Ray internals (``_global_node``, ``Node.kill_monitor``);
+    ``tests/test_paths.py::test_a_private_ray_stops_without_waiting_for_its_monitor`` fails if
+    they change."""
+    import ray
+
+    node = ray._private.worker._global_node
+    if node is None or not ray.is_initialized():
+        return False
+    alive = [p for p in node.all_processes.get("monitor", []) if p.process.poll() is None]
+    node.kill_monitor(check_alive=False)  # without allow_graceful: SIGKILL, then reaped
+    return bool(alive)
 
 
 HOME_ENV = "CRACKSCALE_HOME"  # the base of relative output paths, where the working directory is not the user's

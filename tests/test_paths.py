@@ -4,6 +4,7 @@ in the driver, against the current directory or CRACKSCALE_HOME, and refused und
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 
@@ -63,3 +64,27 @@ def test_a_submitted_job_refuses_relative_outputs_in_one_line(job, args, key):
     lines = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and f"config key '{key}' is the relative path" in lines[0], r.stderr[-2000:]
     assert "Traceback" not in r.stderr
+
+
+def test_a_private_ray_stops_without_waiting_for_its_monitor():
+    """``raysession.stop_autoscaler_monitor`` (registered at exit for a private Ray) reaches into
+    Ray's internals: this fails if they change. The monitor is killed, the rest of Ray stops as
+    usual, and the process exits cleanly."""
+    code = (
+        "import json, os, ray, psutil\n"
+        "from crackscale import raysession\n"
+        "os.environ['RAY_ADDRESS'] = 'local'\n"
+        "raysession.connect(dashboard=False)\n"
+        "node = ray._private.worker._global_node\n"
+        "pid = node.all_processes['monitor'][0].process.pid\n"
+        "before = psutil.pid_exists(pid)\n"
+        "stopped = raysession.stop_autoscaler_monitor()\n"
+        "print(json.dumps({'before': before, 'stopped': stopped, 'after': psutil.pid_exists(pid),\n"
+        "                  'left': sorted(node.all_processes), 'again': raysession.stop_autoscaler_monitor()}))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    r = subprocess.run([PY, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["before"] and out["stopped"] and not out["after"] and out["again"] is False
+    assert "monitor" not in out["left"] and {"gcs_server", "raylet"} <= set(out["left"])
