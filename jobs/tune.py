@@ -15,4 +15,4 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from crackscale import cli  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(cli.job_main("tune"))
+    cli.exit_process(cli.job_main("tune"))

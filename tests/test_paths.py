@@ -88,3 +88,20 @@ def test_a_private_ray_stops_without_waiting_for_its_monitor():
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["before"] and out["stopped"] and not out["after"] and out["again"] is False
     assert "monitor" not in out["left"] and {"gcs_server", "raylet"} <= set(out["left"])
+
+
+def test_a_command_process_runs_its_exit_hooks_then_ends_with_its_code():
+    """``cli.exit_process`` (the last line of every job script and of ``crackscale``) runs the
+    exit hooks through CPython's ``atexit._run_exitfuncs`` and flushes what was printed: this fails
+    if either stops happening."""
+    code = (
+        "import atexit, sys\n"
+        "from crackscale import cli\n"
+        "atexit.register(lambda: print('hook ran'))\n"
+        "print('summary', end='')\n"
+        "sys.stderr.write('error: shown')\n"
+        "cli.exit_process(3)\n"
+        "print('never')\n"
+    )
+    r = subprocess.run([PY, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert (r.returncode, r.stdout, r.stderr) == (3, "summaryhook ran\n", "error: shown")
