@@ -443,13 +443,16 @@ def job_main(command: str, argv: list[str] | None = None) -> int:
 
 
 def exit_process(rc: int) -> NoReturn:
-    """End a command's process with ``rc``: the exit hooks run now (Ray's, which stops a private
-    Ray, among them), the streams are flushed, and the process ends without Python tearing down
-    every module it imported, which for Ray, Arrow, DuckDB and matplotlib takes about half a second
-    and writes nothing. Only a script's last line calls this, never a process that goes on."""
+    """End a command's process with ``rc``: it leaves Ray (a private Ray stops), the exit hooks run
+    now, the streams are flushed, and the process ends without Python tearing down every module it
+    imported, which for Ray, Arrow, DuckDB and matplotlib takes about half a second and writes
+    nothing. Only a script's last line calls this, never a process that goes on."""
     import atexit
     import os
 
+    from crackscale import raysession
+
+    raysession.disconnect()
     atexit._run_exitfuncs()  # CPython's runner of the registered hooks; tests/test_paths.py checks they run
     for stream in (sys.stdout, sys.stderr):
         stream.flush()

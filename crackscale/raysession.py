@@ -26,6 +26,17 @@ def connect(dashboard: bool | None = None) -> None:
         ray.init()
 
 
+def disconnect() -> None:
+    """Leave Ray at a command's end (a private Ray stops; a cluster goes on). Ray's own exit hook
+    does the same after sleeping half a second for late worker log lines, which a finished job no
+    longer needs."""
+    import ray
+
+    if ray.is_initialized():
+        stop_autoscaler_monitor()
+        ray.shutdown()
+
+
 def stop_autoscaler_monitor() -> bool:
     """SIGKILL the autoscaler monitor of the private Ray this process started; whether it did.
 

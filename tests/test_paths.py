@@ -68,8 +68,8 @@ def test_a_submitted_job_refuses_relative_outputs_in_one_line(job, args, key):
 
 def test_a_private_ray_stops_without_waiting_for_its_monitor():
     """``raysession.stop_autoscaler_monitor`` (registered at exit for a private Ray) reaches into
-    Ray's internals: this fails if they change. The monitor is killed, the rest of Ray stops as
-    usual, and the process exits cleanly."""
+    Ray's internals: this fails if they change. The monitor is killed, the rest of Ray stops when
+    the process ends as every job does (``cli.exit_process``), and nothing of it is left running."""
     code = (
         "import json, os, ray, psutil\n"
         "from crackscale import raysession\n"
@@ -79,8 +79,10 @@ def test_a_private_ray_stops_without_waiting_for_its_monitor():
         "pid = node.all_processes['monitor'][0].process.pid\n"
         "before = psutil.pid_exists(pid)\n"
         "stopped = raysession.stop_autoscaler_monitor()\n"
-        "print(json.dumps({'before': before, 'stopped': stopped, 'after': psutil.pid_exists(pid),\n"
+        "pids = [p.process.pid for ps in node.all_processes.values() for p in ps]\n"
+        "print(json.dumps({'before': before, 'stopped': stopped, 'after': psutil.pid_exists(pid), 'pids': pids,\n"
         "                  'left': sorted(node.all_processes), 'again': raysession.stop_autoscaler_monitor()}))\n"
+        "from crackscale import cli; cli.exit_process(0)  # as every job ends\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     r = subprocess.run([PY, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -88,6 +90,10 @@ def test_a_private_ray_stops_without_waiting_for_its_monitor():
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["before"] and out["stopped"] and not out["after"] and out["again"] is False
     assert "monitor" not in out["left"] and {"gcs_server", "raylet"} <= set(out["left"])
+    import psutil
+
+    alive = [p for p in out["pids"] if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    assert not alive, "the process ended and left its private Ray's processes running"
 
 
 def test_a_command_process_runs_its_exit_hooks_then_ends_with_its_code():
