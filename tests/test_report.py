@@ -336,6 +336,11 @@ def test_scoring_report(ray_local, trained, synth_data, chromium, tmp_path, s3_s
     # the same overlays as TensorFlow's Grad-CAM, but for how each upsamples the 1/32 map
     assert max(np.abs(a - b).mean() for a, b in zip(exported, grad_cam)) < 2.0
     assert max(np.abs(a - b).mean() for a, b in zip(exported, lite)) < 0.01
+    data = bytearray((old / "heatmap.tflite").read_bytes())  # a tampered export is refused, not drawn
+    data[len(data) // 2] ^= 0xFF
+    (old / "heatmap.tflite").write_bytes(bytes(data))
+    text, _ = tops(str(old))
+    assert "No heatmaps" in text and "heatmap.tflite of" in text and "does not match the checksum" in text
 
     # a re-run finds everything scored: its report says so from the summary (no rows of its own)
     again = scoring_run.run(
