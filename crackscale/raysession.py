@@ -42,8 +42,8 @@ def stop_autoscaler_monitor() -> bool:
 
     Ray's exit hook stops a private Ray's processes in turn, the GCS before the monitor, and
     gives each a second to exit after SIGTERM. The monitor's SIGTERM handler first reports its
-    end to the GCS, which is gone by then, so it never exits by itself and every job waited that
-    second at exit. On a single-node private Ray the monitor has nothing to scale and no state.
+    end to the GCS, which is gone by then, so it never exits by itself: without this, every job
+    would wait that second at exit. On a single-node private Ray the monitor has nothing to scale and no state.
     This is the one place that uses Ray internals (``_global_node``, ``Node.kill_monitor``);
     ``tests/test_paths.py::test_a_private_ray_stops_without_waiting_for_its_monitor`` fails if
     they change."""
