@@ -65,10 +65,19 @@ def pytest_collection_modifyitems(session, config, items) -> None:
     items.sort(key=key)
 
 
+_GIVEN_PORTS: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free now and never handed out before in this process: the kernel may return a port
+    just closed again, and two services of one cluster on one port make ``ray start`` fail."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _GIVEN_PORTS:
+            _GIVEN_PORTS.add(port)
+            return port
 
 
 def private_agent_ports() -> list[str]:
