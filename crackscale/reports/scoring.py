@@ -33,9 +33,9 @@ _WARM: dict[str, artifact.Loaded] = {}
 class ReportProcess:
     """A scoring run's report, built in a process of its own that starts with the run: while the
     run scores, it imports TensorFlow and matplotlib and loads the model for the Grad-CAM heatmaps
-    (on the CPU), so after the last commit only the report itself is left to do. For artifacts
-    without a heatmap export (``crackscale export --heatmap`` adds one; with it the report needs no
-    TensorFlow and ``crackscale score`` builds it in its own process). Holds the model in
+    (on the CPU), so after the last commit only the report itself is left to do. ``crackscale
+    score`` uses it for artifacts without a heatmap export only (``crackscale export --heatmap``
+    adds one; with it the report needs no TensorFlow and is built in the job's process). Holds the model in
     memory for the run's duration; ``close`` ends it whatever happened. A plain subprocess (not
     multiprocessing): it never re-runs the caller's main module."""
 
