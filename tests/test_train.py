@@ -84,53 +84,6 @@ def test_phase_lr_warms_up_then_decays():
     )
 
 
-def test_weight_average_is_what_validation_and_the_end_see_while_training_goes_on_from_raw_weights():
-    """``ema_decay``: after every step the average moves by 1 - decay towards the weights (recomputed
-    here from the weights each step left); each epoch's val_loss is the average's, the model ends
-    holding the average, and the next epoch trains on from where the raw weights were."""
-    import tensorflow as tf
-
-    k = M.keras()
-    tf.keras.utils.set_random_seed(0)
-    x = np.random.default_rng(0).normal(size=(64, 4)).astype(np.float32)
-    y = (x[:, 0] + x[:, 1] > 0).astype(np.float32)
-    inp = k.Input((4,))
-    mdl = k.Model(inp, k.layers.Dense(1, activation="sigmoid")(k.layers.BatchNormalization()(inp)))
-    mdl.compile(optimizer=k.optimizers.SGD(0.5), loss="binary_crossentropy")
-    decay, seen = 0.9, {"steps": [], "starts": []}
-
-    class Record(k.callbacks.Callback):
-        def on_train_batch_begin(self, batch, logs=None):
-            if batch == 0:
-                seen["starts"].append(self.model.get_weights())
-
-        def on_train_batch_end(self, batch, logs=None):
-            seen["steps"].append(self.model.get_weights())
-
-    ema = [w.copy() for w in mdl.get_weights()]
-    hist = mdl.fit(
-        x,
-        y,
-        batch_size=16,
-        epochs=2,
-        shuffle=False,
-        validation_data=(x, y),
-        verbose=0,
-        callbacks=[train_loop._WeightAverage(decay), Record()],
-    )
-    per_epoch = []
-    for w in seen["steps"]:
-        ema = [a + (1 - decay) * (b - a) for a, b in zip(ema, w)]
-        per_epoch.append([a.copy() for a in ema])
-    assert len(seen["steps"]) == 8 and all(np.allclose(a, b, atol=1e-6) for a, b in zip(mdl.get_weights(), ema))
-    assert not np.allclose(mdl.get_weights()[-2], seen["steps"][-1][-2])  # the average, not the last step
-    # epoch 2 started from the raw weights of epoch 1's last step, not from the average
-    assert all(np.array_equal(a, b) for a, b in zip(seen["starts"][1], seen["steps"][3]))
-    for epoch, avg in ((0, per_epoch[3]), (1, per_epoch[7])):
-        mdl.set_weights(avg)
-        assert mdl.evaluate(x, y, verbose=0) == pytest.approx(hist.history["val_loss"][epoch], rel=1e-5)
-
-
 def test_training_and_evaluation_resize_as_configured(synth_data):
     """`resize_antialias` reaches the training input pipeline and the evaluation that sets the
     threshold, and Ray Data ingest's decode gives the same pixels."""

@@ -182,15 +182,6 @@ class TrainConfig:
         group="Schedule",
         help="Label smoothing of the training loss, in [0, 0.5): targets become 0 + s/2 and 1 - s/2",
     )
-    ema_decay: float = setting(
-        0.0,
-        group="Schedule",
-        help=(
-            "Weight averaging: each training step moves an exponential moving average of all weights "
-            "(BatchNorm statistics too) by 1 - ema_decay towards them; validation, early stopping, checkpoints "
-            "and the saved model use the average. 0 = off; 0.998 ≈ the last 500 steps"
-        ),
-    )
     lr_schedule: str = setting(
         "constant",
         group="Schedule",
@@ -321,7 +312,6 @@ def _validate_train(self: TrainConfig) -> None:
         "config keys 'brightness' and 'contrast' must be in [0, 1)",
     )
     check(0 <= self.label_smoothing < 0.5, "config key 'label_smoothing' must be in [0, 0.5)")
-    check(0 <= self.ema_decay < 1, "config key 'ema_decay' must be in [0, 1) (0 = off)")
     check(
         0 <= self.warmup_epochs < max(self.head_epochs, 1),
         "config key 'warmup_epochs' must be >= 0 and below head_epochs",

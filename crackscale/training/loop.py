@@ -208,38 +208,6 @@ class _Reporter:
         return Impl()
 
 
-class _WeightAverage:
-    """Keras callback: an exponential moving average of every weight (trainable and BatchNorm
-    statistics), moved after each training step. The model holds the average from validation
-    until the next epoch starts, so the epoch's val_loss, early stopping's best weights, the
-    checkpoint and, at the end, the saved model are the average's; each epoch trains on from the
-    raw weights. A phase starts its average from the weights it starts with."""
-
-    def __new__(cls, decay: float) -> Any:
-        k = M.keras()
-
-        class Impl(k.callbacks.Callback):
-            def on_train_begin(self, logs: Any = None) -> None:
-                self.ema = [w.astype(np.float32) for w in self.model.get_weights()]
-                self.raw: list[np.ndarray] | None = None
-
-            def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
-                if self.raw is not None:
-                    self.model.set_weights(self.raw)
-                    self.raw = None
-
-            def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
-                for avg, w in zip(self.ema, self.model.get_weights()):
-                    avg += (1.0 - decay) * (w - avg)
-
-            def on_test_begin(self, logs: Any = None) -> None:
-                if self.raw is None:  # validation inside fit: swap the average in until the next epoch
-                    self.raw = self.model.get_weights()
-                    self.model.set_weights([a.astype(w.dtype) for a, w in zip(self.ema, self.raw)])
-
-        return Impl()
-
-
 def phase_lr(lr0: float, i: int, n: int, cosine: bool, warmup: int = 0) -> float:
     """Learning rate of epoch ``i`` (0-based) of an ``n``-epoch phase: ``warmup`` epochs rising
     linearly to ``lr0``, then constant or a half-cosine decay over the epochs left."""
@@ -295,8 +263,6 @@ def _fit_phase(
     # identical callbacks on every worker (Keras/MWMS practice): non-chief TensorBoard writes to
     # a throwaway local dir; diverging callback lists can desynchronise collectives
     callbacks = [es, k.callbacks.TensorBoard(log_dir=tb_dir), _Reporter(state, phase, es, rank)]
-    if cfg.ema_decay:  # first: the average is in place before early stopping and the checkpoint see the model
-        callbacks.insert(0, _WeightAverage(cfg.ema_decay))
     warmup = cfg.warmup_epochs if phase == "head" else 0
     if cfg.lr_schedule == "cosine" or warmup:  # keyed on the absolute epoch: a resumed run continues the curve
         lr0, start = (cfg.head_lr if phase == "head" else cfg.fine_tune_lr), state["phase_start"]
