@@ -20,6 +20,7 @@ import json
 import logging
 import platform
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ import numpy as np
 from crackscale import __version__, storage
 from crackscale import model as M
 from crackscale.config.storage import StorageConfig
+from crackscale.errors import first_line
 from crackscale.model import keras
 from crackscale.runtimes.keras import TFRuntime
 from crackscale.runtimes.litert import (
@@ -91,7 +93,7 @@ def _export_litert(model: Any, local: Path, check_images: Any = None) -> dict[st
         diff = parity(TFRuntime(model, 16), LiteRTRuntime(path, 16), check_images)
     except Exception as e:  # e.g. an op LiteRT lacks
         path.unlink(missing_ok=True)
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        msg = first_line(e)
         log.warning("no LiteRT export stored in the artifact: %s", msg)
         return {"error": msg[:500]}
     log.info("LiteRT export stored: max |Δp| vs tf.keras = %.2e on %d %s", diff, len(check_images), on)
@@ -120,7 +122,7 @@ def _export_heatmap(model: Any, local: Path, check_images: Any = None) -> dict[s
         diff = float(np.max(np.abs(LiteRTHeatmaps(path).maps(check_images) - want)))
     except Exception as e:  # a head other than GAP → Dropout → Dense, an op LiteRT lacks
         path.unlink(missing_ok=True)
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        msg = first_line(e)
         log.warning("no heatmap export stored in the artifact: %s", msg)
         return {"error": msg[:500]}
     log.info("heatmap export stored: max |Δ| vs TensorFlow = %.2e on %d images", diff, len(check_images))
@@ -136,12 +138,24 @@ def _export_heatmap(model: Any, local: Path, check_images: Any = None) -> dict[s
 def add_heatmap(uri: str, cfg: StorageConfig | None = None) -> dict[str, Any]:
     """Add (or replace) the heatmap export of the artifact at ``uri``; returns its record. The
     model and its SHA-256 (the artifact's ``model_id``) stay as they are."""
+    return _add_export(uri, "heatmap", HEATMAP_FILE, lambda model, tmp, meta: _export_heatmap(model, tmp), cfg)
+
+
+def _add_export(
+    uri: str,
+    key: str,
+    filename: str,
+    export: Callable[[Any, Path, dict[str, Any]], dict[str, Any]],
+    cfg: StorageConfig | None,
+) -> dict[str, Any]:
+    """Write ``export(model, tmp_dir, meta)``'s file into the artifact at ``uri`` and its record under
+    model.json's ``key``; model.json is rewritten last, so a failed upload leaves it as it was."""
     loaded = load(uri, cfg)
-    with tempfile.TemporaryDirectory(prefix="crackscale-heatmap-") as tmp:
-        record = _export_heatmap(loaded.model, Path(tmp))
+    with tempfile.TemporaryDirectory(prefix=f"crackscale-{key}-") as tmp:
+        record = export(loaded.model, Path(tmp), loaded.meta)
         if record.get("sha256"):
-            storage.write_bytes(storage.join(uri, HEATMAP_FILE), (Path(tmp) / HEATMAP_FILE).read_bytes(), cfg)
-    meta = dict(loaded.meta, heatmap=record)
+            storage.write_bytes(storage.join(uri, filename), (Path(tmp) / filename).read_bytes(), cfg)
+    meta = dict(loaded.meta, **{key: record})
     storage.write_text(storage.join(uri, META_FILE), json.dumps(meta, indent=2, sort_keys=False, default=str), cfg)
     return record
 
@@ -173,7 +187,7 @@ def _export_int8(model: Any, local: Path, meta: dict[str, Any], data: Int8Data) 
         p32 = TFRuntime(model, 64).predict(data.val_images)
     except Exception as e:  # e.g. an op without an int8 kernel
         path.unlink(missing_ok=True)
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        msg = first_line(e)
         log.warning("no int8 export stored in the artifact: %s", msg)
         return {"error": msg[:500]}
     thr32 = float(meta.get("threshold", 0.5))
@@ -224,7 +238,7 @@ def _fp16_record(model: Any, meta: dict[str, Any], images: Any) -> dict[str, Any
             return {"error": "no training config in model.json to rebuild the model in float16"}
         p16, p32 = TFRuntime(half, 16).predict(images), TFRuntime(model, 16).predict(images)
     except Exception as e:  # an op without a float16 kernel on this device
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        msg = first_line(e)
         return {"error": msg[:500]}
     thr = float(meta.get("threshold", 0.5))
     return {
@@ -267,14 +281,9 @@ def int8_qualifies(meta: dict[str, Any]) -> tuple[bool, str]:
 def add_int8(uri: str, data: Int8Data, cfg: StorageConfig | None = None) -> dict[str, Any]:
     """Add (or replace) the int8 export of the artifact at ``uri``; returns its record. The model
     and its SHA-256 (the artifact's ``model_id``) stay as they are."""
-    loaded = load(uri, cfg)
-    with tempfile.TemporaryDirectory(prefix="crackscale-int8-") as tmp:
-        record = _export_int8(loaded.model, Path(tmp), loaded.meta, data)
-        if record.get("sha256"):
-            storage.write_bytes(storage.join(uri, INT8_FILE), (Path(tmp) / INT8_FILE).read_bytes(), cfg)
-    meta = dict(loaded.meta, litert_int8=record)
-    storage.write_text(storage.join(uri, META_FILE), json.dumps(meta, indent=2, sort_keys=False, default=str), cfg)
-    return record
+    return _add_export(
+        uri, "litert_int8", INT8_FILE, lambda model, tmp, meta: _export_int8(model, tmp, meta, data), cfg
+    )
 
 
 def save(
@@ -386,6 +395,6 @@ def load(uri: str, cfg: StorageConfig | None = None, compile: bool = False) -> L
     try:
         model = keras().models.load_model(path, compile=compile, safe_mode=True)
     except (ValueError, TypeError) as e:  # Lambda layers, unknown custom objects, bad configs
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        msg = first_line(e)
         raise ArtifactError(f"model file of {uri} refused by Keras safe mode: {msg}") from None
     return Loaded(model=model, meta=meta, local_dir=local)

@@ -27,6 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from crackscale.config.storage import StorageConfig
+from crackscale.errors import first_line
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +120,7 @@ def resolve(uri: str, cfg: StorageConfig | None = None) -> tuple[pafs.FileSystem
 def wrap_error(uri: str, cfg: StorageConfig | None, e: Exception) -> StorageError:
     """A StorageError naming ``uri`` (and the S3 endpoint) with the first line of ``e``."""
     where = f" (endpoint {S3Settings.resolve(cfg).describe()})" if is_s3(uri) else ""
-    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    msg = first_line(e)
     return StorageError(f"cannot access {uri}{where}: {msg}")
 
 
@@ -412,7 +413,7 @@ def read_object(uri: str, cfg: StorageConfig | None = None, attempts: int = 3, p
         except CredentialsError:
             raise
         except Exception as e:  # permanent (denied, invalid key, local I/O): this image's error row
-            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            msg = first_line(e)
             transient = isinstance(e, OSError) and not isinstance(e, PermissionError)
             if not is_s3(uri) or not transient:  # get_object raises OSError only for transient faults
                 return f"read: {msg}"

@@ -252,3 +252,18 @@ def test_artifact_with_code_is_refused(tmp_path):
     with pytest.raises(artifact.ArtifactError, match=r"refused"):
         artifact.load(uri)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    ("error", "want"),
+    [
+        (ValueError("bad header\n  at byte 12\n  traceback..."), "bad header"),
+        (OSError("\n\n  cannot identify image file  \nmore"), "cannot identify image file"),
+        (KeyError(), "KeyError"),
+        (RuntimeError("   \n  "), "RuntimeError"),
+    ],
+)
+def test_an_error_is_named_by_its_first_line(error, want):
+    from crackscale.errors import first_line
+
+    assert first_line(error) == want

@@ -11,6 +11,7 @@ import warnings
 
 import numpy as np
 
+from crackscale.errors import first_line
 from crackscale.imaging import jpeg
 
 
@@ -37,7 +38,7 @@ def _pillow(data: bytes) -> np.ndarray:
                 im.load()
                 return _to_rgb8(im)
     except (OSError, SyntaxError, ValueError) as e:  # truncated, corrupt, unsupported mode
-        raise ValueError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+        raise ValueError(first_line(e)) from None
 
 
 def _to_rgb8(im: object) -> np.ndarray:

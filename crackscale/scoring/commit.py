@@ -14,6 +14,7 @@ import pyarrow as pa
 
 from crackscale import storage
 from crackscale.config.storage import StorageConfig
+from crackscale.errors import first_line
 from crackscale.scoring.keys import KeySet, scored_key, version
 
 PARTITIONING = pa.schema([("model_id", pa.string()), ("run_date", pa.string())])
@@ -80,7 +81,7 @@ def unreadable(fs: Any, root: str) -> list[tuple[str, str]]:
             with fs.open_input_file(info.path) as f:
                 pq.read_table(f, columns=["uri"])
         except (pa.ArrowInvalid, OSError) as e:
-            bad.append((info.path, str(e).splitlines()[0] if str(e) else type(e).__name__))
+            bad.append((info.path, first_line(e)))
     return bad
 
 
