@@ -53,6 +53,7 @@ def test_yaml_and_overrides(tmp_path):
         ("brightness=1.5", "'brightness' and 'contrast' must be in"),
         ("label_smoothing=0.5", "'label_smoothing' must be in"),
         ("warmup_epochs=10", "'warmup_epochs' must be >= 0 and below head_epochs"),
+        ("swa_epochs=-1", "'swa_epochs' must be >= 0"),
         ("noequals", "must look like key=value"),
     ],
 )

@@ -364,7 +364,8 @@ def test_train_worker_killed_mid_epoch_continues_from_checkpoint(ray_local, synt
     """SIGKILL the Ray Train worker process after its second checkpoint: Train restarts the worker
     group (FailureConfig max_failures) from the last checkpoint and the run finishes, every epoch
     in the history once. With ingest: ray_data, so the restarted worker takes its Ray Data shard
-    anew (ingest: driver resumes through jobs/train.py --resume in test_train_jobs.py)."""
+    anew (ingest: driver resumes through jobs/train.py --resume in test_train_jobs.py). Weight
+    averaging over all six head epochs keeps the epochs from before the kill."""
     import psutil
 
     from crackscale.training import driver as train_driver
@@ -383,6 +384,7 @@ def test_train_worker_killed_mid_epoch_continues_from_checkpoint(ray_local, synt
         max_failures=2,
         lr_schedule="cosine",
         warmup_epochs=2,
+        swa_epochs=6,
         ingest="ray_data",
     )
     me = psutil.Process(os.getpid())
@@ -410,6 +412,7 @@ def test_train_worker_killed_mid_epoch_continues_from_checkpoint(ray_local, synt
     meta = json.loads(Path(result["summary"]["artifact"], "model.json").read_text())
     assert meta["resumed_at_epochs"] and meta["resumed_at_epochs"][0] >= 1, meta["resumed_at_epochs"]
     assert [h["epoch"] for h in meta["history"]] == [1, 2, 3, 4, 5, 6]
+    assert meta["averaged_epochs"] == [1, 2, 3, 4, 5, 6]  # the epochs before the kill came back from the checkpoint
     assert meta["data_stats"]["ingest_cached"] is True  # 60 small images: decoded once
     # the warm-up + cosine schedule continued across the restart (keyed on the absolute epoch)
     assert [h["lr"] for h in meta["history"]] == pytest.approx(

@@ -84,6 +84,44 @@ def test_phase_lr_warms_up_then_decays():
     )
 
 
+def test_weight_averaging_means_the_last_epochs_then_recomputes_batchnorm(tmp_path):
+    import types
+
+    import tensorflow as tf
+
+    k = M.keras()
+    tf.keras.utils.set_random_seed(0)
+    inputs = k.Input((4,))
+    mdl = k.Model(inputs, k.layers.Dense(1)(k.layers.BatchNormalization(momentum=0.9)(k.layers.Dense(3)(inputs))))
+    mdl.compile(optimizer=k.optimizers.SGD(0.1), loss="mse")
+    x = np.random.default_rng(0).normal(2.0, 3.0, (40, 4)).astype(np.float32)
+    y = x.sum(axis=1, keepdims=True)
+    seen: list[list[np.ndarray]] = []
+    snapshot = k.callbacks.LambdaCallback(on_epoch_end=lambda e, logs: seen.append(mdl.get_weights()))
+    mdl.fit(x, y, batch_size=10, epochs=3, shuffle=False, verbose=0, callbacks=[snapshot])
+
+    # a resumed phase: epoch 3's weights come from the checkpoint, epochs 4 and 5 are trained now
+    path = str(tmp_path / "averaged.npz")
+    train_loop.save_averaged([(2, seen[1]), (3, seen[2])], path)
+    initial = train_loop.load_averaged(path)
+    assert [e for e, _ in initial] == [2, 3] and all(np.array_equal(a, b) for a, b in zip(initial[1][1], seen[2]))
+    es, state, recomputed = types.SimpleNamespace(best_weights=None), {}, []
+    averager = train_loop._Averager(3, es, state, initial, recomputed.append)
+    mdl.fit(x, y, batch_size=10, epochs=5, initial_epoch=3, shuffle=False, verbose=0, callbacks=[snapshot, averager])
+    for got, a, b, c in zip(mdl.get_weights(), seen[2], seen[3], seen[4]):
+        np.testing.assert_allclose(got, (a + b + c) / 3, rtol=1e-5)
+    assert not np.allclose(seen[3][0], seen[4][0]) and recomputed == [mdl]
+    assert state["averaged_epochs"] == [3, 4, 5] and es.best_weights is not None
+
+    bn = mdl.layers[2]
+    batches = tf.data.Dataset.from_tensor_slices((x, y)).batch(10).repeat()
+    train_loop.recompute_batchnorm(mdl, tf.distribute.get_strategy(), batches, 4)
+    h = mdl.layers[1](x).numpy().reshape(4, 10, 3)  # the BatchNorm input, per batch
+    np.testing.assert_allclose(bn.moving_mean.numpy(), h.mean(axis=1).mean(axis=0), rtol=1e-5)
+    np.testing.assert_allclose(bn.moving_variance.numpy(), h.var(axis=1).mean(axis=0), rtol=1e-3)
+    assert bn.momentum == 0.9
+
+
 def test_training_and_evaluation_resize_as_configured(synth_data):
     """`resize_antialias` reaches the training input pipeline and the evaluation that sets the
     threshold, and Ray Data ingest's decode gives the same pixels."""

@@ -152,17 +152,19 @@ def test_killed_run_resumes_without_redoing_epochs(synth_data, tmp_path):
 
 
 def test_two_workers_on_two_nodes_learn(ray_two_nodes, synth_data, tmp_path):
-    """MultiWorkerMirroredStrategy across 2 Train workers, one per node (2 CPUs each), learns."""
+    """MultiWorkerMirroredStrategy across 2 Train workers, one per node (2 CPUs each), learns, and
+    averages its last two head epochs' weights (each worker refits BatchNorm on its shard)."""
     import ray
     from conftest import check_learned, small_train_config
 
     from crackscale import artifact
     from crackscale.training import driver as train_driver
 
-    cfg = small_train_config(synth_data, tmp_path, name="twonode", num_workers=2, cpus_per_worker=2)
+    cfg = small_train_config(synth_data, tmp_path, name="twonode", num_workers=2, cpus_per_worker=2, swa_epochs=2)
     summary = train_driver.run(cfg)
     meta = artifact.read_meta(summary["artifact"])
     assert meta["num_workers"] == 2 and meta["num_replicas"] == 2
+    assert meta["averaged_epochs"] == [h["epoch"] for h in meta["history"] if h["phase"] == "head"][-2:]
     assert meta["strategy"] == "MultiWorkerMirroredStrategy"
     check_learned(summary, meta)
     # with 2 CPUs per worker and 2 CPUs per node, the workers must sit on different nodes

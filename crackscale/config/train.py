@@ -182,6 +182,15 @@ class TrainConfig:
         group="Schedule",
         help="Label smoothing of the training loss, in [0, 0.5): targets become 0 + s/2 and 1 - s/2",
     )
+    swa_epochs: int = setting(
+        0,
+        group="Schedule",
+        help=(
+            "Weight averaging: phase 1 ends with the mean of the weights of its last this many epochs "
+            "(instead of its best epoch's), BatchNorm statistics recomputed on one pass over the training "
+            "split; 0 = off"
+        ),
+    )
     lr_schedule: str = setting(
         "constant",
         group="Schedule",
@@ -316,6 +325,7 @@ def _validate_train(self: TrainConfig) -> None:
         0 <= self.warmup_epochs < max(self.head_epochs, 1),
         "config key 'warmup_epochs' must be >= 0 and below head_epochs",
     )
+    check(self.swa_epochs >= 0, "config key 'swa_epochs' must be >= 0 (0 = off)")
     check(0 < self.target_recall <= 1, "config key 'target_recall' must be in (0, 1]")
     check(self.num_workers >= 0, "config key 'num_workers' must be >= 0 (0 = one per GPU node)")
     check(self.lr_schedule in ("constant", "cosine"), "config key 'lr_schedule' must be constant or cosine")

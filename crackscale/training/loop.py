@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"
 WEIGHTS_FILE = "weights.npz"
+AVERAGED_FILE = "averaged.npz"  # swa_epochs: the head phase's last epochs' weights, for a resume
 
 
 def _distributed(strategy: Any, images: list[bytes], labels: list[int], cfg: TrainConfig, training: bool) -> Any:
@@ -172,9 +173,10 @@ class _ResumableEarlyStopping:
 
 
 class _Reporter:
-    """Keras callback: report metrics to Ray Train every epoch, with a checkpoint from rank 0."""
+    """Keras callback: report metrics to Ray Train every epoch, with a checkpoint from rank 0
+    (and the averager's epochs so far, when weights are averaged)."""
 
-    def __new__(cls, state: dict[str, Any], phase: str, es: Any, rank: int) -> Any:
+    def __new__(cls, state: dict[str, Any], phase: str, es: Any, rank: int, averager: Any = None) -> Any:
         k = M.keras()
         import ray.train
 
@@ -203,9 +205,76 @@ class _Reporter:
                 with tempfile.TemporaryDirectory() as tmp:
                     save_weights(weights, os.path.join(tmp, WEIGHTS_FILE))
                     Path(tmp, STATE_FILE).write_text(json.dumps(state))
+                    if averager is not None and not stopping:
+                        save_averaged(averager.last, os.path.join(tmp, AVERAGED_FILE))
                     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
         return Impl()
+
+
+class _Averager:
+    """Keras callback, stochastic weight averaging (Izmailov et al., 2018): the phase's last epoch
+    ends with the mean of the weights after each of its last ``n`` epochs, then ``recompute``
+    refits BatchNorm's moving statistics to them (averaged statistics do not fit the averaged
+    convolutions of a network trained from scratch). ``initial``: (epoch, weights) pairs a
+    resumed run carries over from its checkpoint."""
+
+    def __new__(cls, n: int, es: Any, state: dict[str, Any], initial: list, recompute: Any) -> Any:
+        k = M.keras()
+        from collections import deque
+
+        class Impl(k.callbacks.Callback):
+            def on_train_begin(self, logs: Any = None) -> None:
+                self.last: deque[tuple[int, list[np.ndarray]]] = deque(initial, maxlen=n)
+
+            def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+                self.last.append((epoch + 1, self.model.get_weights()))
+                if not (self.model.stop_training or epoch + 1 >= self.params["epochs"]):
+                    return
+                weights = [w for _, w in self.last]
+                self.model.set_weights([np.mean(ws, axis=0) for ws in zip(*weights)])
+                recompute(self.model)
+                state["averaged_epochs"] = [e for e, _ in self.last]
+                log.info("weights averaged over epochs %s", state["averaged_epochs"])
+                # EarlyStopping restores its best weights when fit ends, and this epoch's
+                # checkpoint saves them: make both the averaged model
+                es.best_weights = self.model.get_weights()
+
+        return Impl()
+
+
+def save_averaged(last: Any, path: str) -> None:
+    """The averager's (epoch, weights) pairs as one .npz (key ``<epoch>/<weight index>``)."""
+    np.savez(path, **{f"{e}/{i}": w for e, ws in last for i, w in enumerate(ws)})
+
+
+def load_averaged(path: str) -> list[tuple[int, list[np.ndarray]]]:
+    with np.load(path) as z:
+        keys = [tuple(map(int, key.split("/"))) for key in z.files]
+        return [
+            (e, [z[f"{e}/{i}"] for i in sorted(i for e2, i in keys if e2 == e)]) for e in sorted({e for e, _ in keys})
+        ]
+
+
+def recompute_batchnorm(mdl: Any, strategy: Any, data: Any, steps: int) -> None:
+    """Reset every BatchNorm layer's moving mean and variance to their exact average over ``steps``
+    training batches of ``data`` under the current weights: one forward pass in training mode per
+    batch, batch t weighted 1/(t + 1) into the running mean (momentum t / (t + 1)). Runs eagerly
+    so the changing momentum is read at every call."""
+    k = M.keras()
+    layers = [layer for layer in mdl.submodules if isinstance(layer, k.layers.BatchNormalization)]
+    saved = [layer.momentum for layer in layers]
+    batches = iter(data)
+    try:
+        for t in range(steps):
+            for layer in layers:
+                layer.momentum = t / (t + 1)
+            x, _ = next(batches)
+            strategy.run(lambda x: mdl(x, training=True), args=(x,))
+    finally:
+        for layer, m in zip(layers, saved):
+            layer.momentum = m
+    log.info("BatchNorm statistics recomputed on %d training batches", steps)
 
 
 def phase_lr(lr0: float, i: int, n: int, cosine: bool, warmup: int = 0) -> float:
@@ -239,8 +308,10 @@ def _fit_phase(
     val: tuple[Any, int],
     rank: int,
     tb_dir: str,
+    averaged: list,
 ) -> None:
-    """One phase's ``fit``; ``train`` and ``val`` are (distributed dataset, steps per epoch)."""
+    """One phase's ``fit``; ``train`` and ``val`` are (distributed dataset, steps per epoch);
+    ``averaged``: the (epoch, weights) pairs a resumed head phase had kept for its average."""
     k = M.keras()
     epochs = cfg.head_epochs if phase == "head" else cfg.fine_tune_epochs
     if epochs == 0:
@@ -262,7 +333,20 @@ def _fit_phase(
     )
     # identical callbacks on every worker (Keras/MWMS practice): non-chief TensorBoard writes to
     # a throwaway local dir; diverging callback lists can desynchronise collectives
-    callbacks = [es, k.callbacks.TensorBoard(log_dir=tb_dir), _Reporter(state, phase, es, rank)]
+    averager = None
+    if phase == "head" and cfg.swa_epochs:
+        import tensorflow as tf
+
+        strategy = tf.distribute.get_strategy()  # _fit_phase runs inside the worker's strategy scope
+        averager = _Averager(
+            cfg.swa_epochs, es, state, averaged, lambda m: recompute_batchnorm(m, strategy, train[0], train[1])
+        )
+    # identical callbacks on every worker (Keras/MWMS practice): non-chief TensorBoard writes to
+    # a throwaway local dir; diverging callback lists can desynchronise collectives.
+    # The averager runs after EarlyStopping has decided and before the checkpoint is written.
+    callbacks = [es, k.callbacks.TensorBoard(log_dir=tb_dir), _Reporter(state, phase, es, rank, averager)]
+    if averager is not None:
+        callbacks.insert(1, averager)
     warmup = cfg.warmup_epochs if phase == "head" else 0
     if cfg.lr_schedule == "cosine" or warmup:  # keyed on the absolute epoch: a resumed run continues the curve
         lr0, start = (cfg.head_lr if phase == "head" else cfg.fine_tune_lr), state["phase_start"]
@@ -289,13 +373,15 @@ def mixed(cfg: TrainConfig) -> bool:
     return M.mixed_wanted(cfg.mixed_precision, len(tf.config.list_physical_devices("GPU")) if cfg.use_gpu else 0)
 
 
-def _restore(cfg: TrainConfig, config: dict[str, Any], strategy: Any) -> tuple[Any, Any, dict[str, Any]]:
-    """(model, base, training state): built in the strategy's scope, from the last checkpoint if any.
+def _restore(cfg: TrainConfig, config: dict[str, Any], strategy: Any) -> tuple[Any, Any, dict[str, Any], list]:
+    """(model, base, training state, the averager's kept epochs): built in the strategy's scope, from
+    the last checkpoint if any.
     A Tune trial restored by PBT (exploit) or ``--resume`` starts a fresh Train run from
     ``initial_checkpoint``."""
     import ray.train
 
     state: dict[str, Any] = {"phase": "head", "epoch": 0, "history": [], "es": None}
+    averaged: list = []
     ckpt = ray.train.get_checkpoint() or config.get("initial_checkpoint")
     with strategy.scope():
         mdl, base = M.build(cfg, mixed=mixed(cfg))
@@ -303,9 +389,11 @@ def _restore(cfg: TrainConfig, config: dict[str, Any], strategy: Any) -> tuple[A
             with ckpt.as_directory() as d:
                 state = json.loads(Path(d, STATE_FILE).read_text())
                 mdl.set_weights(load_weights(os.path.join(d, WEIGHTS_FILE)))
+                if Path(d, AVERAGED_FILE).exists():
+                    averaged = load_averaged(os.path.join(d, AVERAGED_FILE))
             state.setdefault("resumed_at_epochs", []).append(state["epoch"])
             log.info("resumed at epoch %d (phase %s)", state["epoch"], state["phase"])
-    return mdl, base, state
+    return mdl, base, state, averaged
 
 
 def _model_meta(
@@ -349,6 +437,7 @@ def _model_meta(
         "versions": artifact.versions(),
         "history": state["history"],
         "resumed_at_epochs": state.get("resumed_at_epochs", []),
+        "averaged_epochs": state.get("averaged_epochs", []),
         "num_workers": workers,
         "num_replicas": strategy.num_replicas_in_sync,
         "strategy": strategy_name,
@@ -447,7 +536,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if config.get("ingest") == "ray_data"
         else _DriverSplits(config, cfg, autotune)
     )
-    mdl, base, state = _restore(cfg, config, strategy)
+    mdl, base, state, averaged = _restore(cfg, config, strategy)
 
     tb_dir = tempfile.mkdtemp(prefix="crackscale-tb-")
     # Every worker runs the same evaluations: MWMS needs identical op/variable-creation order on
@@ -463,7 +552,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     with strategy.scope():
         for phase in ("head", "fine_tune"):
             if state["phase"] == phase:
-                _fit_phase(mdl, base, cfg, phase, state, train, val, rank, tb_dir)
+                _fit_phase(mdl, base, cfg, phase, state, train, val, rank, tb_dir, averaged)
 
     final: dict[str, Any] = {"epochs_run": state["epoch"]}
     va_p, va_y, _ = splits.predict(mdl, "val")
