@@ -331,8 +331,6 @@ def _fit_phase(
         restore_best_weights=True,
         start_from_epoch=state["phase_start"] + cfg.min_epochs,
     )
-    # identical callbacks on every worker (Keras/MWMS practice): non-chief TensorBoard writes to
-    # a throwaway local dir; diverging callback lists can desynchronise collectives
     averager = None
     if phase == "head" and cfg.swa_epochs:
         import tensorflow as tf
