@@ -101,9 +101,8 @@ def test_weight_averaging_means_the_last_epochs_then_recomputes_batchnorm(tmp_pa
     mdl.fit(x, y, batch_size=10, epochs=3, shuffle=False, verbose=0, callbacks=[snapshot])
 
     # a resumed phase: epoch 3's weights come from the checkpoint, epochs 4 and 5 are trained now
-    path = str(tmp_path / "averaged.npz")
-    train_loop.save_averaged([(2, seen[1]), (3, seen[2])], path)
-    initial = train_loop.load_averaged(path)
+    train_loop.save_averaged([(2, seen[1]), (3, seen[2])], str(tmp_path))
+    initial = train_loop.load_averaged(str(tmp_path))
     assert [e for e, _ in initial] == [2, 3] and all(np.array_equal(a, b) for a, b in zip(initial[1][1], seen[2]))
     es, state, recomputed = types.SimpleNamespace(best_weights=None), {}, []
     averager = train_loop._Averager(3, es, state, initial, recomputed.append)

@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"
 WEIGHTS_FILE = "weights.npz"
-AVERAGED_FILE = "averaged.npz"  # swa_epochs: the head phase's last epochs' weights, for a resume
+AVERAGED_FILE = "averaged_{epoch}.npz"  # swa_epochs: one of the head phase's last epochs, for a resume
 
 
 def _distributed(strategy: Any, images: list[bytes], labels: list[int], cfg: TrainConfig, training: bool) -> Any:
@@ -206,7 +206,7 @@ class _Reporter:
                     save_weights(weights, os.path.join(tmp, WEIGHTS_FILE))
                     Path(tmp, STATE_FILE).write_text(json.dumps(state))
                     if averager is not None and not stopping:
-                        save_averaged(averager.last, os.path.join(tmp, AVERAGED_FILE))
+                        save_averaged(averager.last, tmp)
                     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
         return Impl()
@@ -243,17 +243,15 @@ class _Averager:
         return Impl()
 
 
-def save_averaged(last: Any, path: str) -> None:
-    """The averager's (epoch, weights) pairs as one .npz (key ``<epoch>/<weight index>``)."""
-    np.savez(path, **{f"{e}/{i}": w for e, ws in last for i, w in enumerate(ws)})
+def save_averaged(last: Any, directory: str) -> None:
+    """The averager's (epoch, weights) pairs, one ``save_weights`` file per epoch."""
+    for epoch, weights in last:
+        save_weights(weights, os.path.join(directory, AVERAGED_FILE.format(epoch=epoch)))
 
 
-def load_averaged(path: str) -> list[tuple[int, list[np.ndarray]]]:
-    with np.load(path) as z:
-        keys = [tuple(map(int, key.split("/"))) for key in z.files]
-        return [
-            (e, [z[f"{e}/{i}"] for i in sorted(i for e2, i in keys if e2 == e)]) for e in sorted({e for e, _ in keys})
-        ]
+def load_averaged(directory: str) -> list[tuple[int, list[np.ndarray]]]:
+    epochs = sorted(int(p.stem.split("_")[1]) for p in Path(directory).glob(AVERAGED_FILE.format(epoch="*")))
+    return [(e, load_weights(os.path.join(directory, AVERAGED_FILE.format(epoch=e)))) for e in epochs]
 
 
 def recompute_batchnorm(mdl: Any, strategy: Any, data: Any, steps: int) -> None:
@@ -387,8 +385,7 @@ def _restore(cfg: TrainConfig, config: dict[str, Any], strategy: Any) -> tuple[A
             with ckpt.as_directory() as d:
                 state = json.loads(Path(d, STATE_FILE).read_text())
                 mdl.set_weights(load_weights(os.path.join(d, WEIGHTS_FILE)))
-                if Path(d, AVERAGED_FILE).exists():
-                    averaged = load_averaged(os.path.join(d, AVERAGED_FILE))
+                averaged = load_averaged(d)
             state.setdefault("resumed_at_epochs", []).append(state["epoch"])
             log.info("resumed at epoch %d (phase %s)", state["epoch"], state["phase"])
     return mdl, base, state, averaged
