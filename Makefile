@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: venv demo test test-fast lint train-real docs clean
+.PHONY: venv demo test test-fast lint train-real train-field docs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,10 @@ test-fast: venv
 ## The quality-bar run on the real 6,000-image sample in ../shared/data (docs/benchmarks.md has its time)
 train-real: venv
 	RAY_ADDRESS=$${RAY_ADDRESS:-local} $(BIN)/python jobs/train.py --config jobs/configs/real_sample.yaml
+
+## The general model: every source in ../shared/data, METU crops and the field sets (docs/benchmarks.md has its time)
+train-field: venv
+	RAY_ADDRESS=$${RAY_ADDRESS:-local} $(BIN)/python jobs/train.py --config jobs/configs/field.yaml $(ARGS)
 
 ## docs/configuration.md, generated from the config dataclasses' help texts (crackscale/config/)
 docs: venv

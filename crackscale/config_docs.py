@@ -34,6 +34,7 @@ TITLES = {
     tune.TuneConfig: "TuneConfig: tuning",
     score.ScoreConfig: "ScoreConfig: scoring",
     storage.StorageConfig: "StorageConfig: S3 storage",
+    train.SourceConfig: "SourceConfig: a training source",
 }
 CONFIGS = tuple(TITLES)
 
@@ -72,6 +73,12 @@ def _intro(cls: type) -> str:
             "Read by `jobs/score.py` and `crackscale score`: batch scoring of images into Parquet with a "
             "trained model artifact. `--model`, `--input` and `--output` on the command line are short for "
             "`--set model=...` and so on. Example: `jobs/configs/score.yaml`."
+        ),
+        train.SourceConfig: (
+            "One entry of a " + _link(train.TrainConfig) + "'s `data:` list: a bare URI (`- ../data/site-a`) "
+            "or a mapping with these keys (`- {uri: s3://bucket/walls, weight: 0.3}`). `--set data=a,b` gives "
+            "a list of bare URIs. What a crop tree and a photo set are, how photos become labelled tiles and how "
+            "each source is split: [training](training.md#sources)."
         ),
         storage.StorageConfig: (
             "The `storage:` section of every config above (" + storage_keys + "; in a TuneConfig "
@@ -119,7 +126,8 @@ def type_name(tp: Any) -> str:
         return "section"
     origin = typing.get_origin(tp)
     if origin is tuple:
-        return f"list[{type_name(typing.get_args(tp)[0])}]"
+        inner = typing.get_args(tp)[0]
+        return f"list[{inner.__name__}]" if dataclasses.is_dataclass(inner) else f"list[{type_name(inner)}]"
     if origin is dict:
         return "mapping"
     return getattr(tp, "__name__", str(tp))
@@ -160,7 +168,10 @@ def rows(cls: type, prefix: str = "") -> list[tuple[str, str, str, str, str]]:
             else:
                 out.append((group, key, "section", "", f"{_cell(help_text(f))}. Keys: `{key}.<key>`, see {_link(tp)}"))
             continue
-        out.append((group, key, type_name(tp), _code(yaml_value(getattr(defaults, f.name))), _cell(help_text(f))))
+        text = _cell(help_text(f))
+        if typing.get_origin(tp) is tuple and dataclasses.is_dataclass(typing.get_args(tp)[0]):
+            text += f"; entry keys: {_link(typing.get_args(tp)[0])}"
+        out.append((group, key, type_name(tp), _code(yaml_value(getattr(defaults, f.name))), text))
     return out
 
 

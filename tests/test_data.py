@@ -118,7 +118,7 @@ def test_ray_data_scan_gives_the_driver_scans_split(ray_local, s3_server, s3_buc
         cfg = _cfg(tree, seed=seed)
         want, got = labelled.scan(cfg, str(tree)), ingest.scan(cfg, str(tree))
         assert got.manifest_hash == want.manifest_hash and got.stats == want.stats
-        assert ingest.manifest_csv(got.table) == labelled.manifest_csv(want.manifest)
+        assert ingest.manifest_csv(got.table, got.source) == labelled.manifest_csv(want.manifest)
         assert "image" not in got.table.column_names and got.table.num_rows == want.stats["images"]
     assert got.stats["undecodable_dropped"] == 2 and got.stats["conflicting_labels_dropped"] == 1
     upload_tree(s3_server, tree, s3_bucket, "ingest")

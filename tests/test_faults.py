@@ -368,8 +368,8 @@ def test_train_worker_killed_mid_epoch_continues_from_checkpoint(ray_local, synt
     averaging over all six head epochs keeps the epochs from before the kill."""
     import psutil
 
+    from crackscale.training import callbacks as train_callbacks
     from crackscale.training import driver as train_driver
-    from crackscale.training import loop as train_loop
 
     cfg = small_train_config(
         synth_data,
@@ -416,7 +416,7 @@ def test_train_worker_killed_mid_epoch_continues_from_checkpoint(ray_local, synt
     assert meta["data_stats"]["ingest_cached"] is True  # 60 small images: decoded once
     # the warm-up + cosine schedule continued across the restart (keyed on the absolute epoch)
     assert [h["lr"] for h in meta["history"]] == pytest.approx(
-        [train_loop.phase_lr(cfg.head_lr, i, 6, cosine=True, warmup=2) for i in range(6)], rel=1e-5
+        [train_callbacks.phase_lr(cfg.head_lr, i, 6, cosine=True, warmup=2) for i in range(6)], rel=1e-5
     )
 
 

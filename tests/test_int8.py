@@ -196,7 +196,7 @@ def test_float16_scoring_agrees_with_float32(trained_run):
 
 def test_int8_is_measured_on_at_most_2000_seeded_validation_images():
     """A big validation split is sampled (its images are decoded at once); a small one is used whole."""
-    from crackscale.training.loop import MEASURED_MAX, measured
+    from crackscale.training.inputs import MEASURED_MAX, measured
 
     images, labels = list(range(5000)), [i % 2 for i in range(5000)]
     x, y = measured(images, labels, seed=3)

@@ -360,7 +360,7 @@ def test_odd_uris_and_hostile_model_json_values_survive_csv_and_html(synth_data,
     manifest.csv and test_predictions.csv (written and read by ``csv``), so the report finds their
     images; every model.json value on the page is escaped."""
     from crackscale.data import labelled
-    from crackscale.training.loop import predictions_csv
+    from crackscale.training.quality import predictions_csv
 
     images = tmp_path / "imgs"
     images.mkdir()

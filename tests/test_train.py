@@ -13,8 +13,9 @@ from crackscale import artifact
 from crackscale import model as M
 from crackscale.data import labelled
 from crackscale.imaging import tfdecode
+from crackscale.training import callbacks as train_callbacks
 from crackscale.training import driver as train_driver
-from crackscale.training import loop as train_loop
+from crackscale.training import inputs as train_inputs
 from crackscale.training import raydata, tfdata
 
 pytestmark = pytest.mark.slow
@@ -74,12 +75,12 @@ def test_one_worker_learns_and_writes_a_self_describing_artifact(trained_run):
 
 
 def test_phase_lr_warms_up_then_decays():
-    lrs = [train_loop.phase_lr(1e-3, i, 4, cosine=True) for i in range(4)]
+    lrs = [train_callbacks.phase_lr(1e-3, i, 4, cosine=True) for i in range(4)]
     assert lrs[0] == pytest.approx(1e-3) and all(a > b > 0 for a, b in zip(lrs, lrs[1:]))
     assert lrs[2] == pytest.approx(0.5e-3)
-    warm = [train_loop.phase_lr(1e-3, i, 6, cosine=True, warmup=2) for i in range(6)]
+    warm = [train_callbacks.phase_lr(1e-3, i, 6, cosine=True, warmup=2) for i in range(6)]
     assert warm[:3] == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3]) and warm[4] == pytest.approx(0.5e-3)
-    assert [train_loop.phase_lr(1e-3, i, 3, cosine=False, warmup=1) for i in range(3)] == pytest.approx(
+    assert [train_callbacks.phase_lr(1e-3, i, 3, cosine=False, warmup=1) for i in range(3)] == pytest.approx(
         [0.5e-3, 1e-3, 1e-3]
     )
 
@@ -101,11 +102,11 @@ def test_weight_averaging_means_the_last_epochs_then_recomputes_batchnorm(tmp_pa
     mdl.fit(x, y, batch_size=10, epochs=3, shuffle=False, verbose=0, callbacks=[snapshot])
 
     # a resumed phase: epoch 3's weights come from the checkpoint, epochs 4 and 5 are trained now
-    train_loop.save_averaged([(2, seen[1]), (3, seen[2])], str(tmp_path))
-    initial = train_loop.load_averaged(str(tmp_path))
+    train_callbacks.save_averaged([(2, seen[1]), (3, seen[2])], str(tmp_path))
+    initial = train_callbacks.load_averaged(str(tmp_path))
     assert [e for e, _ in initial] == [2, 3] and all(np.array_equal(a, b) for a, b in zip(initial[1][1], seen[2]))
     es, state, recomputed = types.SimpleNamespace(best_weights=None), {}, []
-    averager = train_loop._Averager(3, es, state, initial, recomputed.append)
+    averager = train_callbacks.Averager(3, es, state, initial, recomputed.append)
     mdl.fit(x, y, batch_size=10, epochs=5, initial_epoch=3, shuffle=False, verbose=0, callbacks=[snapshot, averager])
     for got, a, b, c in zip(mdl.get_weights(), seen[2], seen[3], seen[4]):
         np.testing.assert_allclose(got, (a + b + c) / 3, rtol=1e-5)
@@ -114,7 +115,7 @@ def test_weight_averaging_means_the_last_epochs_then_recomputes_batchnorm(tmp_pa
 
     bn = mdl.layers[2]
     batches = tf.data.Dataset.from_tensor_slices((x, y)).batch(10).repeat()
-    train_loop.recompute_batchnorm(mdl, tf.distribute.get_strategy(), batches, 4)
+    train_callbacks.recompute_batchnorm(mdl, tf.distribute.get_strategy(), batches, 4)
     h = mdl.layers[1](x).numpy().reshape(4, 10, 3)  # the BatchNorm input, per batch
     np.testing.assert_allclose(bn.moving_mean.numpy(), h.mean(axis=1).mean(axis=0), rtol=1e-5)
     np.testing.assert_allclose(bn.moving_variance.numpy(), h.var(axis=1).mean(axis=0), rtol=1e-3)
@@ -137,9 +138,9 @@ def test_training_and_evaluation_resize_as_configured(synth_data):
     assert np.abs(decoded[True] - decoded[False]).max() > 10  # the two resizes differ on these images
     for aa in (False, True):
         cfg = replace(TrainConfig(), image_size=96, batch_size=4, resize_antialias=aa)
-        x = next(iter(train_loop._distributed(tf.distribute.get_strategy(), images, labels, cfg, training=False)))[0]
+        x = next(iter(train_inputs.distributed(tf.distribute.get_strategy(), images, labels, cfg, training=False)))[0]
         np.testing.assert_array_equal(x.numpy(), decoded[aa])
-        p = M.predict(mean_pixel, train_loop._in_order(cfg, images, labels))
+        p = M.predict(mean_pixel, train_inputs.in_order(cfg, images, labels))
         np.testing.assert_allclose(p, decoded[aa].mean(axis=(1, 2, 3)) / 255.0, rtol=1e-5)
         rows = {"uri": np.array([str(f) for f in pos + neg]), "label": np.array(labels)}
         got = raydata.decode_rows(rows, 96, aa, {})
@@ -195,7 +196,8 @@ import json, sys
 import tensorflow as tf
 from tensorflow.python.data.ops import multi_device_iterator_ops as mdi
 from crackscale.training import tfdata
-from crackscale.training import loop as train_loop
+from crackscale.training import callbacks as train_callbacks
+from crackscale.training import inputs as train_inputs
 from crackscale.training import raydata
 from crackscale.training import strategy as train_strategy
 from crackscale.config.loader import replace
@@ -213,8 +215,8 @@ tfdata.tf_dataset = lambda *a, **k: sources.append(tf_dataset(*a, **k)) or sourc
 strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 images = [open(p, "rb").read() for p in sys.argv[2:]]
 cfg = replace(TrainConfig(), image_size=32, batch_size=4)
-x = next(iter(train_loop._distributed(strategy, images, [0, 1, 0, 1], cfg, training=True)))[0]
-next(iter(train_loop._distributed(tf.distribute.get_strategy(), images, [0, 1, 0, 1], cfg, training=True)))
+x = next(iter(train_inputs.distributed(strategy, images, [0, 1, 0, 1], cfg, training=True)))[0]
+next(iter(train_inputs.distributed(tf.distribute.get_strategy(), images, [0, 1, 0, 1], cfg, training=True)))
 inner = [c.cell_contents for c in build.__closure__ or ()]  # what the wrapper wraps
 print(json.dumps({"wrapped_once": getattr(build, "crackscale_no_autotune", False) and
                   not any(getattr(f, "crackscale_no_autotune", False) for f in inner if callable(f)),
@@ -252,7 +254,8 @@ import tensorflow as tf
 from crackscale import model as M
 from crackscale.config.loader import replace
 from crackscale.config.train import TrainConfig
-from crackscale.training import loop as train_loop
+from crackscale.training import callbacks as train_callbacks
+from crackscale.training import inputs as train_inputs
 from crackscale.training import raydata
 
 cpu = tf.config.list_physical_devices("CPU")[0]
@@ -277,7 +280,7 @@ class Counting:
             yield b
 ray.train.get_dataset_shard = lambda name: Counting(ds.iterator())
 strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-source = train_loop._RayDataSplits({"rows": {"train": len(uris)}}, cfg, 1, autotune=False)
+source = train_inputs.RayDataSplits({"rows": {"train": len(uris)}}, cfg, 1, autotune=False)
 data, steps = source.fit_data(strategy, "train", training=True)
 with strategy.scope():
     mdl, base = M.build(cfg)
@@ -312,7 +315,8 @@ TRAINER_WITHOUT_TF = """
 import json, os, sys
 import ray
 from ray import cloudpickle
-from crackscale.training import loop as train_loop
+from crackscale.training import callbacks as train_callbacks
+from crackscale.training import inputs as train_inputs
 from crackscale.training import raydata
 from crackscale.training import strategy as train_strategy
 from crackscale.training import driver as train_driver

@@ -9,14 +9,73 @@ from crackscale.config.storage import StorageConfig
 
 
 @dataclasses.dataclass(frozen=True)
+class SourceConfig:
+    """One training source: a labelled-crop tree or a photo set with masks. Keys: docs/configuration.md."""
+
+    uri: str = setting(
+        "",
+        help=(
+            "Local path or s3:// prefix: a labelled-crop tree (<uri>/<class>/<files>) or a photo set "
+            "(<uri>/photos/ + <uri>/masks/, one mask per photo with the same stem)"
+        ),
+    )
+    name: str = setting("", help='Name in tables and model.json; "" = the last part of uri')
+    weight: float = setting(
+        0.0,
+        help=(
+            "Share of each training epoch drawn from this source, in [0, 1]; 0 = by its size "
+            "(sources without a weight share what the weighted ones leave, in proportion to their size)"
+        ),
+    )
+    group_pattern: str = setting(
+        "",
+        help=(
+            'Source-photo key of a file name (as the top-level group_pattern); "" = the top-level '
+            "group_pattern for crops, the photo itself for photo sets"
+        ),
+    )
+    group_size: int = setting(0, help="Bucket size for numeric keys (as the top-level group_size); 0 = the top-level")
+    target_recall: float = setting(
+        0.0,
+        help=(
+            "Recall on this source's validation items that the decision threshold must keep, in (0, 1]; "
+            "0 = the top-level target_recall"
+        ),
+    )
+
+    @classmethod
+    def from_string(cls, value: str) -> SourceConfig:
+        """A bare URI in YAML or ``--set data=a,b``."""
+        return cls(uri=value)
+
+    def label(self) -> str:
+        """The source's name in tables: ``name``, else the last part of its URI."""
+        return self.name or self.uri.rstrip("/").rsplit("/", 1)[-1]
+
+    def validate(self) -> None:
+        check(bool(self.uri), "config key 'data[].uri' must name a folder or s3:// prefix")
+        check(0 <= self.weight <= 1, f"config key 'data[].weight' of {self.uri} must be in [0, 1]")
+        check(self.group_size >= 0, f"config key 'data[].group_size' of {self.uri} must be >= 0")
+        check(0 <= self.target_recall <= 1, f"config key 'data[].target_recall' of {self.uri} must be in [0, 1]")
+
+
+def sources_of(value: object) -> tuple[SourceConfig, ...]:
+    """``data`` as given to ``TrainConfig(...)`` in code: a URI, comma-separated URIs, or sources."""
+    if isinstance(value, str):
+        return tuple(SourceConfig(uri=v.strip()) for v in value.split(",") if v.strip())
+    return tuple(v if isinstance(v, SourceConfig) else SourceConfig(**v) for v in value)  # type: ignore[union-attr]
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Everything one training run needs. Keys: docs/configuration.md, "TrainConfig"."""
 
-    data: str = setting(
-        "",
+    data: tuple[SourceConfig, ...] = setting(
+        (),
         group="Data",
         help=(
-            "Labelled image tree <data>/<class>/<files>, a local path or s3://bucket/prefix; "
+            "Training sources: one or a list, each a URI or a mapping of source keys; a labelled-crop tree "
+            "<uri>/<class>/<files> or a photo set <uri>/photos + <uri>/masks (docs/training.md#sources); "
             '"" = generate synthetic demo images into synth_dir'
         ),
     )
@@ -81,6 +140,38 @@ class TrainConfig:
         help=(
             "Side in pixels of the crops the model learns from, recorded in the artifact: scoring cuts larger "
             "photos into tiles of this size; 0 = learn it from the training images (their most common longer side)"
+        ),
+    )
+    tile_overlap: float = setting(
+        0.0,
+        group="Data",
+        help=(
+            "Photo sets: share of a tile's side that neighbouring tiles overlap, in [0, 0.9); the grid scoring "
+            "cuts photos on (score with the same tile_overlap)"
+        ),
+    )
+    tile_above: float = setting(
+        1.5,
+        group="Data",
+        help=(
+            "Photo sets: a photo is cut into tiles when its longer side exceeds this many tile sides (> 1), "
+            "as in scoring"
+        ),
+    )
+    mask_min_pixels: int = setting(
+        100,
+        group="Data",
+        help=(
+            "Photo sets: a tile is a crack tile when its window of the mask holds at least this many crack "
+            "pixels (>= 1)"
+        ),
+    )
+    mask_margin: int = setting(
+        16,
+        group="Data",
+        help=(
+            "Photo sets: a tile is clean when its window grown by this many pixels on every side holds no crack "
+            "pixel; tiles between clean and crack are left out"
         ),
     )
     image_size: int = setting(
@@ -293,12 +384,29 @@ class TrainConfig:
         StorageConfig(), group="Outputs", help="S3 connection settings for data, run storage and the artifact"
     )
 
+    def __post_init__(self) -> None:
+        # code builds configs directly too (TrainConfig(data="path")): the same forms YAML takes
+        object.__setattr__(self, "data", sources_of(self.data))
+
     def validate(self) -> None:
         """Raise ConfigError naming the first inconsistent key."""
         _validate_train(self)
 
 
 def _validate_train(self: TrainConfig) -> None:
+    for source in self.data:
+        source.validate()
+    names = [s.label() for s in self.data]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    check(not dup, f"config key 'data': two sources are named {dup[:1]}; give one a name:")
+    check(
+        sum(s.weight for s in self.data) <= 1 + 1e-9,
+        "config key 'data': the sources' weights add up to more than 1",
+    )
+    check(0 <= self.tile_overlap < 0.9, "config key 'tile_overlap' must be in [0, 0.9)")
+    check(self.tile_above > 1, "config key 'tile_above' must be > 1")
+    check(self.mask_min_pixels >= 1, "config key 'mask_min_pixels' must be >= 1")
+    check(self.mask_margin >= 0, "config key 'mask_margin' must be >= 0")
     check(len(self.class_names) == 2, "config key 'class_names' must list exactly two classes")
     check(
         self.crack_class in self.class_names,

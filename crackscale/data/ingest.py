@@ -27,9 +27,10 @@ import pyarrow.compute as pc
 
 from crackscale import storage
 from crackscale.config.storage import StorageConfig
-from crackscale.config.train import TrainConfig
+from crackscale.config.train import SourceConfig, TrainConfig
 from crackscale.data.labelled import (
     MANIFEST_COLUMNS,
+    SOURCE_COLUMNS,
     SPLITS,
     DataError,
     assign_splits,
@@ -52,6 +53,7 @@ class Index:
     table: pa.Table
     manifest_hash: str
     stats: dict[str, Any]
+    source: str = ""  # the one source's name (the manifest's source column)
 
     def split(self, name: str) -> pa.Table:
         return self.table.filter(pc.equal(self.table["split"], name))
@@ -286,10 +288,10 @@ def manifest_hash(t: pa.Table) -> str:
     return h.hexdigest()
 
 
-def manifest_chunks(t: pa.Table) -> Iterator[bytes]:
-    """``labelled.manifest_csv`` of the table (the same columns, the same ``csv`` quoting) as
-    UTF-8 pieces of a few thousand rows, for :func:`storage.write_chunks`: a million-row manifest
-    is never one string in the driver."""
+def manifest_chunks(t: pa.Table, source: str) -> Iterator[bytes]:
+    """``labelled.manifest_csv`` of the table (the same columns, the same ``csv`` quoting; every
+    row a whole file of ``source``) as UTF-8 pieces of a few thousand rows, for
+    :func:`storage.write_chunks`: a million-row manifest is never one string in the driver."""
     cols = t.select(list(MANIFEST_COLUMNS))
     sha = MANIFEST_COLUMNS.index("sha256")
     header = True
@@ -297,19 +299,21 @@ def manifest_chunks(t: pa.Table) -> Iterator[bytes]:
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
         if header:
-            w.writerow(MANIFEST_COLUMNS)
+            w.writerow(MANIFEST_COLUMNS + SOURCE_COLUMNS)
             header = False
         columns = [batch.column(i).to_pylist() for i in range(len(MANIFEST_COLUMNS))]
         columns[sha] = [d.hex() for d in columns[sha]]
+        n = batch.num_rows
+        columns += [[source] * n] + [[0] * n] * (len(SOURCE_COLUMNS) - 1)
         w.writerows(zip(*columns))
         yield buf.getvalue().encode()
     if header:
-        yield (",".join(MANIFEST_COLUMNS) + "\n").encode()
+        yield (",".join(MANIFEST_COLUMNS + SOURCE_COLUMNS) + "\n").encode()
 
 
-def manifest_csv(t: pa.Table) -> str:
+def manifest_csv(t: pa.Table, source: str) -> str:
     """The whole manifest as one string (small tables; tests compare it with ``labelled``'s)."""
-    return b"".join(manifest_chunks(t)).decode()
+    return b"".join(manifest_chunks(t, source)).decode()
 
 
 @contextlib.contextmanager
@@ -347,6 +351,7 @@ def _scan(cfg: TrainConfig, data_uri: str) -> Index:
     sides, first_at, n_side = np.unique(
         np.maximum(t["width"].to_numpy(), t["height"].to_numpy()), return_index=True, return_counts=True
     )
+    source = SourceConfig(uri=data_uri).label()
     stats = {
         "files": len(files),
         **dropped,
@@ -354,6 +359,10 @@ def _scan(cfg: TrainConfig, data_uri: str) -> Index:
         "per_split": counts,
         "groups": len(pc.unique(t["group"])),
         "source_size": int(sides[np.lexsort((first_at, -n_side))[0]]) if len(sides) else 0,
+        # the same per-source record labelled.scan keeps, for its one source
+        "sources": {
+            source: {"uri": data_uri, "kind": "crops", "items": len(t), "per_split": counts, **dropped},
+        },
     }
     log.info("data: %s", stats)
-    return Index(table=t, manifest_hash=manifest_hash(t), stats=stats)
+    return Index(table=t, manifest_hash=manifest_hash(t), stats=stats, source=source)

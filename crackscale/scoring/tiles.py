@@ -2,13 +2,13 @@
 that size in source pixels (sliding-window classification), each resized to the model's input as
 training resized its crops, and scored; the photo's verdict is its highest tile.
 
-The grid: ``tile_overlap`` of a tile's side is shared by neighbouring tiles, and the last tile of a
-row or column is shifted inward to end at the photo's edge, so every pixel is in some tile. A
-photo whose longer side is at most ``tile_above`` tile sides is scored whole, as a crop."""
+The grid (``imaging.grid``, which training cuts photos with too): ``tile_overlap`` of a tile's side
+is shared by neighbouring tiles, and the last tile of a row or column is shifted inward to end at
+the photo's edge, so every pixel is in some tile. A photo whose longer side is at most
+``tile_above`` tile sides is scored whole, as a crop."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from crackscale.config.score import ScoreConfig
+from crackscale.imaging import grid as grid_
 from crackscale.imaging import photo
 
 TILES_SCHEMA = pa.schema(
@@ -41,24 +42,10 @@ def tile_side(meta: dict[str, Any], cfg: ScoreConfig) -> int:
 
 def tiled(width: int, height: int, side: int, cfg: ScoreConfig) -> bool:
     """Whether a photo of this size is cut into tiles."""
-    return side > 0 and max(width, height) > cfg.tile_above * side
+    return grid_.tiled(width, height, side, cfg.tile_above)
 
 
-def _starts(n: int, t: int, stride: int) -> list[int]:
-    if n <= t:
-        return [0]
-    return [min(i * stride, n - t) for i in range(math.ceil((n - t) / stride) + 1)]
-
-
-def grid(width: int, height: int, side: int, overlap: float) -> list[tuple[int, int, int, int, int, int]]:
-    """(row, col, x, y, w, h) of every tile, row by row; a side longer than the photo is cut to it."""
-    stride = max(1, round(side * (1 - overlap)))
-    tw, th = min(side, width), min(side, height)
-    return [
-        (r, c, x, y, tw, th)
-        for r, y in enumerate(_starts(height, th, stride))
-        for c, x in enumerate(_starts(width, tw, stride))
-    ]
+grid = grid_.grid
 
 
 def cut(img: np.ndarray, side: int, overlap: float, image_size: int, antialias: bool) -> Iterator[np.ndarray]:

@@ -17,7 +17,7 @@ from typing import Any
 
 from crackscale import artifact, raysession, storage
 from crackscale.config.loader import ConfigError, dump, from_dict, to_dict
-from crackscale.config.train import TrainConfig
+from crackscale.config.train import SourceConfig, TrainConfig
 from crackscale.data import labelled, synth
 from crackscale.training.backend import MWMSConfig
 from crackscale.training.loop import train_loop_per_worker
@@ -25,13 +25,29 @@ from crackscale.training.loop import train_loop_per_worker
 log = logging.getLogger(__name__)
 
 
-def resolve_data(cfg: TrainConfig) -> str:
-    """The data URI; with ``data: ""`` synthetic demo images are generated first."""
+def resolve_data(cfg: TrainConfig) -> tuple[SourceConfig, ...]:
+    """The training sources; with ``data: ""`` synthetic demo images are generated first."""
     if cfg.data:
         return cfg.data
-    return str(
-        synth.generate(cfg.synth_dir, per_class=cfg.synth_per_class, seed=cfg.seed, class_names=tuple(cfg.class_names))
-    )  # type: ignore[arg-type]
+    classes = tuple(cfg.class_names)
+    uri = synth.generate(cfg.synth_dir, per_class=cfg.synth_per_class, seed=cfg.seed, class_names=classes)
+    return (SourceConfig(uri=str(uri)),)
+
+
+def describe(srcs: tuple[SourceConfig, ...]) -> str:
+    """The sources' URIs, for messages."""
+    return ", ".join(s.uri for s in srcs)
+
+
+def single_crop_tree(cfg: TrainConfig, srcs: tuple[SourceConfig, ...]) -> str:
+    """The URI of ``ingest: ray_data``'s one source; refuses several sources or a photo set."""
+    from crackscale.data import sources
+
+    if len(srcs) != 1 or sources.kind(srcs[0], cfg.storage) != sources.CROPS:
+        raise ConfigError(
+            "ingest: ray_data reads one labelled-crop tree; several sources or a photo set train with ingest: driver"
+        )
+    return srcs[0].uri
 
 
 def auto_workers(cfg: TrainConfig) -> tuple[int, int]:
@@ -84,7 +100,7 @@ def absolute_paths(cfg: TrainConfig) -> TrainConfig:
         TrainConfig,
         {
             **to_dict(cfg),
-            "data": fix(cfg.data),
+            "data": [{**to_dict(s), "uri": fix(s.uri)} for s in cfg.data],
             "output": raysession.durable(cfg.output, "output"),
             "storage_path": raysession.durable(cfg.storage_path, "storage_path"),
             # synthetic demo data is written there: an output unless data names the input
@@ -126,10 +142,10 @@ def prepare(cfg: TrainConfig, prepared: labelled.Prepared | None = None) -> dict
     """The worker config for ``cfg``: image bytes go to Ray's object store, read once here."""
     import ray
 
-    data_uri = resolve_data(cfg)
+    srcs = resolve_data(cfg)
     if prepared is None:
-        prepared = labelled.scan(cfg, data_uri)
-    ref = ray.put({s: (prepared.images[s], prepared.labels[s]) for s in labelled.SPLITS})
+        prepared = labelled.scan(cfg, srcs)
+    ref = ray.put({s: (prepared.images[s], prepared.labels[s], prepared.sources[s]) for s in labelled.SPLITS})
     return {
         "cfg": to_dict(cfg),
         "data": ref,
@@ -138,7 +154,7 @@ def prepare(cfg: TrainConfig, prepared: labelled.Prepared | None = None) -> dict
         "manifest_hash": prepared.manifest_hash,
         "manifest_csv": labelled.manifest_csv(prepared.manifest),
         "data_stats": prepared.stats,
-        "data_uri": data_uri,
+        "data_uri": describe(srcs),
         "test_uris": [r["uri"] for r in prepared.manifest if r["split"] == "test"],
     }
 
@@ -150,7 +166,7 @@ def prepare_ray_data(cfg: TrainConfig, manifest_uri: str) -> tuple[dict[str, Any
     from crackscale.data import ingest
     from crackscale.training import loop, raydata
 
-    data_uri = resolve_data(cfg)
+    data_uri = single_crop_tree(cfg, resolve_data(cfg))
     index = ingest.scan(cfg, data_uri)
     datasets, cached = raydata.datasets(cfg, index)
     tr, va = index.split("train"), index.split("val")
@@ -174,7 +190,7 @@ def prepare_ray_data(cfg: TrainConfig, manifest_uri: str) -> tuple[dict[str, Any
             "measured_labels": m_y,
         },
     }
-    return loop_config, datasets, ingest.manifest_chunks(index.table)
+    return loop_config, datasets, ingest.manifest_chunks(index.table, index.source)
 
 
 def run(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:

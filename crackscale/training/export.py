@@ -14,13 +14,14 @@ from crackscale import artifact, storage
 from crackscale.config.loader import ConfigError, from_dict
 from crackscale.config.storage import StorageConfig
 from crackscale.config.train import TrainConfig
-from crackscale.training.loop import decoded, measured, representative
+from crackscale.data import sources
+from crackscale.training.inputs import decoded, measured, representative
 
 
 def _read(uri: str, cfg: StorageConfig | None) -> bytes:
     try:
-        return storage.read_bytes(uri, cfg)
-    except (OSError, storage.StorageError) as e:
+        return sources.read_items([uri], cfg)[0]
+    except (OSError, storage.StorageError, sources.DataError) as e:
         raise ConfigError(
             f"cannot read {uri}, named in the artifact's manifest.csv ({e}): the int8 export is calibrated "
             "and measured on the images the model was trained on"

@@ -49,6 +49,38 @@ def tf_dataset(
     return ds if autotune else ds.with_options(no_autotune_options())
 
 
+def weighted_dataset(
+    parts: list[tuple[list[bytes], list[int]]],
+    weights: list[float],
+    image_size: int,
+    batch_size: int,
+    seed: int,
+    shard: tuple[int, int] = (1, 0),
+    *,
+    antialias: bool,
+    autotune: bool = True,
+) -> Any:
+    """Endless shuffled training batches whose items come from ``parts`` (one per source) with
+    probabilities ``weights``; each part is decoded once and cached like ``tf_dataset``."""
+    import tensorflow as tf
+
+    num, index = shard
+    streams = []
+    for images, labels in parts:
+        ds = tf.data.Dataset.from_tensor_slices(
+            (tf.constant(images, dtype=tf.string), tf.constant(labels, dtype=tf.float32))
+        )
+        if num > 1:
+            ds = ds.shard(num, index)
+        ds = ds.map(lambda b, y: (decode_uint8(b, image_size, antialias), y), num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.cache().shuffle(min(len(images), 4096), seed=seed, reshuffle_each_iteration=True).repeat()
+        streams.append(ds)
+    ds = tf.data.Dataset.sample_from_datasets(streams, weights=weights, seed=seed)
+    ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), y))
+    ds = ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    return ds if autotune else ds.with_options(no_autotune_options())
+
+
 def no_autotune_options() -> Any:
     """tf.data options without the autotuning model thread (AUTOTUNE map parallelism then means one
     call per core, and prefetch buffers still grow on demand).
