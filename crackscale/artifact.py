@@ -168,6 +168,7 @@ class Int8Data:
     representative: np.ndarray
     val_images: np.ndarray
     val_labels: np.ndarray
+    val_sources: list[str] | None = None  # each validation image's source: the threshold holds on each
 
 
 def _export_int8(model: Any, local: Path, meta: dict[str, Any], data: Int8Data) -> dict[str, Any]:
@@ -191,7 +192,9 @@ def _export_int8(model: Any, local: Path, meta: dict[str, Any], data: Int8Data) 
         log.warning("no int8 export stored in the artifact: %s", msg)
         return {"error": msg[:500]}
     thr32 = float(meta.get("threshold", 0.5))
-    thr8 = M.threshold_for_recall(y, p8, float(meta.get("target_recall", 0.99)))
+    names = data.val_sources if data.val_sources is not None else [""] * len(y)
+    targets = meta.get("target_recall_by_source") or {}
+    thr8, _ = M.threshold_for_sources(y, p8, names, targets, float(meta.get("target_recall", 0.99)))
     m8, m32 = M.metrics(y, p8, thr8), M.metrics(y, p32, thr32)
     record = {
         "file": INT8_FILE,

@@ -36,6 +36,7 @@ EXAMPLES = {
     "doctor": "crackscale doctor",
     "repair": "crackscale repair --output s3://bucket/scores/",
     "export": "crackscale export --int8 demo/runs/train-20261124-101500/model",
+    "evaluate": "crackscale evaluate --model runs/field/model --data ../shared/data/field/cfd --data site-b/",
 }
 MORE_EXAMPLES = {
     "synth": ["crackscale synth --out demo/photos --photos 1 --grid 8x6"],
@@ -53,6 +54,7 @@ MORE_EXAMPLES = {
         "--set storage.s3_endpoint=http://minio:9000",
     ],
     "tune": ["crackscale tune --config jobs/configs/tune.yaml --set scheduler=pbt"],
+    "evaluate": ["crackscale evaluate --model runs/field/model --data ../shared/data/concrete-crack --split test"],
 }
 HELP = {
     "train": "train a model (same as jobs/train.py)",
@@ -63,6 +65,7 @@ HELP = {
     "report": "(re)build the HTML report of a scoring run or a model artifact",
     "doctor": "check Python/TF/Ray versions, the Ray cluster, S3 and GPUs",
     "repair": "move unreadable output files aside so that the next run scores their images again",
+    "evaluate": "measure a model artifact on labelled sources, source by source (JSON + an HTML page of its errors)",
     "export": "add an int8 LiteRT export (measured on its validation split) or the heatmap export to a model artifact",
 }
 USER_ERRORS: tuple[type[BaseException], ...] = (
@@ -352,6 +355,43 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def evaluate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model artifact directory (local or s3://)")
+    p.add_argument(
+        "--data",
+        action="append",
+        required=True,
+        help="a labelled source: crop tree <uri>/<class>/ or photo set <uri>/photos + <uri>/masks (repeatable)",
+    )
+    p.add_argument(
+        "--split",
+        default="all",
+        choices=("all", "train", "val", "test"),
+        help="all items (a source the model never saw), or only those the artifact's manifest put in this split",
+    )
+    p.add_argument("--runtime", default="auto", help="auto (as scoring chooses), litert, litert-int8 or tf")
+    p.add_argument("--report", default="", help="where the HTML page goes (default: evaluations/<model>-<time>)")
+    p.add_argument("--max-errors", type=int, default=24, help="wrong items shown per source (default 24)")
+    add_config_args(p, " (a scoring config: its storage is read)")
+    add_storage_flag(p)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    import datetime as dt
+
+    from crackscale.evaluation import evaluate
+    from crackscale.reports.evaluation import evaluation_report
+    from crackscale.reports.page import safely
+
+    storage_cfg = scoring_config(args, {}).storage
+    summary, items = evaluate(args.model, list(args.data), args.split, args.runtime, storage_cfg)
+    dest = args.report or storage.join(
+        "evaluations", f"{storage.basename(args.model)}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    )
+    summary["report"] = safely(evaluation_report, summary, items, dest, storage_cfg, args.max_errors)
+    return summary
+
+
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], Any]]] = {
     "train": (train_arguments, cmd_train),
     "synth": (synth_arguments, cmd_synth),
@@ -362,6 +402,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[a
     "doctor": (doctor_arguments, cmd_doctor),
     "repair": (repair_arguments, cmd_repair),
     "export": (export_arguments, cmd_export),
+    "evaluate": (evaluate_arguments, cmd_evaluate),
 }
 
 

@@ -212,6 +212,48 @@ def threshold_for_recall(y: np.ndarray, p: np.ndarray, target: float) -> float:
     return float(pos[len(pos) - k_]) if k_ > 0 else 1.0
 
 
+def source_table(y: np.ndarray, p: np.ndarray, names: list[str], threshold: float) -> dict[str, dict[str, Any]]:
+    """Per source, in order of first appearance: items, cracks, recall, false alarms (share of
+    clean items called crack), precision and ROC-AUC at ``threshold``; a rate with nothing to
+    count (recall of a clean-only source) is None."""
+    y, p, names_ = np.asarray(y).astype(int), np.asarray(p, dtype=float), np.asarray(names)
+    out: dict[str, dict[str, Any]] = {}
+    for name in dict.fromkeys(names):
+        sel = names_ == name
+        ys, ps = y[sel], p[sel]
+        called = ps >= threshold
+        pos, neg = int(ys.sum()), int((1 - ys).sum())
+        tp, fp = int((called & (ys == 1)).sum()), int((called & (ys == 0)).sum())
+        auc = roc_auc(ys, ps)
+        out[str(name)] = {
+            "n": int(len(ys)),
+            "cracks": pos,
+            "clean": neg,
+            "recall": tp / pos if pos else None,
+            "false_alarms": fp / neg if neg else None,
+            "precision": tp / (tp + fp) if tp + fp else None,
+            "roc_auc": None if np.isnan(auc) else auc,
+            "missed": pos - tp,
+            "false_alarm_count": fp,
+        }
+    return out
+
+
+def threshold_for_sources(
+    y: np.ndarray, p: np.ndarray, names: list[str], targets: dict[str, float], default: float
+) -> tuple[float, dict[str, float]]:
+    """The highest threshold that keeps each source's recall on its own items at its target
+    (``targets``, else ``default``; a source without cracks sets none), and each source's own
+    threshold. With one target for all, pooled recall then holds too."""
+    y, p, names_ = np.asarray(y).astype(int), np.asarray(p, dtype=float), np.asarray(names)
+    own = {
+        str(n): threshold_for_recall(y[names_ == n], p[names_ == n], targets.get(str(n), default))
+        for n in dict.fromkeys(names)
+        if (y[names_ == n] == 1).any()
+    }
+    return (min(own.values()) if own else threshold_for_recall(y, p, default)), own
+
+
 def metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, Any]:
     """Accuracy, precision, recall, ROC-AUC, confusion matrix at ``threshold``."""
     y = y.astype(int)

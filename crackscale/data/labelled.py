@@ -163,14 +163,16 @@ def check_counts(cfg: TrainConfig, counts: dict[str, dict[str, int]], n: int, da
                 )
 
 
-def _read(cfg: TrainConfig, srcs: tuple[SourceConfig, ...]) -> tuple[list[dict[str, Any]], list[bytes], dict[str, Any]]:
+def _read(
+    cfg: TrainConfig, srcs: tuple[SourceConfig, ...], strict: bool
+) -> tuple[list[dict[str, Any]], list[bytes], dict[str, Any]]:
     """Every source's items in config order, their bytes, and each source's own counts. Crop trees
     are read first: the tile side of photo sets is ``source_size``, else learned from the crops."""
     kinds = [sources.kind(s, cfg.storage) for s in srcs]
     got: dict[str, sources.Items] = {}
     for src, k in zip(srcs, kinds):
         if k == sources.CROPS:
-            got[src.label()] = sources.read_crops(cfg, src, strict=len(srcs) == 1)
+            got[src.label()] = sources.read_crops(cfg, src, strict=strict)
             _facts(got[src.label()].rows, got[src.label()].blobs)
     side = cfg.source_size or source_size([r for it in got.values() for r in it.rows if not r["reason"]])
     if sources.PHOTOS in kinds and not side:
@@ -209,7 +211,7 @@ def scan(cfg: TrainConfig, data: str | tuple[SourceConfig, ...] | None = None) -
     if not srcs:
         raise DataError("no training data: config key 'data' names no source")
     what = ", ".join(s.uri for s in srcs)
-    rows, blobs, per = _read(cfg, srcs)
+    rows, blobs, per = _read(cfg, srcs, strict=len(srcs) == 1)
     keep, dropped = _dedupe(rows)
     _split(cfg, srcs, rows, keep)
     manifest = [rows[i] for i in keep]
@@ -239,6 +241,19 @@ def scan(cfg: TrainConfig, data: str | tuple[SourceConfig, ...] | None = None) -
         stats=stats,
         sources=names,
     )
+
+
+def collect(
+    cfg: TrainConfig, srcs: tuple[SourceConfig, ...]
+) -> tuple[list[dict[str, Any]], list[bytes], dict[str, Any]]:
+    """Every usable item of the sources, de-duplicated as ``scan`` does, unsplit (what ``crackscale
+    evaluate`` scores): the rows, their bytes and each source's counts. A source may hold one class."""
+    if not srcs:
+        raise DataError("no data: name at least one source")
+    rows, blobs, per = _read(cfg, srcs, strict=False)
+    keep, _ = _dedupe(rows)
+    _source_stats(cfg, rows, [dict(rows[i], split="test") for i in keep], per)
+    return [rows[i] for i in keep], [blobs[i] for i in keep], per
 
 
 def manifest_hash(manifest: list[dict[str, Any]]) -> str:

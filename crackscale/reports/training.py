@@ -13,7 +13,8 @@ import numpy as np
 
 from crackscale import artifact, storage
 from crackscale.config.storage import StorageConfig
-from crackscale.reports.page import Page, esc, figure, num, td, thumb
+from crackscale.reports.items import picture, source_table
+from crackscale.reports.page import Page, esc, figure, num, td
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +156,7 @@ def _errors(
     for k, (uri, label, p) in enumerate((fns + fps)[:limit]):
         kind = "fn" if label == 1 else "fp"
         try:
-            img = page.png(f"errors/{k:03d}.png", thumb(storage.read_bytes(uri, cfg)), f"{kind} {uri}")
+            img = page.png(f"errors/{k:03d}.png", picture(uri, cfg), f"{kind} {uri}")
         except Exception as e:  # noqa: BLE001 - an unreadable image must not sink the report
             img = f"<p class='muted'>image unavailable: {esc(str(e).splitlines()[0][:120])}</p>"
         cells.append(
@@ -200,6 +201,41 @@ def _exports(meta: dict[str, Any]) -> str:
     )
 
 
+def _sources(meta: dict[str, Any]) -> str:
+    """What each training source gave (items per split and class, tiles left out) and its test
+    split's quality at the artifact's threshold."""
+    stats = (meta.get("data_stats") or {}).get("sources") or {}
+    per_source = ((meta.get("metrics") or {}).get("after") or {}).get("per_source") or {}
+    if not stats:
+        return ""
+    rows = []
+    for name, st in stats.items():
+        split = st.get("per_split", {})
+        counts = " · ".join(f"{s} " + "/".join(str(v) for v in split.get(s, {}).values()) for s in split)
+        extra = f", {st['photos']} photos, {st['tiles_left_out']} tiles left out" if "photos" in st else ""
+        rows.append(
+            f"<tr><td class='l'>{esc(name)}</td><td class='l'>{esc(st.get('kind', ''))}{esc(extra)}</td>"
+            f"<td class='l'>{esc(counts)}</td></tr>"
+        )
+    classes = "/".join(meta.get("class_names") or [])
+    out = [
+        "<h2>Sources</h2>",
+        f"<table><tr><th class='l'>source</th><th class='l'>kind</th><th class='l'>items per split ({esc(classes)})"
+        f"</th></tr>{''.join(rows)}</table>",
+    ]
+    if per_source.get("test"):
+        own = (meta.get("metrics") or {}).get("after", {}).get("threshold_by_source") or {}
+        out += [
+            "<h3>Test split, source by source</h3>",
+            source_table(per_source["test"], "test"),
+            "<p class='muted'>At the artifact's threshold, the highest that keeps each source's target recall on "
+            "its own validation items (each source's own: "
+            + ", ".join(f"{esc(k)} {v:.4f}" for k, v in own.items())
+            + "). False alarms: the share of clean items called crack.</p>",
+        ]
+    return "".join(out)
+
+
 def training_report(artifact_uri: str, cfg: StorageConfig | None = None, max_errors: int = 24) -> str:
     """Write ``<artifact>/report/index.html`` (+ PNGs) for a model artifact; returns its URI."""
     meta = artifact.read_meta(artifact_uri, cfg)
@@ -227,6 +263,7 @@ def training_report(artifact_uri: str, cfg: StorageConfig | None = None, max_err
         "<h2>Metrics</h2><table><tr><th></th><th>before: val</th><th>before: test</th><th>after: val</th>"
         f"<th>after: test</th></tr>{''.join(rows)}</table><p class='muted'>Before: the initial model "
         "at threshold 0.5. After: the trained model at the chosen threshold.</p>",
+        _sources(meta),
         "<h2>Learning curves</h2>",
         _learning_curves(page, meta),
         "<h2>Test split</h2>",

@@ -164,14 +164,14 @@ def prepare_ray_data(cfg: TrainConfig, manifest_uri: str) -> tuple[dict[str, Any
     and splits with small rows only (``data.ingest``); the datasets decode in Ray Data tasks. The
     workers read the manifest from ``manifest_uri``, where ``run`` writes it."""
     from crackscale.data import ingest
-    from crackscale.training import loop, raydata
+    from crackscale.training import inputs, raydata
 
     data_uri = single_crop_tree(cfg, resolve_data(cfg))
     index = ingest.scan(cfg, data_uri)
     datasets, cached = raydata.datasets(cfg, index)
     tr, va = index.split("train"), index.split("val")
     va_uris, va_y = va["uri"].to_pylist(), va["label"].to_pylist()
-    m_uris, m_y = loop.measured(va_uris, va_y, cfg.seed)
+    m_uris, m_y = inputs.measured(va_uris, va_y, cfg.seed)
     loop_config = {
         "cfg": to_dict(cfg),
         "ingest": "ray_data",
@@ -185,7 +185,7 @@ def prepare_ray_data(cfg: TrainConfig, manifest_uri: str) -> tuple[dict[str, Any
         # the few images the artifact's exports are checked and calibrated on, picked as ingest: driver picks them
         "export_uris": {
             "check": va_uris[:64],
-            "representative": loop.representative(tr["uri"].to_pylist(), tr["label"].to_pylist(), cfg.seed),
+            "representative": inputs.representative(tr["uri"].to_pylist(), tr["label"].to_pylist(), cfg.seed),
             "measured": m_uris,
             "measured_labels": m_y,
         },

@@ -46,10 +46,12 @@ def add_int8(uri: str, cfg: StorageConfig | None = None) -> dict[str, Any]:
     )
     val = split["val"]
     val_uris, val_y = measured([r["uri"] for r in val], [int(r["label"]) for r in val], train_cfg.seed)
+    val_names, _ = measured([r.get("source", "") for r in val], [0] * len(val), train_cfg.seed)  # the same picks
     data = artifact.Int8Data(
         decoded(train_cfg, [_read(u, cfg) for u in tr_uris]),
         decoded(train_cfg, [_read(u, cfg) for u in val_uris]),
         np.array(val_y),
+        val_names,
     )
     record = artifact.add_int8(uri, data, cfg)
     if record.get("error"):

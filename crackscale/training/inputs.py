@@ -113,12 +113,13 @@ class DriverSplits:
         uris = self.config["test_uris"] if split == "test" else [""] * len(images)
         return p, np.asarray(labels), uris, list(names)
 
-    def export_images(self) -> tuple[list[bytes], list[bytes], list[bytes], list[int]]:
-        """(64 validation images for the parity checks, the int8 calibration images, the images and
-        labels the int8 export is measured on), as encoded bytes."""
-        (tr_x, tr_y, _), (va_x, va_y, _) = self.splits["train"], self.splits["val"]
+    def export_images(self) -> tuple[list[bytes], list[bytes], list[bytes], list[int], list[str]]:
+        """(64 validation images for the parity checks, the int8 calibration images, the images,
+        labels and sources the int8 export is measured on), as encoded bytes."""
+        (tr_x, tr_y, _), (va_x, va_y, va_n) = self.splits["train"], self.splits["val"]
         vx, vy = measured(va_x, va_y, self.cfg.seed)
-        return va_x[:64], representative(tr_x, tr_y, self.cfg.seed), vx, vy
+        vn, _ = measured(list(va_n), va_y, self.cfg.seed)  # the same picks: they depend on the count only
+        return va_x[:64], representative(tr_x, tr_y, self.cfg.seed), vx, vy, vn
 
 
 class RayDataSplits:
@@ -162,7 +163,7 @@ class RayDataSplits:
         y_ = np.concatenate(y) if y else np.zeros(0)
         return (np.concatenate(p) if p else np.zeros(0)), y_, uris, [source] * len(y_)
 
-    def export_images(self) -> tuple[list[bytes], list[bytes], list[bytes], list[int]]:
+    def export_images(self) -> tuple[list[bytes], list[bytes], list[bytes], list[int], list[str]]:
         from crackscale import storage
 
         picks = self.config["export_uris"]
@@ -170,7 +171,15 @@ class RayDataSplits:
         def read(uris: list[str]) -> list[bytes]:
             return storage.read_many(uris, self.cfg.storage)
 
-        return read(picks["check"]), read(picks["representative"]), read(picks["measured"]), picks["measured_labels"]
+        measured_y = picks["measured_labels"]
+        source = self.cfg.data[0].label() if self.cfg.data else ""
+        return (
+            read(picks["check"]),
+            read(picks["representative"]),
+            read(picks["measured"]),
+            measured_y,
+            [source] * len(measured_y),
+        )
 
 
 def representative(images: list[bytes], labels: list[int], seed: int, n: int = 200) -> list[bytes]:

@@ -31,7 +31,12 @@ from crackscale.training.callbacks import (
     recompute_batchnorm,
 )
 from crackscale.training.inputs import DriverSplits, RayDataSplits, decoded
-from crackscale.training.quality import predictions_csv, scores, source_table, threshold_for_every_source
+from crackscale.training.quality import (
+    predictions_csv,
+    scores,
+    source_targets,
+    threshold_for_every_source,
+)
 from crackscale.training.strategy import make_strategy, multi_device
 
 log = logging.getLogger(__name__)
@@ -166,6 +171,7 @@ def _model_meta(
         "output": "sigmoid probability of crack_class, shape [N, 1]",
         "threshold": after["val"]["threshold"],
         "target_recall": cfg.target_recall,
+        "target_recall_by_source": source_targets(cfg),
         # photo sets were cut on this grid: score with the same tile_overlap and tile_above
         "tiles": {"overlap": cfg.tile_overlap, "above": cfg.tile_above},
         "metrics": {"before": state["before"], "after": after},
@@ -189,7 +195,7 @@ def _save_artifact(
     weights: list[np.ndarray],
     meta: dict[str, Any],
     test: tuple[list[str], np.ndarray, np.ndarray, list[str]],
-    exports: tuple[list[bytes], list[bytes], list[bytes], list[int]],
+    exports: tuple[list[bytes], list[bytes], list[bytes], list[int], list[str]],
     tb_dir: str,
 ) -> None:
     """Rank 0: the trained weights in a plain model (no strategy), with config.yaml, manifest.csv,
@@ -212,11 +218,11 @@ def _save_artifact(
     if Path(tb_dir).is_dir():
         shutil.copytree(tb_dir, Path(extra, "tensorboard"))
     # the LiteRT exports are checked on real validation images, decoded as for training
-    check_x, rep_x, vx, vy = exports
+    check_x, rep_x, vx, vy, vn = exports
     check = decoded(cfg, check_x)
     int8 = None
     if cfg.int8:
-        int8 = artifact.Int8Data(decoded(cfg, rep_x), decoded(cfg, vx), np.asarray(vy))
+        int8 = artifact.Int8Data(decoded(cfg, rep_x), decoded(cfg, vx), np.asarray(vy), vn)
     artifact.save(plain, meta, config["output"], extra_dir=extra, cfg=cfg.storage, check_images=check, int8=int8)
 
 
@@ -271,8 +277,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "test": test_m,
             "threshold_by_source": own,
             "per_source": {
-                "val": source_table(va_y, va_p, va_names, threshold),
-                "test": source_table(te_y, te_p, te_names, threshold),
+                "val": M.source_table(va_y, va_p, va_names, threshold),
+                "test": M.source_table(te_y, te_p, te_names, threshold),
             },
         }
         meta = _model_meta(cfg, config, state, after, world, strategy, strategy_name)

@@ -22,47 +22,16 @@ def scores(y: np.ndarray, p: np.ndarray, cfg: TrainConfig, threshold: float | No
     return M.metrics(y, p, thr)
 
 
-def source_table(y: np.ndarray, p: np.ndarray, names: list[str], threshold: float) -> dict[str, dict[str, Any]]:
-    """Per source, in order of first appearance: items, cracks, recall, false alarms (share of
-    clean items called crack), precision and ROC-AUC at ``threshold``; a rate with nothing to
-    count (recall of a clean-only source) is None."""
-    y, p, names_ = np.asarray(y).astype(int), np.asarray(p, dtype=float), np.asarray(names)
-    out: dict[str, dict[str, Any]] = {}
-    for name in dict.fromkeys(names):
-        sel = names_ == name
-        ys, ps = y[sel], p[sel]
-        called = ps >= threshold
-        pos, neg = int(ys.sum()), int((1 - ys).sum())
-        tp, fp = int((called & (ys == 1)).sum()), int((called & (ys == 0)).sum())
-        auc = M.roc_auc(ys, ps)
-        out[str(name)] = {
-            "n": int(len(ys)),
-            "cracks": pos,
-            "clean": neg,
-            "recall": tp / pos if pos else None,
-            "false_alarms": fp / neg if neg else None,
-            "precision": tp / (tp + fp) if tp + fp else None,
-            "roc_auc": None if np.isnan(auc) else auc,
-            "missed": pos - tp,
-            "false_alarm_count": fp,
-        }
-    return out
-
-
 def threshold_for_every_source(
     y: np.ndarray, p: np.ndarray, names: list[str], cfg: TrainConfig
 ) -> tuple[float, dict[str, float]]:
-    """The highest threshold that keeps each source's recall on its own items at its target (its
-    ``target_recall``, else the config's; a source without cracks sets none), and each source's own
-    threshold. With one target for all, pooled recall then holds too."""
-    y, p, names_ = np.asarray(y).astype(int), np.asarray(p, dtype=float), np.asarray(names)
-    targets = {s.label(): s.target_recall for s in cfg.data if s.target_recall}
-    own = {
-        str(n): M.threshold_for_recall(y[names_ == n], p[names_ == n], targets.get(str(n), cfg.target_recall))
-        for n in dict.fromkeys(names)
-        if (y[names_ == n] == 1).any()
-    }
-    return (min(own.values()) if own else M.threshold_for_recall(y, p, cfg.target_recall)), own
+    """``model.threshold_for_sources`` with each source's ``target_recall`` (else the config's)."""
+    return M.threshold_for_sources(y, p, names, source_targets(cfg), cfg.target_recall)
+
+
+def source_targets(cfg: TrainConfig) -> dict[str, float]:
+    """The sources that set their own ``target_recall``."""
+    return {s.label(): s.target_recall for s in cfg.data if s.target_recall}
 
 
 def predictions_csv(uris: list[str], labels: list[int], probs: np.ndarray, names: list[str] | None = None) -> str:
