@@ -39,7 +39,10 @@ EXAMPLES = {
     "evaluate": "crackscale evaluate --model runs/field/model --data ../shared/data/field/cfd --data site-b/",
 }
 MORE_EXAMPLES = {
-    "synth": ["crackscale synth --out demo/photos --photos 1 --grid 8x6"],
+    "synth": [
+        "crackscale synth --out demo/photos --photos 1 --grid 8x6",
+        "crackscale synth --out demo/photo-set --photos 4 --grid 4x3 --masks",
+    ],
     "query": [
         "crackscale query counts --by night --config jobs/configs/score.yaml --format csv",
         'crackscale query --output scores/ --sql "SELECT count(*) FROM scores"',
@@ -303,6 +306,11 @@ def synth_arguments(p: argparse.ArgumentParser) -> None:
         help="instead of crops, write this many whole photos stitched from synthetic crops (see --grid)",
     )
     p.add_argument("--grid", default="8x6", help="crops across x down in each photo (default 8x6)")
+    p.add_argument(
+        "--masks",
+        action="store_true",
+        help="with --photos: a photo set with pixel masks (<out>/photos/*.jpg + <out>/masks/*.png) as training reads",
+    )
 
 
 def cmd_synth(args: argparse.Namespace) -> dict[str, Any]:
@@ -315,6 +323,9 @@ def cmd_synth(args: argparse.Namespace) -> dict[str, Any]:
         cols, _, rows = args.grid.partition("x")
         if not (cols.isdigit() and rows.isdigit() and int(cols) > 0 and int(rows) > 0):
             raise ConfigError(f"--grid must look like COLSxROWS, e.g. 8x6; got {args.grid!r}")
+        if args.masks:
+            out = synth.photo_set(cfg.synth_dir, args.photos, int(cols), int(rows), size=args.size, seed=seed)
+            return {"out": str(out), "photos": args.photos}
         paths = synth.photos(cfg.synth_dir, args.photos, int(cols), int(rows), size=args.size, seed=seed)
         return {"out": str(cfg.synth_dir), "photos": [str(p) for p in paths]}
     out = synth.generate(

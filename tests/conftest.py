@@ -163,6 +163,14 @@ def synth_data(tmp_path_factory) -> Path:
     return shared_dir(tmp_path_factory, "synth", lambda p: synth.generate(p, per_class=150, seed=7))
 
 
+@pytest.fixture(scope="session")
+def photo_set(tmp_path_factory) -> Path:
+    """A synthetic photo set with masks: 8 photos of 4 × 3 crops of 227 px (photos/ + masks/)."""
+    from crackscale.data import synth
+
+    return shared_dir(tmp_path_factory, "photo-set", lambda p: synth.photo_set(p, n=8, cols=4, rows=3, seed=5))
+
+
 # What users' file names hold and naive CSV or HTML handling alters: a quote, a comma, non-ASCII, a
 # space, a newline. The leading number stays, so the group key (source photo) is the plain file's.
 ODD_SUFFIXES = (' quote"d', " comma, here", " é", " new\nline")

@@ -126,3 +126,26 @@ def photos(out_dir: str | Path, n: int = 1, cols: int = 8, rows: int = 6, size: 
         written.append(path)
     log.info("synthetic photos: %d of %dx%d crops in %s", n, cols, rows, out)
     return written
+
+
+def photo_set(out_dir: str | Path, n: int = 2, cols: int = 4, rows: int = 3, size: int = 227, seed: int = 0) -> Path:
+    """A photo set as training and ``crackscale evaluate`` read it: ``n`` photos of ``cols`` ×
+    ``rows`` synthetic crops in ``out_dir/photos/photo-NNN.jpg``, about a third of the cells
+    cracked, and each photo's crack mask in ``out_dir/masks/photo-NNN.png`` (crack = 255);
+    idempotent."""
+    out = Path(out_dir)
+    (out / "photos").mkdir(parents=True, exist_ok=True)
+    (out / "masks").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng([seed, 3])
+    for k in range(n):
+        crack = rng.random((rows, cols)) < 1 / 3
+        cells = [[make_image(rng, crack=bool(crack[r, c]), size=size) for c in range(cols)] for r in range(rows)]
+        path = out / "photos" / f"photo-{k:03d}.jpg"
+        if path.exists():
+            continue
+        img = np.concatenate([np.concatenate([np.asarray(i) for i, _ in row], axis=1) for row in cells], axis=0)
+        mask = np.concatenate([np.concatenate([m for _, m in row], axis=1) for row in cells], axis=0)
+        Image.fromarray(img).save(path, quality=92)
+        Image.fromarray((mask * 255).astype(np.uint8)).convert("1").save(out / "masks" / f"photo-{k:03d}.png")
+    log.info("synthetic photo set: %d photos of %dx%d crops with masks in %s", n, cols, rows, out)
+    return out
