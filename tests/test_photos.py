@@ -162,8 +162,16 @@ def test_stitched_photos_find_every_crack_cell_where_the_crops_do(ray_local, tra
     # the report: a crack map per photo with a crack, sites, the review queue
     from crackscale.reports import scoring as report_scoring
 
-    index = Path(report_scoring.scoring_report(str(out), s["run_id"], model_uri=str(trained_run["artifact"])))
+    report = report_scoring.scoring_report(str(out), s["run_id"], model_uri=str(trained_run["artifact"]), top_n=200)
+    index = Path(report)
     page = index.read_text()
+    # the throughput counts tiles: each photo's, and one for each crop scored whole
+    assert f'id="tiles" data-value="{3 * rows * cols}"' in page
+    # a photo among the top cracks shows its highest tile, the heatmap drawn on that tile
+    for name in ("deck.png", "deck.jpg"):
+        t = query.tiles_of(con, str(site / name)).to_pylist()
+        best = max(t, key=lambda r: (r["probability"], -r["row"], -r["col"]))
+        assert f"highest of {rows * cols} tiles: row {best['row']}, col {best['col']}" in page
     assert len(list(index.parent.glob("maps/*.png"))) == 2 and page.count('class="photo"') == 2
     assert page.count("class='site'") == 2 and page.count("class='review'") == 20
     with Image.open(index.parent / "maps" / "000.png") as m:

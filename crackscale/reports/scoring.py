@@ -175,8 +175,25 @@ def _heatmaps(model_uri: str, cfg: StorageConfig | None) -> tuple[Callable[[np.n
     return lambda x: gradcam.heatmaps(loaded.model, x)[0], loaded.meta
 
 
+def _tile_view(
+    blob: bytes, box: tuple[int, int, int, int], size: int, antialias: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """(the model's input, the picture at 224 px) of one tile of a photo, cut as scoring cut it."""
+    from PIL import Image
+
+    from crackscale.imaging import photo
+
+    with Image.open(io.BytesIO(blob)) as im:
+        fmt = "JPEG" if im.format == "MPO" else str(im.format)
+        orientation = int(im.getexif().get(0x0112, 1))
+    x, y, w, h = box
+    tile = photo.decode_rgb(blob, fmt, orientation)[y : y + h, x : x + w]
+    return photo.resize(tile, size, antialias), photo.resize(tile, 224, antialias)
+
+
 def _gallery(page: Page, top: list[dict[str, Any]], model_uri: str, cfg: StorageConfig | None) -> str:
-    """Top images with a Grad-CAM overlay (plain thumbnails when the model cannot be loaded)."""
+    """Top images with a Grad-CAM overlay (plain thumbnails when the model cannot be loaded). A photo
+    scored as tiles shows its highest tile (``top_tile``), the heatmap drawn on it."""
     from PIL import Image, ImageOps
 
     if not top:
@@ -193,10 +210,21 @@ def _gallery(page: Page, top: list[dict[str, Any]], model_uri: str, cfg: Storage
         except storage.StorageError:
             blobs.append(None)
     cams: dict[int, np.ndarray] = {}
+    views: dict[int, np.ndarray] = {}  # tiles: the picture the heatmap is drawn on
     if maps_of is not None:
         sc = ScoreConfig(storage=cfg or StorageConfig())
         size, aa = int(meta["image_size"]), resize_antialias(meta)
-        inputs = {i: decode_image(b, top[i]["uri"], size, sc, aa)[0] for i, b in enumerate(blobs) if b}
+        inputs = {}
+        for i, b in enumerate(blobs):
+            if not b:
+                continue
+            if top[i].get("top_tile"):
+                try:
+                    inputs[i], views[i] = _tile_view(b, top[i]["top_tile"][:4], size, aa)
+                except (ValueError, OSError):  # a photo that no longer decodes: shown without a heatmap
+                    continue
+            else:
+                inputs[i] = decode_image(b, top[i]["uri"], size, sc, aa)[0]
         inputs = {i: x for i, x in inputs.items() if x is not None}
         if inputs:
             cams = dict(zip(inputs, maps_of(np.stack(list(inputs.values())))))
@@ -205,17 +233,25 @@ def _gallery(page: Page, top: list[dict[str, Any]], model_uri: str, cfg: Storage
         if blob is None:
             img = "<p class='muted'>image unavailable</p>"
         else:
-            pic = np.asarray(
-                ImageOps.exif_transpose(Image.open(io.BytesIO(blob))).convert("RGB").resize((224, 224), Image.BILINEAR)
-            )
+            pic = views.get(i)
+            if pic is None:
+                pic = np.asarray(
+                    ImageOps.exif_transpose(Image.open(io.BytesIO(blob)))
+                    .convert("RGB")
+                    .resize((224, 224), Image.BILINEAR)
+                )
             data = gradcam.overlay_png(pic, cams[i], size=200) if i in cams else thumb(blob)
             img = page.png(f"top/{i:03d}.png", data, f"{r['uri']}")
             if i in cams and not cams[i].max() > 0:
                 img += "<br><span class='muted'>empty heatmap: nothing in the image raises P(crack)</span>"
+        where = ""
+        if r.get("top_tile"):
+            x, y, w, h, row, col = r["top_tile"]
+            where = f"<br>highest of {r['tiles']} tiles: row {row}, col {col} (x {x}, y {y}, {w}×{h})"
         cells.append(
             f'<figure class="top" data-uri="{esc(r["uri"])}" data-probability="'
             f'{r["crack_probability"]:.6f}">{img}<figcaption>#{i + 1} p={r["crack_probability"]:.4f}'
-            f"<br>{esc(r['uri'])}</figcaption></figure>"
+            f"{where}<br>{esc(r['uri'])}</figcaption></figure>"
         )
     return note + f"<div class='grid'>{''.join(cells)}</div>"
 
@@ -279,6 +315,9 @@ def scoring_report(
     duration = s.get("duration_s", span or 0.0)  # without a summary: first to last commit
     share = cracks / ok if ok else float("nan")
     throughput = s.get("throughput_img_s", n / span if span else None)
+    ((n_tiles,),) = q("SELECT sum(tiles) FROM scores WHERE run_id = ? AND error IS NULL", run_id)
+    n_tiles = int(n_tiles or 0)
+    tile_rate = n_tiles / float(duration) if duration else None
     page = Page(f"Scoring report: run {run_id}")
     counts = [
         ("listed", s.get("listed")),
@@ -286,8 +325,9 @@ def scoring_report(
         ("scored", ok),
         ("failed", failed),
         ("flagged as crack", cracks),
+        ("tiles scored (an image scored whole is one)", n_tiles),
     ]
-    ids = ["listed", "already-scored", "scored", "failed", "flagged"]
+    ids = ["listed", "already-scored", "scored", "failed", "flagged", "tiles"]
     page.add(
         f"<p>Output <code>{esc(output_uri)}</code>; model <code>{esc(s.get('model_name', ''))}</code> "
         f"(model_id <span id='model-id'>{esc(mid)}</span>), night <span id='run-date'>{esc(night)}</span>, "
@@ -297,6 +337,7 @@ def scoring_report(
         + f"<tr><th class='l'>share flagged</th>{td('flagged-share', share)}</tr>"
         + f"<tr><th class='l'>duration (s)</th>{td('duration-s', float(duration), 1)}</tr>"
         + f"<tr><th class='l'>throughput (img/s)</th>{td('throughput', throughput, 1)}</tr>"
+        + f"<tr><th class='l'>throughput (tiles/s)</th>{td('tile-throughput', tile_rate, 1)}</tr>"
         + "</table>",
         "<h3>Failures by kind</h3>"
         + (
@@ -324,15 +365,25 @@ def scoring_report(
 
 
 def _top_of_run(con: Any, run_id: str, n: int) -> list[dict[str, Any]]:
-    return (
+    """The run's ``n`` highest rows; a photo scored as tiles with its highest tile (x, y, w, h, row, col)."""
+    top = (
         con.sql(
-            "SELECT uri, crack_probability FROM scores WHERE run_id = ? AND error IS NULL "
+            "SELECT uri, crack_probability, tiles FROM scores WHERE run_id = ? AND error IS NULL "
             "ORDER BY crack_probability DESC, uri LIMIT ?",
             params=[run_id, n],
         )
         .to_arrow_table()
         .to_pylist()
     )
+    for r in top:
+        if (r.get("tiles") or 0) > 1:
+            best = con.sql(
+                "SELECT x, y, w, h, row, col FROM tiles WHERE run_id = ? AND uri = ? "
+                "ORDER BY probability DESC, row, col LIMIT 1",
+                params=[run_id, r["uri"]],
+            ).fetchall()
+            r["top_tile"] = tuple(best[0]) if best else None
+    return top
 
 
 def _histogram(
