@@ -150,6 +150,10 @@ def test_readme_tour_as_written(project):
     # 2. whole photos and 4. reports
     assert list(root.glob("demo/photo-scores/_reports/*/maps/000.png"))
     assert len(list(root.glob("demo/scores/_reports/*/index.html"))) == 2
+    # measured source by source: a photo set with masks, and the training data's test split
+    for report in ("demo/evaluation", "demo/evaluation-test"):
+        assert (root / report / "index.html").is_file(), report
+    assert len(list(root.glob("demo/photo-set/masks/*.png"))) == 4
     nothing_in_rays_directories(ray_tmp)
 
 
