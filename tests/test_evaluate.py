@@ -111,3 +111,24 @@ def test_training_on_crops_and_a_photo_set(synth_data, photo_set, tmp_path):
     assert tiles and all(sources.split_item_uri(r["uri"])[1] for r in tiles)
     page = (art / "report" / "index.html").read_text()
     assert "Test split, source by source" in page and f'id="test-{photo_set.name}-n"' in page
+
+
+def test_benchmark_field_leaves_one_source_out(synth_data, photo_set, tmp_path):
+    """Trained without the photo set, measured on all of it and on the crop tree's test split."""
+    cfg = small_train_config(synth_data, tmp_path, image_size=64, head_epochs=2, fine_tune_epochs=0, min_epochs=0)
+    cfg = replace(cfg, data=[{"uri": str(synth_data)}, {"uri": str(photo_set), "name": "walls"}], name="", seed=3)
+    (tmp_path / "field.yaml").write_text(dump(cfg))
+    results = tmp_path / "results.jsonl"
+    args = ["--config", str(tmp_path / "field.yaml"), "--leave-out", "walls", "--results", str(results)]
+    out = run_job(["jobs/benchmark_field.py", *args])
+    assert out.returncode == 0, out.stderr[-4000:]
+    r = last_json(out.stdout)
+    assert json.loads(results.read_text()) == r
+    assert (r["left_out"], r["run"], r["epochs_run"]) == ("walls", "field-walls-s3", 2)
+    meta = json.loads((Path(r["artifact"]) / "model.json").read_text())
+    assert list(meta["data_stats"]["sources"]) == [synth_data.name]  # never trained on the photo set
+    assert r["left_out_all"]["n"] + r["left_out_all"]["tiles_left_out"] == 8 * 12  # all of it
+    assert list(r["test"]) == [synth_data.name]
+    assert r["test"][synth_data.name]["n"] == sum(meta["data_stats"]["per_split"]["test"].values())
+    bad = run_job(["jobs/benchmark_field.py", "--config", str(tmp_path / "field.yaml"), "--leave-out", "nope"])
+    assert bad.returncode == 2 and "--leave-out 'nope' is not a source of the config" in bad.stderr
