@@ -163,6 +163,9 @@ def test_config_takes_one_source_or_a_list(tmp_path):
     assert [s.label() for s in two.data] == ["b", "site"] and two.data[1].weight == 0.25
     assert TrainConfig(data="a/b,c/d").data == (SourceConfig(uri="a/b"), SourceConfig(uri="c/d"))
     assert from_dict(TrainConfig, {"data": ""}).data == ()
+    assert from_dict(TrainConfig, {"data": {"uri": "a/b", "weight": 0.5}}).data == (
+        SourceConfig(uri="a/b", weight=0.5),
+    )
     with pytest.raises(ConfigError, match=r"unknown config key 'data\[\]\.wieght'"):
         from_dict(TrainConfig, {"data": [{"uri": "a", "wieght": 1}]})
 
@@ -218,3 +221,23 @@ def test_threshold_holds_on_every_source():
     }
     assert table["b"]["false_alarms"] == 0.0 and table["b"]["recall"] == 1.0
     assert M.source_table(np.array([1, 1]), np.array([0.2, 0.9]), ["c", "c"], 0.5)["c"]["false_alarms"] is None
+
+
+def test_a_photo_set_on_s3_gives_the_local_tiles(s3_server, s3_bucket, photo_set):
+    from conftest import upload_tree
+
+    from crackscale.config.storage import StorageConfig
+
+    upload_tree(s3_server, photo_set, s3_bucket, "walls")
+    uri = f"s3://{s3_bucket}/walls"
+    storage_cfg = {"s3_endpoint": s3_server}
+    remote = labelled.scan(
+        _cfg({"uri": uri, "name": "walls"}, storage=storage_cfg, val_fraction=0.25, test_fraction=0.25)
+    )
+    local = labelled.scan(_cfg({"uri": str(photo_set), "name": "walls"}, val_fraction=0.25, test_fraction=0.25))
+    assert remote.manifest_hash == local.manifest_hash  # the same tiles, labels and splits
+    tile = remote.manifest[0]["uri"]
+    assert tile.startswith(f"{uri}/photos/") and sources.split_item_uri(tile)[1]
+    assert sources.read_items([tile], StorageConfig(s3_endpoint=s3_server)) == [
+        remote.images[remote.manifest[0]["split"]][0]
+    ]

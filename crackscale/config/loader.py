@@ -55,11 +55,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 pass
         raise ConfigError(f"config key '{key}': {value!r} matches none of {tp}")
     if origin is tuple:
+        item_tp = typing.get_args(tp)[0]
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, dict) and dataclasses.is_dataclass(item_tp):  # one source given as its mapping
+            value = [value]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
-        item_tp = typing.get_args(tp)[0]
         return tuple(_coerce(v, item_tp, f"{key}[]") for v in value)
     if origin is dict:
         if not isinstance(value, dict):
