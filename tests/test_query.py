@@ -158,12 +158,12 @@ def test_every_command_reads_config_and_storage_the_same_way(tmp_path):
     config = tmp_path / "score.yaml"
     config.write_text("output: s3://night/scores/\nstorage:\n  s3_endpoint: http://127.0.0.1:9\n")
     p = cli.build_parser()
-    positional = {"export": ["runs/one/model", "--int8"]}
+    positional = {"export": ["runs/one/model", "--int8"], "evaluate": ["--model", "runs/one/model", "--data", "site-b"]}
     for command in cli.COMMANDS:
         argv = [command, *positional.get(command, []), "--config", str(config), "--set", "storage.s3_region=eu-west-1"]
         args = p.parse_args(argv)
         assert args.config == str(config) and args.set == ["storage.s3_region=eu-west-1"], command
-        if command == "export":  # the artifact's storage, from the same scoring config
+        if command in ("export", "evaluate"):  # the artifact's storage, from the same scoring config
             assert cli.scoring_config(args, {}).storage.s3_region == "eu-west-1"
     for command in ("query", "report", "doctor"):
         args = p.parse_args([command, "--config", str(config), "--set", "storage.s3_region=eu-west-1"])

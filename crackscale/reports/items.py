@@ -64,9 +64,16 @@ def picture(uri: str, cfg: StorageConfig | None, size: int = 200) -> bytes:
 
 
 def error_grid(
-    page: Page, items: list[dict[str, Any]], threshold: float, limit: int, cfg: StorageConfig | None, folder: str
+    page: Page,
+    items: list[dict[str, Any]],
+    threshold: float,
+    limit: int,
+    cfg: StorageConfig | None,
+    folder: str,
+    one_per_page: bool = False,
 ) -> str:
-    """Missed cracks (lowest score first), then false alarms (highest first), as pictures."""
+    """Missed cracks (lowest score first), then false alarms (highest first), as pictures, under a
+    line that counts both (``id``s on a page with one grid, else ``class``es)."""
     fns = sorted((r for r in items if r["label"] == 1 and r["probability"] < threshold), key=lambda r: r["probability"])
     fps = sorted(
         (r for r in items if r["label"] == 0 and r["probability"] >= threshold), key=lambda r: -r["probability"]
@@ -84,8 +91,9 @@ def error_grid(
             f"p={r['probability']:.4f}<br>{esc(r['uri'])}</figcaption></figure>"
         )
     shown = f" (first {limit} shown)" if len(fns) + len(fps) > limit else ""
+    attr = "id" if one_per_page else "class"
     return (
-        f"<p><span class='n-false-negatives'>{len(fns)}</span> missed cracks (lowest score first) and "
-        f"<span class='n-false-positives'>{len(fps)}</span> false alarms{shown}.</p>"
+        f"<p><span {attr}='n-false-negatives'>{len(fns)}</span> missed cracks (lowest score first) and "
+        f"<span {attr}='n-false-positives'>{len(fps)}</span> false alarms{shown}.</p>"
         f"<div class='grid'>{''.join(cells)}</div>"
     )

@@ -13,7 +13,7 @@ import numpy as np
 
 from crackscale import artifact, storage
 from crackscale.config.storage import StorageConfig
-from crackscale.reports.items import picture, source_table
+from crackscale.reports.items import error_grid, source_table
 from crackscale.reports.page import Page, esc, figure, num, td
 
 log = logging.getLogger(__name__)
@@ -149,27 +149,8 @@ def _test_split(page: Page, meta: dict[str, Any], preds: list[tuple[str, int, fl
 def _errors(
     page: Page, meta: dict[str, Any], preds: list[tuple[str, int, float]], limit: int, cfg: StorageConfig | None
 ) -> str:
-    thr = float(meta.get("threshold", 0.5))
-    fns = sorted((r for r in preds if r[1] == 1 and r[2] < thr), key=lambda r: r[2])
-    fps = sorted((r for r in preds if r[1] == 0 and r[2] >= thr), key=lambda r: -r[2])
-    cells = []
-    for k, (uri, label, p) in enumerate((fns + fps)[:limit]):
-        kind = "fn" if label == 1 else "fp"
-        try:
-            img = page.png(f"errors/{k:03d}.png", picture(uri, cfg), f"{kind} {uri}")
-        except Exception as e:  # noqa: BLE001 - an unreadable image must not sink the report
-            img = f"<p class='muted'>image unavailable: {esc(str(e).splitlines()[0][:120])}</p>"
-        cells.append(
-            f'<figure class="{kind}" data-uri="{esc(uri)}" data-probability="{p:.6f}">{img}'
-            f"<figcaption><b>{'missed crack' if kind == 'fn' else 'false alarm'}</b> "
-            f"p={p:.4f}<br>{esc(uri)}</figcaption></figure>"
-        )
-    shown = f" (first {limit} shown)" if len(fns) + len(fps) > limit else ""
-    return (
-        f"<p><span id='n-false-negatives'>{len(fns)}</span> missed cracks (false negatives, first, "
-        f"lowest score first) and <span id='n-false-positives'>{len(fps)}</span> false alarms{shown}."
-        f"</p><div class='grid'>{''.join(cells)}</div>"
-    )
+    items = [{"uri": u, "label": y, "probability": p} for u, y, p in preds]
+    return error_grid(page, items, float(meta.get("threshold", 0.5)), limit, cfg, "errors", one_per_page=True)
 
 
 def _exports(meta: dict[str, Any]) -> str:
