@@ -34,7 +34,7 @@ def view_probabilities(model: Any, meta: dict, uris: list[str], storage_cfg: Any
     import numpy as np
     import tensorflow as tf
 
-    from crackscale import storage
+    from crackscale.data.sources import read_items
     from crackscale.imaging.tfdecode import decode_uint8
 
     fn = tf.function(lambda x: model(x, training=False))
@@ -42,7 +42,7 @@ def view_probabilities(model: Any, meta: dict, uris: list[str], storage_cfg: Any
     flips["both"] = lambda x: x[:, ::-1, ::-1]
     out: dict[str, list] = {v: [] for v in flips}
     for i in range(0, len(uris), 64):
-        blobs = storage.read_many(uris[i : i + 64], storage_cfg)
+        blobs = read_items(uris[i : i + 64], storage_cfg)  # files, or tiles of photos (#x,y,w,h)
         size, antialias = meta["image_size"], bool(meta.get("resize_antialias"))
         # the training pipeline's pixels: decoded, resized, rounded to uint8
         x = tf.cast(tf.stack([decode_uint8(b, size, antialias) for b in blobs]), tf.float32)
