@@ -31,6 +31,7 @@ def run(args: argparse.Namespace) -> dict:
     from crackscale.config.loader import ConfigError, load, replace, to_dict
     from crackscale.config.train import TrainConfig
     from crackscale.evaluation import evaluate
+    from crackscale.reports import page, training
     from crackscale.training import driver
 
     cfg = load(TrainConfig, args.config, args.set)
@@ -45,6 +46,7 @@ def run(args: argparse.Namespace) -> dict:
     summary = driver.run(cfg, resume=args.resume)
     train_s = time.time() - t0
     art = summary["artifact"]
+    page.safely(training.training_report, art, cfg.storage)  # as crackscale train writes it
     tested, _ = evaluate(art, tuple(kept), split="test", cfg=cfg.storage)
     out = {
         "config": args.config,
