@@ -95,7 +95,7 @@ def test_trained_artifact_holds_a_measured_int8_export_that_scores(trained_run, 
 
     images = tmp_path / "in"
     images.mkdir()
-    src = sorted(Path(trained_run["cfg"].data).rglob("*.jpg"))[::10]
+    src = sorted(Path(trained_run["cfg"].data[0].uri).rglob("*.jpg"))[::10]
     for i, p in enumerate(src):
         shutil.copy(p, images / f"{i:03d}.jpg")
     assert len(src) >= 20
@@ -182,7 +182,7 @@ def test_float16_scoring_agrees_with_float32(trained_run):
     assert meta["mixed_precision"]["training"] is False and rec["images"] > 0 and 0 <= rec["max_abs_diff"] < 0.2
     ok, _ = artifact.fp16_qualifies(meta)
     assert ok == (rec["max_abs_diff"] <= artifact.FP16_TOLERANCE and rec["agreement"] == 1.0)
-    src = sorted(Path(trained_run["cfg"].data).rglob("*.jpg"))[::15]
+    src = sorted(Path(trained_run["cfg"].data[0].uri).rglob("*.jpg"))[::15]
     batch = {"uri": np.array([str(p) for p in src], dtype=object), "size": np.full(len(src), -1)}
     decode = {"image_size": meta["image_size"], "cfg": ScoreConfig(), "antialias": meta["resize_antialias"]}
     out = {}

@@ -61,7 +61,7 @@ def test_one_worker_learns_and_writes_a_self_describing_artifact(trained_run):
     assert 0 <= lit["parity_max_abs_diff"] <= 1e-4 and artifact.sha256_file(art / "model.tflite") == lit["sha256"]
     # the artifact alone reproduces the reported test metrics
     loaded = artifact.load(str(art))
-    prepared = labelled.scan(cfg, str(cfg.data))
+    prepared = labelled.scan(cfg)
     assert prepared.manifest_hash == meta["manifest_hash"]
     ds = tfdata.tf_dataset(
         prepared.images["test"], prepared.labels["test"], 96, 64, False, 0, False, antialias=meta["resize_antialias"]
@@ -163,7 +163,7 @@ def test_s3_data_in_artifact_out(ray_local, s3_server, s3_bucket, synth_data, tm
     summary = train_driver.run(cfg)
     assert summary["artifact"] == f"s3://{s3_bucket}/runs/s3run/model"
     loaded = artifact.load(summary["artifact"])
-    assert loaded.meta["config"]["data"].startswith("s3://") and loaded.meta["history"]
+    assert loaded.meta["config"]["data"][0]["uri"].startswith("s3://") and loaded.meta["history"]
     # trained in float16 compute, stored as a float32 model
     assert loaded.meta["mixed_precision"]["training"] is True and loaded.model.dtype_policy.name == "float32"
     assert loaded.model.predict(np.zeros((2, 96, 96, 3), np.float32), verbose=0).shape == (2, 1)
