@@ -398,7 +398,7 @@ def _validate_train(self: TrainConfig) -> None:
         source.validate()
     names = [s.label() for s in self.data]
     dup = sorted({n for n in names if names.count(n) > 1})
-    check(not dup, f"config key 'data': two sources are named {dup[:1]}; give one a name:")
+    check(not dup, f"config key 'data': two sources are named {(dup or [''])[0]!r}; set name: on one of them")
     check(
         sum(s.weight for s in self.data) <= 1 + 1e-9,
         "config key 'data': the sources' weights add up to more than 1",
