@@ -60,12 +60,7 @@ def _split_of(model_uri: str, cfg: StorageConfig | None) -> dict[str, str]:
 
 def pixels(blob: bytes, image_size: int, antialias: bool) -> np.ndarray:
     """An item's bytes as the model input, decoded and resized as scoring does (uint8 HWC)."""
-    from PIL import Image
-
-    with Image.open(io.BytesIO(blob)) as im:
-        fmt = "JPEG" if im.format == "MPO" else str(im.format)
-        orientation = int(im.getexif().get(0x0112, 1))
-    return photo.resize(photo.decode_rgb(blob, fmt, orientation), image_size, antialias)
+    return photo.resize(photo.decode_file(blob), image_size, antialias)
 
 
 def predict(runtime: Any, blobs: list[bytes], image_size: int, antialias: bool, batch: int = 256) -> np.ndarray:

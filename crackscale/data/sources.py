@@ -140,15 +140,12 @@ def _mask(data: bytes, uri: str) -> np.ndarray:
 
 def _photo(data: bytes, uri: str) -> np.ndarray:
     """A photo as upright uint8 RGB, decoded as scoring decodes it."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
 
     from crackscale.imaging import photo
 
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            fmt = "JPEG" if im.format == "MPO" else str(im.format)
-            orientation = int(im.getexif().get(0x0112, 1))
-        return photo.decode_rgb(data, fmt, orientation)
+        return photo.decode_file(data)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise DataError(f"photo {uri} is not a decodable image: {e}") from None
 

@@ -27,6 +27,17 @@ def decode_rgb(data: bytes, fmt: str, orientation: int = 1) -> np.ndarray:
     return np.ascontiguousarray(jpeg.orient(img, orientation))
 
 
+def decode_file(data: bytes) -> np.ndarray:
+    """An encoded image of any format as upright uint8 RGB, its format and EXIF orientation read
+    from its own header (for callers without a scoring ``Header``); raises ValueError or OSError."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        fmt = "JPEG" if im.format == "MPO" else str(im.format)
+        orientation = int(im.getexif().get(0x0112, 1))
+    return decode_rgb(data, fmt, orientation)
+
+
 def _pillow(data: bytes) -> np.ndarray:
     """Pillow's pixels as uint8 RGB (orientation not applied: the caller knows it from the header)."""
     from PIL import Image

@@ -179,15 +179,10 @@ def _tile_view(
     blob: bytes, box: tuple[int, int, int, int], size: int, antialias: bool
 ) -> tuple[np.ndarray, np.ndarray]:
     """(the model's input, the picture at 224 px) of one tile of a photo, cut as scoring cut it."""
-    from PIL import Image
-
     from crackscale.imaging import photo
 
-    with Image.open(io.BytesIO(blob)) as im:
-        fmt = "JPEG" if im.format == "MPO" else str(im.format)
-        orientation = int(im.getexif().get(0x0112, 1))
     x, y, w, h = box
-    tile = photo.decode_rgb(blob, fmt, orientation)[y : y + h, x : x + w]
+    tile = photo.decode_file(blob)[y : y + h, x : x + w]
     return photo.resize(tile, size, antialias), photo.resize(tile, 224, antialias)
 
 
